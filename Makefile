@@ -1,0 +1,54 @@
+# The two commands: `make demo` (whole pipeline on the built-in default) and `make test`.
+# Both set up .venv first: torch from its CPU wheel, then everything else pinned by constraints.txt.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup data demo test lint lock clean mlflow-ui
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing torch 2.13.0 (CPU) first, then the pinned stack (a few minutes the first time)"
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+# The built-in image world: regenerated from its seed when missing; data.dvc pins its bytes.
+data: setup
+	@if [ ! -f data/shapes/world.json ]; then $(BIN)/saev shapes --out data/shapes; fi
+	@$(BIN)/dvc status data.dvc
+
+demo: data
+	$(BIN)/dvc repro
+	@echo
+	@echo "== demo finished =="
+	@echo "metrics:        $(BIN)/dvc metrics show"
+	@$(BIN)/dvc metrics show
+	@echo "warehouse:      warehouse/saev.duckdb   e.g. $(BIN)/saev sql best_feature_per_concept"
+	@$(BIN)/saev sql best_feature_per_concept || true
+	@echo "MLflow UI:      make mlflow-ui   then open http://127.0.0.1:5000"
+	@echo "SAE checkpoint: artifacts/saes/demo/   shards: artifacts/activations/shapes/"
+
+test: setup
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+mlflow-ui: setup
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --workers 1 --host 127.0.0.1 --port 5000 \
+		--backend-store-uri sqlite:///mlruns/mlflow.db
+
+# Re-pin every package to what the venv holds now.
+lock:
+	$(BIN)/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/' \
+		| cat <(echo "# Pinned versions of every package in the venv (pip freeze), used as pip constraints by the Makefile.") - > constraints.txt
+
+clean:
+	rm -rf artifacts warehouse metrics/*.json

@@ -1,0 +1,58 @@
+"""`saev`: one command line for every stage, the warehouse queries and the schedule.
+
+    saev shapes --out data/shapes     generate the built-in image world
+    saev backbone|extract|validate|train|stats|intervene|warehouse [--params params.yaml]
+                                      run one stage as a Prefect flow (what `dvc repro` calls)
+    saev pipeline                     every stage in order, in one process
+    saev sql NAME|QUERY [--param k=v] named query from sql/queries/ or read-only ad-hoc SQL
+    saev serve                        serve the pipeline on a cron schedule
+
+Sub-commands import their module only when called, so `saev --help` and `saev sql` start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, function, one-line help)
+COMMANDS = {
+    "shapes": ("saev_core.shapes", "main", "generate the built-in shapes world"),
+    "backbone": ("flows.backbone", "main", "train the demo ViT on shapes"),
+    "extract": ("flows.extract", "main", "record activations as Parquet shards"),
+    "validate": ("flows.validate", "main", "Great Expectations checks on the shards"),
+    "train": ("flows.train", "main", "train the SAE"),
+    "stats": ("flows.stats", "main", "per-feature statistics"),
+    "intervene": ("flows.intervene", "main", "feature edits vs controls, logged to MLflow"),
+    "warehouse": ("flows.warehouse", "main", "rebuild warehouse/saev.duckdb"),
+    "pipeline": ("flows.pipeline", "main", "every stage in order, in one process"),
+    "sql": ("saev_core.warehouse", "main", "query the warehouse (named query or SQL)"),
+    "serve": ("flows.deploy", "main", "serve the pipeline on a cron schedule"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: saev COMMAND [ARGS...]   (saev COMMAND --help for its options)", ""]
+    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"saev: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    try:
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"saev {name}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
