@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from saev_core import shards
+from saev_core.config import json_safe
 from saev_core.data import ImageRecord, load_records
 
 
@@ -84,17 +85,6 @@ def _open_image(record: ImageRecord):
         return im.convert("RGB")
 
 
-def _input_size(processor) -> tuple[int, int]:
-    size = getattr(processor, "crop_size", None) or getattr(processor, "size", None) or {}
-    if hasattr(size, "items"):
-        size = dict(size.items())
-    if "height" in size:
-        return int(size["height"]), int(size["width"])
-    if "shortest_edge" in size:
-        return int(size["shortest_edge"]), int(size["shortest_edge"])
-    raise ValueError(f"cannot tell the input size of processor {type(processor).__name__}")
-
-
 def extract(cfg: ExtractConfig, progress: bool = True) -> dict[str, Any]:
     """Run the extraction described by `cfg`; returns the manifest dict."""
     import torch
@@ -116,7 +106,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict[str, Any]:
     if len(written) == 0:
         raise ValueError(f"token policy {cfg.tokens!r} selects no token for {cfg.model}")
     dtype = np.dtype(cfg.dtype)
-    size = _input_size(bb.processor)
+    size = bb.image_size
 
     out_dir = Path(cfg.out_dir)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -208,7 +198,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict[str, Any]:
                 "class": type(bb.model).__name__,
                 "weights_sha256": bb.weights_sha256,
             },
-            "preprocessing": bb.processor.to_dict(),
+            "preprocessing": json_safe(bb.processor.to_dict()),
             "layers": layers,
             "tokens": {
                 "policy": cfg.tokens,

@@ -199,17 +199,18 @@ def run_interventions(cfg: InterveneConfig, progress: bool = True) -> list[Exper
     import pandas as pd
     from PIL import Image
     from tqdm import tqdm
+    from transformers import AutoImageProcessor
 
-    from saev_core.backbone import find_blocks, load_classifier, preprocess_images
+    from saev_core.backbone import classifier_blocks, load_classifier
     from saev_core.data import load_records
     from saev_core.plots import before_after_grid
     from saev_core.sae import SAE
 
     sae = SAE.load(cfg.sae_dir)
-    sae_cfg = sae.extra if hasattr(sae, "extra") else {}
-    layer = int(sae_cfg.get("layer", 0))
-    model, id2label, processor = load_classifier(cfg.model)
-    blocks = find_blocks(model)
+    layer = int(sae.extra.get("layer", 0))
+    model, id2label = load_classifier(cfg.model, device="cpu")
+    processor = AutoImageProcessor.from_pretrained(cfg.model)
+    blocks = classifier_blocks(model)
     n_prefix = int(getattr(model.config, "num_register_tokens", 0) or 0) + 1
     label_index = {name: i for i, name in id2label.items()}
     concepts = list(cfg.concepts) or [id2label[i] for i in sorted(id2label)]
@@ -225,7 +226,9 @@ def run_interventions(cfg: InterveneConfig, progress: bool = True) -> list[Exper
 
     records = load_records(cfg.data, [cfg.split])
     images = [np.asarray(Image.open(r.path).convert("RGB")) for r in records]
-    pixels = preprocess_images(processor, [Image.fromarray(im) for im in images])
+    pixels = processor(images=[Image.fromarray(im) for im in images], return_tensors="pt")[
+        "pixel_values"
+    ]
     p_base = _probs(model, pixels, cfg.batch_size)
     tokens = token_index(cfg.scope, n_prefix)
     rng = np.random.default_rng(cfg.seed)

@@ -8,6 +8,7 @@ MLflow.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -111,3 +112,79 @@ def train_stage(io: TrainStage, log: Log = no_log, progress: bool = True) -> dic
     sae.save(tmp, extra=extra)
     replace_dir(tmp, out_dir)
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# stats
+
+
+@dataclass(frozen=True)
+class StatsStage:
+    """params.yaml section `stats`: which SAE over which shards, and where the tables go."""
+
+    sae_dir: str = "artifacts/saes/demo"
+    """The trained SAE (its cfg.json says the layer and token policy it was trained with)."""
+    shard_dir: str = "artifacts/activations/shapes"
+    """The shard set to stream (may differ from the one the SAE was trained on)."""
+    out_dir: str = "artifacts/stats/demo"
+    """Where features/top_examples/feature_labels/run.parquet are written."""
+    run: str = "demo"
+    """The run's name in the warehouse."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The fields of `stats.StatsConfig` (n_top, splits, histogram bins, ...)."""
+
+
+def stats_stage(io: StatsStage, progress: bool = True) -> dict[str, Any]:
+    """Per-feature statistics of an SAE over a shard set, streamed image by image."""
+    from saev_core.sae import SAE
+    from saev_core.stats import StatsConfig, compute_stats, write_stats
+
+    cfg = from_dict(StatsConfig, io.options, where="stats.options")
+    sae = SAE.load(io.sae_dir)
+    extra = sae.extra
+    layer = int(extra.get("layer", 0))
+    m = shards.read_manifest(io.shard_dir)
+    if m.d_model != sae.cfg.d_model:
+        raise ValueError(
+            f"SAE {io.sae_dir} expects d_model {sae.cfg.d_model}, shards {io.shard_dir} have {m.d_model}"
+        )
+    patch_labels = shards.read_patch_labels(io.shard_dir)
+    label_names = sorted(set(patch_labels["label"])) or None
+    stats = compute_stats(
+        sae,
+        shards.iter_ordered(io.shard_dir, layer, splits=list(cfg.splits)),
+        patch_labels,
+        label_names,
+        m.n_prefix_tokens,
+        cfg,
+        run=io.run,
+        progress=progress,
+    )
+    metrics = extra.get("metrics", {})
+    train = extra.get("train", {})
+    run_info = {
+        "run": io.run,
+        "sae_dir": str(io.sae_dir),
+        "shard_dir": str(io.shard_dir),
+        "backbone": m.data["model"]["name"],
+        "layer": layer,
+        "arch": sae.cfg.arch,
+        "d_model": sae.cfg.d_model,
+        "d_sae": sae.cfg.d_sae,
+        "k": sae.cfg.k if sae.cfg.arch == "topk" else None,
+        "l0": metrics.get("l0"),
+        "fvu": metrics.get("fvu"),
+        "dead_frac": metrics.get("dead_frac"),
+        "dense_frac": metrics.get("dense_frac"),
+        "manifest_sha256": m.sha256,
+        "cfg_json": json.dumps({"train": train, "stats": to_dict(cfg)}),
+    }
+    out_dir = Path(io.out_dir)
+    tmp = tmp_dir_for(out_dir)
+    write_stats(stats, tmp, run_info)
+    replace_dir(tmp, out_dir)
+    return {
+        "n_tokens": stats.n_tokens,
+        "n_images": stats.n_images,
+        "labels": list(stats.label_names),
+    }

@@ -26,3 +26,36 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A 32 px shapes world of 24 images (train 12 / val 6 / test 6)."""
+    from saev_core.shapes import ShapesConfig, generate
+
+    out = tmp_path_factory.mktemp("world") / "shapes"
+    cfg = ShapesConfig(
+        seed=3, image_size=32, n_train=12, n_val=6, n_test=6, min_radius=5, max_radius=9
+    )
+    generate(out, cfg, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory):
+    """A randomly initialised 2-block ViT classifier over the 8 concepts, saved like a hub model."""
+    from saev_core.backbone import BackboneConfig, build_classifier, build_processor
+
+    cfg = BackboneConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=8,
+        image_size=32,
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("vit") / "vit"
+    build_classifier(cfg).save_pretrained(out)
+    build_processor(32).save_pretrained(out)
+    return out
