@@ -26,7 +26,7 @@ COMMANDS = {
     "intervene": ("flows.intervene", "main", "feature edits vs controls, logged to MLflow"),
     "warehouse": ("flows.warehouse", "main", "rebuild warehouse/saev.duckdb"),
     "pipeline": ("flows.pipeline", "main", "every stage in order, in one process"),
-    "sql": ("saev_core.warehouse", "main", "query the warehouse (named query or SQL)"),
+    "sql": ("saev_core.warehouse", "main", "query the warehouse (named query or SQL; --list)"),
     "serve": ("flows.deploy", "main", "serve the pipeline on a cron schedule"),
 }
 

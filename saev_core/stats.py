@@ -1,0 +1,642 @@
+"""Per-feature statistics of a trained SAE over activation shards, streamed, written as Parquet.
+
+`compute_stats` runs the SAE encoder over batches of activations (all tokens of an image in one
+batch) and keeps only running counts, sums, histograms and a top-k buffer per feature, so memory is
+bounded by one batch of codes plus O(d_sae x (n_top + n_labels x n_bins)) whatever the corpus size.
+`write_stats` writes the tables the warehouse reads (`features`, `top_examples`, `feature_labels`,
+`run`), each with a `run` column so that runs can be unioned.
+
+Shape suffixes: `n` tokens in a batch, `s` = d_sae, `d` = d_model, `i` images in a batch, `t` the
+top-k slots, `l` labels, `h` histogram bins (n_bins log bins plus bin 0, which holds exact zeros).
+Only the non-zero codes are touched after encoding (SAE codes are sparse), as `(rows, cols, vals)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+# Columns of run.parquet that come from the caller's `run_info` (types as written to Parquet).
+RUN_INFO_COLUMNS: dict[str, pa.DataType] = {
+    "run": pa.string(),
+    "sae_dir": pa.string(),
+    "shard_dir": pa.string(),
+    "backbone": pa.string(),
+    "layer": pa.int64(),
+    "arch": pa.string(),
+    "d_model": pa.int64(),
+    "d_sae": pa.int64(),
+    "k": pa.int64(),
+    "l0": pa.float64(),
+    "fvu": pa.float64(),
+    "dead_frac": pa.float64(),
+    "dense_frac": pa.float64(),
+    "manifest_sha256": pa.string(),
+    "cfg_json": pa.string(),
+}
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """The `stats` section of params.yaml."""
+
+    n_top: int = 16
+    """Exemplar images kept per feature, ranked by the image's highest token value."""
+    batch_images: int = 64
+    """Images per batch the caller's per-image loader yields (all tokens of an image together)."""
+    n_bins: int = 60
+    """Log-spaced histogram bins from hist_min to hist_max (10 per decade), plus one zero bin."""
+    hist_min: float = 1e-3
+    """Lower edge of the first log bin; smaller positive codes are counted in that bin."""
+    hist_max: float = 1e3
+    """Upper edge of the last log bin; larger codes are counted in that bin."""
+    device: str = "cpu"
+    """Torch device that encodes and accumulates: "cpu", "cuda", "cuda:1", "mps" or "auto"."""
+    splits: tuple[str, ...] = ("val",)
+    """Image splits the caller streams (held-out by default: the paper counts dead on val)."""
+
+    def __post_init__(self) -> None:
+        if self.n_top < 1:
+            raise ValueError(f"stats.n_top must be >= 1, got {self.n_top}")
+        if self.batch_images < 1:
+            raise ValueError(f"stats.batch_images must be >= 1, got {self.batch_images}")
+        if self.n_bins < 2:
+            raise ValueError(f"stats.n_bins must be >= 2, got {self.n_bins}")
+        if not (0 < self.hist_min < self.hist_max and math.isfinite(self.hist_max)):
+            raise ValueError(
+                f"stats.hist_min/hist_max must satisfy 0 < hist_min < hist_max < inf, "
+                f"got {self.hist_min}, {self.hist_max}"
+            )
+        if not self.device:
+            raise ValueError("stats.device must be a torch device string or 'auto', got ''")
+        if isinstance(self.splits, str) or not self.splits:
+            raise ValueError(f"stats.splits must be a non-empty list of names, got {self.splits!r}")
+        if not all(isinstance(s, str) and s for s in self.splits):
+            raise ValueError(f"stats.splits must hold non-empty strings, got {self.splits!r}")
+
+    def hist_edges(self) -> np.ndarray:
+        """The n_bins + 1 log-spaced edges of the non-zero histogram bins."""
+        return np.logspace(math.log10(self.hist_min), math.log10(self.hist_max), self.n_bins + 1)
+
+
+@dataclass
+class FeatureStats:
+    """Everything `compute_stats` measured, as numpy arrays indexed by feature (and label)."""
+
+    run: str
+    label_names: tuple[str, ...]
+    # [n_bins + 1] log-spaced edges; hist bin 0 = exact zeros, bin b >= 1 = [edge b-1, edge b)
+    hist_edges: np.ndarray
+    n_prefix_tokens: int
+    n_tokens: int
+    n_images: int
+    n_cls: int  # CLS tokens seen (0 when the backbone has none)
+    n_patches: int  # patch tokens seen
+    n_fires: np.ndarray  # [s] tokens where the feature is > 0
+    n_fires_images: np.ndarray  # [s] images where it is > 0 on any token
+    n_fires_cls: np.ndarray  # [s]
+    n_fires_patches: np.ndarray  # [s]
+    sum_act: np.ndarray  # [s] sum of the codes (zeros add nothing)
+    max_act: np.ndarray  # [s]
+    hist: np.ndarray  # [s, h] counts over all tokens
+    top_value: np.ndarray  # [s, t] images by their highest patch code, best first; -1 = empty
+    top_image: np.ndarray  # [s, t]
+    top_token: np.ndarray  # [s, t] the patch token where that image reaches its max
+    auroc: np.ndarray  # [l, s] patch-level AUROC, NaN when a class is empty
+    mean_in: np.ndarray  # [l, s] mean code on patches carrying the label
+    mean_out: np.ndarray  # [l, s] mean code on the other patches
+    n_pos: np.ndarray  # [l] patches carrying the label
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.n_fires.shape[0])
+
+    @property
+    def freq(self) -> np.ndarray:
+        return self.n_fires / max(self.n_tokens, 1)
+
+    @property
+    def freq_images(self) -> np.ndarray:
+        return self.n_fires_images / max(self.n_images, 1)
+
+    @property
+    def freq_cls(self) -> np.ndarray:
+        """NaN for every feature when there was no CLS token."""
+        return self.n_fires_cls / self.n_cls if self.n_cls else np.full(self.d_sae, np.nan)
+
+    @property
+    def freq_patches(self) -> np.ndarray:
+        return (
+            self.n_fires_patches / self.n_patches if self.n_patches else np.full(self.d_sae, np.nan)
+        )
+
+    @property
+    def mean_act(self) -> np.ndarray:
+        """Mean code over the tokens where the feature fires; NaN for dead features."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.n_fires > 0, self.sum_act / self.n_fires, np.nan)
+
+
+def compute_stats(
+    sae: torch.nn.Module,
+    batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    patch_labels: pd.DataFrame | pa.Table | None,
+    label_names: Sequence[str] | None,
+    n_prefix_tokens: int,
+    cfg: StatsConfig,
+    run: str,
+    progress: bool = True,
+) -> FeatureStats:
+    """Stream `(image_id [n], token [n], acts [n, d_model])` batches through `sae.encode`.
+
+    Every token of an image must arrive in one batch (the per-image loader guarantees it); an
+    image seen in two batches raises, as it would corrupt the per-image max and `freq_images`.
+    `patch_labels` is a long table (`image_id`, `token`, `label`): one row per patch and concept.
+    `label_names` picks and orders the labels to score (None: every label in the table); rows
+    with other labels are ignored. Tokens `0 .. n_prefix_tokens-1` are CLS and registers; only
+    patch tokens (`token >= n_prefix_tokens`) enter the label statistics and the exemplars (images
+    ranked by their highest patch code, as in the paper); frequencies and `max_act` count every
+    token, `freq_cls` the CLS token alone.
+
+    AUROC is computed from per-label histograms of the code on positive and negative patches.
+    The zero bin is exact (all zeros tie, counted 1/2), and so are comparisons across bins; two
+    codes in the same log bin are counted as a tie (1/2) too, which is the only approximation:
+    the error is at most sum_b pos_b * neg_b / (2 * P * N), small when bins are narrow relative
+    to the spread of the codes (10 bins per decade by default, a width ratio of 1.26).
+
+    The SAE is moved to `cfg.device` (in place, as `nn.Module.to` does).
+    """
+    if n_prefix_tokens < 0:
+        raise ValueError(f"n_prefix_tokens must be >= 0, got {n_prefix_tokens}")
+    if not run:
+        raise ValueError("run must be a non-empty name")
+    device = _resolve_device(cfg.device)
+    d_sae = int(sae.cfg.d_sae)
+    d_model = int(sae.W_dec.shape[1])
+    sae = sae.to(device)
+    labels = _PatchLabels(patch_labels, label_names, n_prefix_tokens)
+    acc = _Accumulator(d_sae, len(labels.names), n_prefix_tokens, cfg, device)
+    seen: set[int] = set()
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc=f"stats {run}", unit="batch", disable=not progress):
+            image_id, token, acts = _check_batch(batch, d_model)
+            if len(image_id) == 0:
+                continue
+            uniq, inv = np.unique(image_id, return_inverse=True)
+            again = seen.intersection(uniq.tolist())
+            if again:
+                raise ValueError(
+                    f"image(s) {sorted(again)[:5]} appear in more than one batch; every token of "
+                    "an image must arrive in the same batch (use the per-image loader)"
+                )
+            seen.update(uniq.tolist())
+            f_ns = sae.encode(torch.from_numpy(acts).to(device, torch.float32))
+            if tuple(f_ns.shape) != (len(image_id), d_sae):
+                raise ValueError(
+                    f"sae.encode returned shape {tuple(f_ns.shape)}, expected {(len(image_id), d_sae)}"
+                )
+            label_rows, label_codes = labels.lookup(image_id, token)
+            acc.update(f_ns, token, uniq, inv, label_rows, label_codes)
+    if acc.n_tokens == 0:
+        raise ValueError(f"compute_stats({run!r}): the batches held no activations")
+    return acc.finish(run, labels.names, n_images=len(seen))
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"stats.device: not a torch device: {name!r}") from e
+
+
+def _check_batch(batch: Any, d_model: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    try:
+        image_id, token, acts = batch
+    except (TypeError, ValueError) as e:
+        raise ValueError("each batch must be a tuple (image_id, token, acts)") from e
+    image_id = np.asarray(image_id, dtype=np.int64)
+    token = np.asarray(token, dtype=np.int64)
+    acts = np.asarray(acts, dtype=np.float32)
+    if acts.ndim != 2 or acts.shape[1] != d_model:
+        raise ValueError(
+            f"acts must have shape [n, {d_model}] (d_model of the SAE), got {acts.shape}"
+        )
+    if image_id.shape != (len(acts),) or token.shape != (len(acts),):
+        raise ValueError(
+            f"image_id {image_id.shape} and token {token.shape} must be 1-D of length {len(acts)}"
+        )
+    if len(token) and token.min() < 0:
+        raise ValueError(f"token indices must be >= 0, got {token.min()}")
+    return image_id, token, acts
+
+
+class _PatchLabels:
+    """The long (image_id, token, label) table, sorted for vectorised look-ups per batch."""
+
+    def __init__(
+        self,
+        table: pd.DataFrame | pa.Table | None,
+        label_names: Sequence[str] | None,
+        n_prefix_tokens: int,
+    ) -> None:
+        if table is None:
+            table = pd.DataFrame({"image_id": [], "token": [], "label": []})
+        if isinstance(table, pa.Table):
+            table = table.to_pandas()
+        missing = {"image_id", "token", "label"} - set(table.columns)
+        if missing:
+            raise ValueError(
+                f"patch_labels lacks column(s) {sorted(missing)}; has {list(table.columns)}"
+            )
+        if label_names is None:
+            label_names = sorted(table["label"].dropna().astype(str).unique())
+        names = tuple(str(n) for n in label_names)
+        if len(set(names)) != len(names):
+            raise ValueError(f"label_names has duplicates: {list(names)}")
+        self.names = names
+        codes = pd.Categorical(table["label"], categories=list(names)).codes.astype(np.int64)
+        keep = codes >= 0
+        image_id = table["image_id"].to_numpy(dtype=np.int64)[keep]
+        token = table["token"].to_numpy(dtype=np.int64)[keep]
+        codes = codes[keep]
+        if len(token) and token.min() < n_prefix_tokens:
+            bad = int(token.min())
+            raise ValueError(
+                f"patch_labels has token {bad}, but tokens below n_prefix_tokens={n_prefix_tokens} "
+                "are CLS/registers and carry no patch label"
+            )
+        self.stride = int(token.max()) + 1 if len(token) else 1
+        if len(image_id) and np.abs(image_id).max() >= (2**62) // self.stride:
+            raise ValueError(f"image_id {np.abs(image_id).max()} too large to index patch labels")
+        keys = image_id * self.stride + token
+        # one row per (patch, label) even if the table repeats one, so n_pos counts patches
+        keys, codes = _unique_pairs(keys, codes)
+        self.keys, self.codes = keys, codes
+
+    def lookup(self, image_id: np.ndarray, token: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row in batch, label code) for every labelled token of a batch, sorted by row."""
+        n = len(image_id)
+        if len(self.keys) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        ok = token < self.stride
+        keys_n = np.where(ok, image_id * self.stride + np.minimum(token, self.stride - 1), -1)
+        lo = np.searchsorted(self.keys, keys_n, side="left")
+        hi = np.searchsorted(self.keys, keys_n, side="right")
+        counts = np.where(ok, hi - lo, 0)
+        rows = np.repeat(np.arange(n), counts)
+        within = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+        return rows, self.codes[lo[rows] + within]
+
+
+def _unique_pairs(keys: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((codes, keys))
+    keys, codes = keys[order], codes[order]
+    if len(keys) > 1:
+        new = np.ones(len(keys), bool)
+        new[1:] = (keys[1:] != keys[:-1]) | (codes[1:] != codes[:-1])
+        keys, codes = keys[new], codes[new]
+    return keys, codes
+
+
+class _Accumulator:
+    """Running per-feature counts, sums, histograms and top-k buffers, kept on `device`."""
+
+    def __init__(
+        self,
+        d_sae: int,
+        n_labels: int,
+        n_prefix_tokens: int,
+        cfg: StatsConfig,
+        device: torch.device,
+    ) -> None:
+        s, h, t = d_sae, cfg.n_bins + 1, cfg.n_top
+        self.s, self.h, self.n_labels = s, h, n_labels
+        self.n_prefix_tokens = n_prefix_tokens
+        self.device = device
+        # MPS has no float64; elsewhere sums of millions of codes keep full precision
+        self.fdtype = torch.float32 if device.type == "mps" else torch.float64
+        self.edges = cfg.hist_edges()
+        self.inner_edges = torch.tensor(self.edges[1:-1], dtype=self.fdtype, device=device)
+        self.n_tokens = self.n_cls = self.n_patches = 0
+        z = {"device": device}
+        self.n_fires = torch.zeros(s, dtype=torch.int64, **z)
+        self.n_fires_images = torch.zeros(s, dtype=torch.int64, **z)
+        self.n_fires_cls = torch.zeros(s, dtype=torch.int64, **z)
+        self.n_fires_patches = torch.zeros(s, dtype=torch.int64, **z)
+        self.sum_act = torch.zeros(s, dtype=self.fdtype, **z)
+        self.sum_patch = torch.zeros(s, dtype=self.fdtype, **z)
+        self.max_act = torch.zeros(s, dtype=torch.float32, **z)
+        # bin 0 (zeros) of each histogram is filled in at the end from the counts
+        self.hist_sh = torch.zeros(s, h, dtype=torch.int64, **z)
+        self.patch_hist_sh = torch.zeros(s, h, dtype=torch.int64, **z)
+        self.pos_hist_lsh = torch.zeros(n_labels, s, h, dtype=torch.int64, **z)
+        self.sum_in_ls = torch.zeros(n_labels, s, dtype=self.fdtype, **z)
+        self.n_pos = torch.zeros(n_labels, dtype=torch.int64, **z)
+        # top-k buffers are [t, s] so that merging is a sort along dim 0
+        self.top_value_ts = torch.full((t, s), -1.0, dtype=torch.float32, **z)
+        self.top_image_ts = torch.full((t, s), -1, dtype=torch.int64, **z)
+        self.top_token_ts = torch.full((t, s), -1, dtype=torch.int64, **z)
+
+    def update(
+        self,
+        f_ns: torch.Tensor,
+        token: np.ndarray,
+        uniq: np.ndarray,
+        inv: np.ndarray,
+        label_rows: np.ndarray,
+        label_codes: np.ndarray,
+    ) -> None:
+        dev, s, h = self.device, self.s, self.h
+        n = f_ns.shape[0]
+        token_n = torch.from_numpy(token).to(dev)
+        is_cls_n = (
+            (token_n == 0) if self.n_prefix_tokens >= 1 else torch.zeros_like(token_n, dtype=bool)
+        )
+        is_patch_n = token_n >= self.n_prefix_tokens
+        self.n_tokens += n
+        self.n_cls += int(is_cls_n.sum())
+        self.n_patches += int(is_patch_n.sum())
+
+        rows, cols = torch.nonzero(f_ns > 0, as_tuple=True)
+        vals32 = f_ns[rows, cols].float()
+        vals = vals32.to(self.fdtype)
+        bins = 1 + torch.bucketize(vals, self.inner_edges, right=True)
+        self.n_fires += torch.bincount(cols, minlength=s)
+        self.n_fires_cls += torch.bincount(cols[is_cls_n[rows]], minlength=s)
+        self.sum_act.index_add_(0, cols, vals)
+        self.hist_sh.view(-1).index_add_(0, cols * h + bins, torch.ones_like(cols))
+        self.max_act.scatter_reduce_(0, cols, vals32, "amax")
+        n_img = len(uniq)
+        img = torch.from_numpy(inv).to(dev)[rows]
+        fired_is = torch.zeros(n_img * s, dtype=torch.bool, device=dev)
+        fired_is[img * s + cols] = True
+        self.n_fires_images += fired_is.view(n_img, s).sum(0)
+
+        # the non-zero codes on patch tokens (one mask, then plain gathers)
+        p = torch.nonzero(is_patch_n[rows]).squeeze(1)
+        rows, cols, vals32, vals, bins, img = (x[p] for x in (rows, cols, vals32, vals, bins, img))
+        self.n_fires_patches += torch.bincount(cols, minlength=s)
+        self.sum_patch.index_add_(0, cols, vals)
+        self.patch_hist_sh.view(-1).index_add_(0, cols * h + bins, torch.ones_like(cols))
+
+        # exemplars: each image's max over its patch tokens (the paper ranks images by their
+        # highest patch and shows patches as a heat map)
+        slot = img * s + cols
+        img_max_is = torch.zeros(n_img * s, dtype=torch.float32, device=dev)
+        img_max_is.scatter_reduce_(0, slot, vals32, "amax")
+        # the first row (lowest index) reaching the image's max gives the exemplar's token
+        at_max = torch.nonzero(vals32 == img_max_is[slot]).squeeze(1)
+        first_row = torch.full((n_img * s,), n, dtype=torch.int64, device=dev)
+        first_row.scatter_reduce_(0, slot[at_max], rows[at_max], "amin")
+        img_max_is = img_max_is.view(n_img, s)
+        token_pad = torch.cat([token_n, token_n.new_full((1,), -1)])
+        cand_token = token_pad[first_row.view(n_img, s)]
+        cand_value = torch.where(img_max_is > 0, img_max_is, -1.0)
+        cand_image = torch.from_numpy(uniq).to(dev)[:, None].expand(n_img, s)
+        self._merge_top(cand_value, cand_image, cand_token)
+
+        if self.n_labels and len(label_rows):
+            self._update_labels(rows, cols, vals, bins, n, label_rows, label_codes)
+
+    def _merge_top(self, value: torch.Tensor, image: torch.Tensor, token: torch.Tensor) -> None:
+        t = self.top_value_ts.shape[0]
+        value = torch.cat([self.top_value_ts, value])
+        image = torch.cat([self.top_image_ts, image])
+        token = torch.cat([self.top_token_ts, token])
+        # rank by value, ties by image id, so the answer does not depend on how batches split
+        by_image = torch.argsort(image, dim=0, stable=True)
+        value, image, token = (x.gather(0, by_image) for x in (value, image, token))
+        by_value = torch.argsort(value, dim=0, descending=True, stable=True)[:t]
+        self.top_value_ts = value.gather(0, by_value)
+        self.top_image_ts = image.gather(0, by_value)
+        self.top_token_ts = token.gather(0, by_value)
+
+    def _update_labels(
+        self,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        vals: torch.Tensor,
+        bins: torch.Tensor,
+        n: int,
+        label_rows: np.ndarray,
+        label_codes: np.ndarray,
+    ) -> None:
+        dev, s, h = self.device, self.s, self.h
+        label_rows_t = torch.from_numpy(label_rows).to(dev)
+        label_codes_t = torch.from_numpy(label_codes).to(dev)
+        self.n_pos += torch.bincount(label_codes_t, minlength=self.n_labels)
+        # label pairs are sorted by row: row r owns pairs starts[r] .. starts[r] + counts[r]
+        counts_n = torch.bincount(label_rows_t, minlength=n)
+        starts_n = torch.cumsum(counts_n, 0) - counts_n
+        # pair every non-zero code with every label of its token
+        c = counts_n[rows]
+        entry = torch.repeat_interleave(torch.arange(len(rows), device=dev), c)
+        offset = torch.cumsum(c, 0) - c
+        within = torch.arange(len(entry), device=dev) - offset[entry]
+        label = label_codes_t[starts_n[rows[entry]] + within]
+        col = cols[entry]
+        self.pos_hist_lsh.view(-1).index_add_(
+            0, (label * s + col) * h + bins[entry], torch.ones_like(col)
+        )
+        self.sum_in_ls.view(-1).index_add_(0, label * s + col, vals[entry])
+
+    def finish(self, run: str, label_names: tuple[str, ...], n_images: int) -> FeatureStats:
+        def cpu(x: torch.Tensor) -> np.ndarray:
+            return x.cpu().numpy()
+
+        n_fires, n_fires_patches = cpu(self.n_fires), cpu(self.n_fires_patches)
+        hist = cpu(self.hist_sh)
+        hist[:, 0] = self.n_tokens - n_fires
+        patch_hist = cpu(self.patch_hist_sh)
+        patch_hist[:, 0] = self.n_patches - n_fires_patches
+        n_pos = cpu(self.n_pos)
+        sum_patch = cpu(self.sum_patch).astype(np.float64)
+        sum_in = cpu(self.sum_in_ls).astype(np.float64)
+        auroc = np.full((self.n_labels, self.s), np.nan)
+        mean_in = np.full((self.n_labels, self.s), np.nan)
+        mean_out = np.full((self.n_labels, self.s), np.nan)
+        for i in range(self.n_labels):
+            n_p, n_n = int(n_pos[i]), self.n_patches - int(n_pos[i])
+            if n_p:
+                mean_in[i] = sum_in[i] / n_p
+            if n_n:
+                mean_out[i] = (sum_patch - sum_in[i]) / n_n
+            if n_p and n_n:
+                pos = cpu(self.pos_hist_lsh[i]).astype(np.float64)
+                pos[:, 0] = n_p - pos[:, 1:].sum(1)
+                auroc[i] = _auroc_from_hist(pos, patch_hist - pos)
+        return FeatureStats(
+            run=run,
+            label_names=label_names,
+            hist_edges=self.edges,
+            n_prefix_tokens=self.n_prefix_tokens,
+            n_tokens=self.n_tokens,
+            n_images=n_images,
+            n_cls=self.n_cls,
+            n_patches=self.n_patches,
+            n_fires=n_fires,
+            n_fires_images=cpu(self.n_fires_images),
+            n_fires_cls=cpu(self.n_fires_cls),
+            n_fires_patches=n_fires_patches,
+            sum_act=cpu(self.sum_act).astype(np.float64),
+            max_act=cpu(self.max_act).astype(np.float64),
+            hist=hist,
+            top_value=cpu(self.top_value_ts).T.astype(np.float64),
+            top_image=cpu(self.top_image_ts).T,
+            top_token=cpu(self.top_token_ts).T,
+            auroc=auroc,
+            mean_in=mean_in,
+            mean_out=mean_out,
+            n_pos=n_pos,
+        )
+
+
+def _auroc_from_hist(pos_sh: np.ndarray, neg_sh: np.ndarray) -> np.ndarray:
+    """AUROC per row from ascending-bin histograms: P(pos > neg) + P(same bin) / 2."""
+    neg_below = np.cumsum(neg_sh, axis=1) - neg_sh
+    wins = (pos_sh * (neg_below + 0.5 * neg_sh)).sum(1)
+    return wins / (pos_sh.sum(1) * neg_sh.sum(1))
+
+
+def features_table(stats: FeatureStats) -> pa.Table:
+    """One row per feature: frequencies, values, log10 summaries and the activation histogram."""
+    s = stats.d_sae
+    freq, mean_act = stats.freq, stats.mean_act
+    dead = stats.n_fires == 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log10_freq = np.log10(freq)
+        log10_mean = np.log10(mean_act)
+    h = stats.hist.shape[1]
+    hist = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, (s + 1) * h, h, dtype=np.int32)),
+        pa.array(stats.hist.reshape(-1).astype(np.int64)),
+    )
+    return pa.table(
+        {
+            "run": pa.array([stats.run] * s, pa.string()),
+            "feature": pa.array(np.arange(s, dtype=np.int64)),
+            "freq": pa.array(freq, pa.float64()),
+            "freq_images": pa.array(stats.freq_images, pa.float64()),
+            "freq_cls": _nullable(stats.freq_cls),
+            "freq_patches": _nullable(stats.freq_patches),
+            "n_fires": pa.array(stats.n_fires.astype(np.int64)),
+            "mean_act": _nullable(mean_act),
+            "max_act": pa.array(stats.max_act, pa.float64()),
+            "log10_freq": _nullable(np.where(dead, np.nan, log10_freq)),
+            "log10_mean_act": _nullable(np.where(dead, np.nan, log10_mean)),
+            "hist": hist,
+        }
+    )
+
+
+def top_examples_table(stats: FeatureStats) -> pa.Table:
+    """One row per (feature, rank); rank 1 is the image whose highest patch code is largest."""
+    feature, slot = np.nonzero(stats.top_value > 0)
+    return pa.table(
+        {
+            "run": pa.array([stats.run] * len(feature), pa.string()),
+            "feature": pa.array(feature.astype(np.int64)),
+            "rank": pa.array((slot + 1).astype(np.int32)),
+            "image_id": pa.array(stats.top_image[feature, slot].astype(np.int64)),
+            "token": pa.array(stats.top_token[feature, slot].astype(np.int32)),
+            "value": pa.array(stats.top_value[feature, slot], pa.float64()),
+        }
+    )
+
+
+def feature_labels_table(stats: FeatureStats) -> pa.Table:
+    """One row per (feature, label): patch-level AUROC, mean code in and out, positives."""
+    n_labels, s = len(stats.label_names), stats.d_sae
+    return pa.table(
+        {
+            "run": pa.array([stats.run] * (n_labels * s), pa.string()),
+            "feature": pa.array(np.tile(np.arange(s, dtype=np.int64), n_labels)),
+            "label": pa.array(np.repeat(np.array(stats.label_names, dtype=object), s), pa.string()),
+            "auroc": _nullable(stats.auroc.reshape(-1)),
+            "mean_in": _nullable(stats.mean_in.reshape(-1)),
+            "mean_out": _nullable(stats.mean_out.reshape(-1)),
+            "n_pos": pa.array(np.repeat(stats.n_pos.astype(np.int64), s)),
+        }
+    )
+
+
+def run_table(stats: FeatureStats, run_info: dict[str, Any]) -> pa.Table:
+    """The one-row run table: `run_info` (see RUN_INFO_COLUMNS) plus what the stats measured."""
+    unknown = sorted(set(run_info) - set(RUN_INFO_COLUMNS))
+    if unknown:
+        raise ValueError(
+            f"run_info has unknown key(s) {unknown}; allowed: {list(RUN_INFO_COLUMNS)}"
+        )
+    info = dict(run_info)
+    info.setdefault("run", stats.run)
+    if info["run"] != stats.run:
+        raise ValueError(f"run_info run {info['run']!r} differs from the stats run {stats.run!r}")
+    if info.get("d_sae") is not None and int(info["d_sae"]) != stats.d_sae:
+        raise ValueError(
+            f"run_info d_sae {info['d_sae']} differs from the stats d_sae {stats.d_sae}"
+        )
+    if isinstance(info.get("cfg_json"), dict):
+        info["cfg_json"] = json.dumps(info["cfg_json"], sort_keys=True, default=str)
+    columns: dict[str, pa.Array] = {}
+    for name, typ in RUN_INFO_COLUMNS.items():
+        value = info.get(name)
+        if value is not None and typ == pa.string():
+            value = str(value)
+        columns[name] = pa.array([value], typ)
+    columns["n_tokens"] = pa.array([stats.n_tokens], pa.int64())
+    columns["n_images"] = pa.array([stats.n_images], pa.int64())
+    columns["n_prefix_tokens"] = pa.array([stats.n_prefix_tokens], pa.int64())
+    columns["hist_edges"] = pa.array([stats.hist_edges.tolist()], pa.list_(pa.float64()))
+    return pa.table(columns)
+
+
+def write_stats(
+    stats: FeatureStats, out_dir: str | Path, run_info: dict[str, Any]
+) -> dict[str, Path]:
+    """Write features/top_examples/feature_labels/run.parquet into `out_dir`, each atomically.
+
+    All four are written to `*.tmp` first and renamed only when every one succeeded, with
+    `run.parquet` renamed last, so a directory with a `run.parquet` is a complete set.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = {
+        "features": features_table(stats),
+        "top_examples": top_examples_table(stats),
+        "feature_labels": feature_labels_table(stats),
+        "run": run_table(stats, run_info),
+    }
+    paths = {name: out_dir / f"{name}.parquet" for name in tables}
+    tmps = {name: path.with_name(path.name + ".tmp") for name, path in paths.items()}
+    try:
+        for name, table in tables.items():
+            pq.write_table(table, tmps[name])
+    except BaseException:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for name in tables:
+        os.replace(tmps[name], paths[name])
+    return paths
+
+
+def _nullable(x: np.ndarray) -> pa.Array:
+    """float64 array with NaN written as null (SQL aggregates then skip it)."""
+    x = np.asarray(x, dtype=np.float64)
+    return pa.array(x, pa.float64(), mask=np.isnan(x))

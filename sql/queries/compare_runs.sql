@@ -1,0 +1,46 @@
+-- One row per run to compare SAEs: size, sparsity, reconstruction, dead and dense shares, and
+-- how well its best feature per concept detects that concept (mean and minimum AUROC).
+with best as (
+    select
+        run,
+        label,
+        max(auroc) as best_auroc
+    from feature_labels
+    group by
+        run,
+        label
+),
+
+concept_scores as (
+    select
+        run,
+        count(*) as n_concepts,
+        avg(best_auroc) as mean_best_auroc,
+        min(best_auroc) as min_best_auroc
+    from best
+    group by run
+),
+
+final as (
+    select
+        runs.run,
+        runs.backbone,
+        runs.layer,
+        runs.arch,
+        runs.d_model,
+        runs.d_sae,
+        runs.k,
+        runs.l0,
+        runs.fvu,
+        runs.dead_frac,
+        runs.dense_frac,
+        concept_scores.n_concepts,
+        concept_scores.mean_best_auroc,
+        concept_scores.min_best_auroc
+    from runs
+    left join concept_scores
+        on runs.run = concept_scores.run
+    order by runs.run
+)
+
+select * from final

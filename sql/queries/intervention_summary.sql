@@ -1,0 +1,41 @@
+-- Dose-response of every intervention: the change in the concept's probability at each edit,
+-- scope and strength, with its interval, against the same edit on a control feature.
+-- param run: stats run name; every run when omitted (default null)
+-- param concept: concept name; every concept when omitted (default null)
+with selected as (
+    select * from interventions
+    where ($run is null or run = $run)
+        and ($concept is null or concept = $concept)
+),
+
+final as (
+    select
+        run,
+        experiment,
+        concept,
+        feature,
+        edit,
+        scope,
+        strength,
+        n_images,
+        p_before,
+        p_after,
+        delta,
+        delta_lo,
+        delta_hi,
+        control_feature,
+        control_delta,
+        control_lo,
+        control_hi,
+        beats_control
+    from selected
+    order by
+        run,
+        experiment,
+        concept,
+        edit,
+        scope,
+        strength
+)
+
+select * from final

@@ -1,0 +1,26 @@
+-- One row per (run, feature): how often and how strongly it fires, and its activation histogram.
+with source as (
+    select * from src_features
+),
+
+final as (
+    select
+        run,
+        feature,
+        freq,
+        freq_images,
+        freq_cls,
+        freq_patches,
+        n_fires,
+        mean_act,
+        max_act,
+        log10_freq,
+        log10_mean_act,
+        n_fires = 0 as is_dead,
+        -- dense: fires on more than 1% of tokens (the paper's definition; see PAPER.md, metrics)
+        freq > 0.01 as is_dense,
+        hist
+    from source
+)
+
+select * from final

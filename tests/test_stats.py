@@ -1,0 +1,335 @@
+"""Tests for saev_core.stats: exact counts on hand-made codes, exemplars, AUROC, streaming, Parquet."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from saev_core.config import from_dict
+from saev_core.stats import StatsConfig, compute_stats, write_stats
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+class LinearReluSAE(torch.nn.Module):
+    """A real linear + ReLU encoder with hand-set weights, exposing what compute_stats uses."""
+
+    def __init__(self, W_enc: torch.Tensor, b_enc: torch.Tensor | None = None) -> None:
+        super().__init__()
+        d_model, d_sae = W_enc.shape
+        self.W_enc = torch.nn.Parameter(W_enc.float())
+        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae) if b_enc is None else b_enc.float())
+        self.W_dec = torch.nn.Parameter(W_enc.T.clone().float())
+        self.cfg = SimpleNamespace(d_sae=d_sae, d_model=d_model)
+
+    def encode(self, x_bd: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x_bd @ self.W_enc + self.b_enc)
+
+
+def per_image_batches(image_id, token, acts, images_per_batch):
+    """Yield (image_id, token, acts) with every token of an image in one batch."""
+    order = np.argsort(image_id, kind="stable")
+    image_id, token, acts = image_id[order], token[order], acts[order]
+    uniq = np.unique(image_id)
+    for start in range(0, len(uniq), images_per_batch):
+        keep = np.isin(image_id, uniq[start : start + images_per_batch])
+        yield image_id[keep], token[keep], acts[keep]
+
+
+def hand_data():
+    """Two images of CLS + 2 patches; with an identity encoder the codes are relu(acts)."""
+    image_id = np.array([0, 0, 0, 1, 1, 1], np.int64)
+    token = np.array([0, 1, 2, 0, 1, 2], np.int32)
+    acts = np.array(
+        [
+            [1.0, 0.0, -1.0],  # image 0, CLS
+            [0.0, 2.0, -1.0],  # image 0, patch 1
+            [3.0, 0.0, -1.0],  # image 0, patch 2
+            [0.0, 4.0, -1.0],  # image 1, CLS
+            [0.0, 0.0, -1.0],  # image 1, patch 1
+            [5.0, 1.0, -1.0],  # image 1, patch 2
+        ],
+        np.float32,
+    )
+    labels = pd.DataFrame(
+        {
+            "image_id": [0, 1, 1],
+            "token": [2, 2, 2],
+            "label": ["red", "red", "circle"],
+        }
+    )
+    return image_id, token, acts, labels
+
+
+def test_counts_means_and_max_are_exact():
+    image_id, token, acts, labels = hand_data()
+    sae = LinearReluSAE(torch.eye(3))
+    cfg = StatsConfig(n_top=2)
+    st = compute_stats(
+        sae, [(image_id, token, acts)], labels, ["red", "circle"], 1, cfg, run="r", progress=False
+    )
+    assert (st.n_tokens, st.n_images, st.n_cls, st.n_patches) == (6, 2, 2, 4)
+    np.testing.assert_array_equal(st.n_fires, [3, 3, 0])
+    np.testing.assert_allclose(st.freq, [3 / 6, 3 / 6, 0])
+    np.testing.assert_allclose(st.freq_images, [1.0, 1.0, 0.0])
+    np.testing.assert_allclose(st.freq_cls, [1 / 2, 1 / 2, 0])
+    np.testing.assert_allclose(st.freq_patches, [2 / 4, 2 / 4, 0])
+    np.testing.assert_allclose(st.mean_act[:2], [(1 + 3 + 5) / 3, (2 + 4 + 1) / 3])
+    assert np.isnan(st.mean_act[2])
+    np.testing.assert_allclose(st.max_act, [5.0, 4.0, 0.0])
+    # histogram: zero bin exact, every token counted once
+    assert st.hist.shape == (3, cfg.n_bins + 1)
+    np.testing.assert_array_equal(st.hist.sum(1), [6, 6, 6])
+    np.testing.assert_array_equal(st.hist[:, 0], [3, 3, 6])
+    edges = st.hist_edges
+    b = 1 + np.searchsorted(edges[1:-1], 5.0, side="right")
+    assert edges[b - 1] <= 5.0 < edges[b] and st.hist[0, b] == 1
+    # label association on patches: red on (0, 2) and (1, 2), circle on (1, 2)
+    red, circle = 0, 1
+    np.testing.assert_array_equal(st.n_pos, [2, 1])
+    np.testing.assert_allclose(st.mean_in[red], [(3 + 5) / 2, (0 + 1) / 2, 0])
+    np.testing.assert_allclose(st.mean_out[red], [0, (2 + 0) / 2, 0])
+    np.testing.assert_allclose(st.mean_in[circle], [5, 1, 0])
+    np.testing.assert_allclose(st.mean_out[circle], [1, 2 / 3, 0])
+    # feature 0 is > 0 exactly on the red patches, so it separates them perfectly
+    assert st.auroc[red, 0] == 1.0
+    # feature 2 is never on: every pair ties
+    assert st.auroc[red, 2] == 0.5
+    # feature 1 on red patches {0, 1} vs others {2, 0}: pairs (0,2)=0 (0,0)=.5 (1,2)=0 (1,0)=1
+    assert st.auroc[red, 1] == pytest.approx(1.5 / 4)
+
+
+def test_top_examples_rank_images_by_their_max_patch():
+    n_img, n_tok = 5, 4
+    image_id = np.repeat(np.arange(10, 10 + n_img), n_tok)
+    token = np.tile(np.arange(n_tok), n_img).astype(np.int32)
+    acts = np.zeros((n_img * n_tok, 2), np.float32)
+
+    def plant(image, tok, feature, value):
+        acts[(image_id == image) & (token == tok), feature] = value
+
+    # feature 0: image 12 peaks at patch 3 (9.0), images 10 and 14 at 7.0, image 11 at 0.5
+    plant(12, 3, 0, 9.0)
+    plant(12, 1, 0, 1.0)
+    plant(10, 1, 0, 7.0)
+    plant(14, 2, 0, 7.0)
+    plant(11, 2, 0, 0.5)
+    # a CLS value counts for max_act and freq_images but ranks no image
+    plant(13, 0, 0, 100.0)
+    # feature 1: fires on one patch of one image
+    plant(13, 2, 1, 2.0)
+    sae = LinearReluSAE(torch.eye(2))
+    cfg = StatsConfig(n_top=3)
+    st = compute_stats(
+        sae, per_image_batches(image_id, token, acts, 2), None, [], 1, cfg, "r", progress=False
+    )
+    np.testing.assert_array_equal(st.top_image[0], [12, 10, 14])  # tie 7.0: lower image id first
+    np.testing.assert_array_equal(st.top_token[0], [3, 1, 2])
+    np.testing.assert_allclose(st.top_value[0], [9.0, 7.0, 7.0])
+    np.testing.assert_array_equal(st.top_image[1], [13, -1, -1])
+    np.testing.assert_allclose(st.top_value[1], [2.0, -1, -1])
+    np.testing.assert_allclose(st.max_act, [100.0, 2.0])
+    np.testing.assert_array_equal(st.n_fires_images, [5, 1])
+
+
+def test_auroc_matches_sklearn():
+    rng = np.random.default_rng(1)
+    n_img, n_tok, d = 40, 17, 6
+    image_id = np.repeat(np.arange(n_img), n_tok)
+    token = np.tile(np.arange(n_tok), n_img).astype(np.int32)
+    is_patch = token >= 1
+    # two labels on random patches; features respond to them with noise, many exact zeros
+    y = rng.random((len(token), 2)) < [0.3, 0.1]
+    y &= is_patch[:, None]
+    acts = rng.normal(0, 1, (len(token), d)).astype(np.float32)
+    acts[:, 0] += 1.5 * y[:, 0]
+    acts[:, 1] += 0.7 * y[:, 1]
+    acts[:, 2] -= 1.0 * y[:, 0]
+    rows, cols = np.nonzero(y)
+    labels = pd.DataFrame(
+        {"image_id": image_id[rows], "token": token[rows], "label": np.array(["a", "b"])[cols]}
+    )
+    sae = LinearReluSAE(torch.eye(d))
+    # 100 bins per decade: within-bin ties are rare, so the histogram AUROC is close to exact
+    cfg = StatsConfig(n_bins=600)
+    st = compute_stats(
+        sae, per_image_batches(image_id, token, acts, 7), labels, ["a", "b"], 1, cfg, "r", False
+    )
+    codes = np.maximum(acts, 0)[is_patch]
+    for li in range(2):
+        for f in range(d):
+            want = roc_auc_score(y[is_patch, li], codes[:, f])
+            assert abs(st.auroc[li, f] - want) < 0.01, (li, f, st.auroc[li, f], want)
+    assert st.auroc[0, 0] > 0.75 and st.auroc[0, 2] < 0.35
+    np.testing.assert_array_equal(st.n_pos, y.sum(0))
+
+
+def test_default_bins_stay_close_to_sklearn():
+    rng = np.random.default_rng(2)
+    n = 3000
+    y = rng.random(n) < 0.4
+    x = (rng.lognormal(0, 1, n) * (1 + y) * (rng.random(n) < 0.7)).astype(np.float32)
+    image_id = np.arange(n)
+    token = np.ones(n, np.int32)
+    labels = pd.DataFrame({"image_id": image_id[y], "token": 1, "label": "pos"})
+    st = compute_stats(
+        LinearReluSAE(torch.eye(1)),
+        [(image_id, token, x[:, None])],
+        labels,
+        None,
+        1,
+        StatsConfig(),
+        "r",
+        False,
+    )
+    assert st.label_names == ("pos",)
+    assert abs(st.auroc[0, 0] - roc_auc_score(y, x)) < 0.01
+
+
+def test_streaming_equals_one_batch():
+    rng = np.random.default_rng(3)
+    n_img, n_tok, d_model, d_sae = 12, 5, 4, 8
+    image_id = np.repeat(rng.permutation(100)[:n_img], n_tok)
+    token = np.tile(np.arange(n_tok), n_img).astype(np.int32)
+    acts = rng.normal(0, 1, (n_img * n_tok, d_model)).astype(np.float32)
+    W_enc = torch.from_numpy(rng.normal(0, 1, (d_model, d_sae)).astype(np.float32))
+    b_enc = torch.full((d_sae,), -0.5)
+    keep = (rng.random(len(token)) < 0.5) & (token >= 1)
+    labels = pd.DataFrame(
+        {
+            "image_id": image_id[keep],
+            "token": token[keep],
+            "label": rng.choice(["x", "y"], keep.sum()),
+        }
+    )
+    cfg = StatsConfig(n_top=4)
+    runs = []
+    for per_batch in (n_img, 1, 5):
+        sae = LinearReluSAE(W_enc, b_enc)
+        batches = per_image_batches(image_id, token, acts, per_batch)
+        runs.append(compute_stats(sae, batches, labels, ["x", "y"], 1, cfg, "r", progress=False))
+    one = runs[0]
+    assert one.n_fires.sum() > 0 and np.isfinite(one.auroc).all()
+    for other in runs[1:]:
+        for name in ("n_fires", "n_fires_images", "n_fires_cls", "n_fires_patches", "hist"):
+            np.testing.assert_array_equal(getattr(one, name), getattr(other, name), err_msg=name)
+        for name in ("top_image", "top_token", "n_pos"):
+            np.testing.assert_array_equal(getattr(one, name), getattr(other, name), err_msg=name)
+        for name in ("sum_act", "max_act", "top_value", "auroc", "mean_in", "mean_out"):
+            torch.testing.assert_close(
+                torch.from_numpy(getattr(one, name)), torch.from_numpy(getattr(other, name))
+            )
+
+
+def test_bad_inputs_raise_clear_errors():
+    image_id, token, acts, labels = hand_data()
+    sae = LinearReluSAE(torch.eye(3))
+    cfg = StatsConfig()
+    split = [(image_id[:2], token[:2], acts[:2]), (image_id[2:], token[2:], acts[2:])]
+    with pytest.raises(ValueError, match="more than one batch"):
+        compute_stats(sae, split, labels, None, 1, cfg, "r", progress=False)
+    cls_labels = pd.DataFrame({"image_id": [0], "token": [0], "label": ["red"]})
+    with pytest.raises(ValueError, match="n_prefix_tokens"):
+        compute_stats(sae, [(image_id, token, acts)], cls_labels, None, 1, cfg, "r", False)
+    with pytest.raises(ValueError, match=r"\[n, 3\]"):
+        compute_stats(sae, [(image_id, token, acts[:, :2])], labels, None, 1, cfg, "r", False)
+    with pytest.raises(ValueError, match="no activations"):
+        compute_stats(sae, [], labels, None, 1, cfg, "r", False)
+    with pytest.raises(ValueError, match="column"):
+        compute_stats(sae, [], labels.drop(columns="label"), None, 1, cfg, "r", False)
+
+
+def test_config_checks():
+    assert from_dict(StatsConfig, {"splits": ["train", "val"]}).splits == ("train", "val")
+    with pytest.raises(ValueError, match="n_top"):
+        StatsConfig(n_top=0)
+    with pytest.raises(ValueError, match="hist_min"):
+        StatsConfig(hist_min=10.0, hist_max=1.0)
+    with pytest.raises(ValueError, match="splits"):
+        StatsConfig(splits=())
+    with pytest.raises(ValueError, match="unknown key"):
+        from_dict(StatsConfig, {"n_topp": 3})
+
+
+def test_write_stats_tables(tmp_path):
+    image_id, token, acts, labels = hand_data()
+    st = compute_stats(
+        LinearReluSAE(torch.eye(3)),
+        [(image_id, token, acts)],
+        labels,
+        ["red", "circle"],
+        1,
+        StatsConfig(n_top=2),
+        "run-a",
+        progress=False,
+    )
+    info = {"run": "run-a", "arch": "relu", "d_model": 3, "d_sae": 3, "cfg_json": {"x": 1}}
+    paths = write_stats(st, tmp_path / "out", info)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "feature_labels.parquet",
+        "features.parquet",
+        "run.parquet",
+        "top_examples.parquet",
+    ]
+    feats = pq.read_table(paths["features"]).to_pandas()
+    assert list(feats.columns) == [
+        "run", "feature", "freq", "freq_images", "freq_cls", "freq_patches", "n_fires",
+        "mean_act", "max_act", "log10_freq", "log10_mean_act", "hist",
+    ]  # fmt: skip
+    assert (feats.run == "run-a").all()
+    assert feats.log10_freq[0] == pytest.approx(np.log10(0.5))
+    assert pd.isna(feats.mean_act[2]) and pd.isna(feats.log10_freq[2])
+    assert list(feats["hist"][2]) == [6] + [0] * 60
+    top = pq.read_table(paths["top_examples"]).to_pandas()
+    f0 = top[top.feature == 0].sort_values("rank")
+    assert f0.image_id.tolist() == [1, 0] and f0.token.tolist() == [2, 2]
+    assert f0["rank"].tolist() == [1, 2] and f0.value.tolist() == [5.0, 3.0]
+    assert 2 not in set(top.feature)  # a dead feature has no exemplars
+    fl = pq.read_table(paths["feature_labels"]).to_pandas()
+    assert len(fl) == 6
+    assert fl.set_index(["label", "feature"]).loc[("red", 0), "auroc"] == 1.0
+    run = pq.read_table(paths["run"]).to_pandas()
+    assert len(run) == 1 and run.arch[0] == "relu" and run.cfg_json[0] == '{"x": 1}'
+    assert pd.isna(run.fvu[0]) and run.n_tokens[0] == 6 and len(run.hist_edges[0]) == 61
+    with pytest.raises(ValueError, match="unknown key"):
+        write_stats(st, tmp_path / "bad", {"run": "run-a", "fvuu": 0.1})
+    with pytest.raises(ValueError, match="differs"):
+        write_stats(st, tmp_path / "bad", {"run": "other"})
+
+
+@pytest.mark.parametrize("n_prefix_tokens", [0, 3])
+def test_token_layouts_without_cls_and_with_registers(n_prefix_tokens):
+    # one image of 5 tokens, one feature equal to the token index (token 0 never fires)
+    token = np.arange(5, dtype=np.int32)
+    acts = token.astype(np.float32)[:, None]
+    labels = pd.DataFrame({"image_id": [7], "token": [4], "label": ["x"]})
+    st = compute_stats(
+        LinearReluSAE(torch.eye(1)),
+        [(np.full(5, 7), token, acts)],
+        labels,
+        None,
+        n_prefix_tokens,
+        StatsConfig(n_top=1),
+        "r",
+        progress=False,
+    )
+    n_patches = 5 - n_prefix_tokens
+    assert (st.n_cls, st.n_patches) == (0 if n_prefix_tokens == 0 else 1, n_patches)
+    if n_prefix_tokens == 0:
+        assert np.isnan(st.freq_cls[0])
+    else:
+        assert st.freq_cls[0] == 0.0  # registers (tokens 1, 2) are neither CLS nor patches
+    assert st.freq_patches[0] == pytest.approx(min(n_patches, 4) / n_patches)
+    assert st.freq[0] == pytest.approx(4 / 5)
+    assert st.top_token[0, 0] == 4 and st.auroc[0, 0] == 1.0
+    assert st.n_pos[0] == 1 and st.mean_out[0, 0] == pytest.approx(
+        np.mean(token[n_prefix_tokens:4])
+    )

@@ -1,0 +1,438 @@
+"""Tests for saev_core.warehouse and sql/: build from real stats Parquet, bound named queries, CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from saev_core.stats import StatsConfig, compute_stats, write_stats
+from saev_core.warehouse import (
+    build_warehouse,
+    list_queries,
+    main,
+    main_build,
+    parse_query,
+    run_query,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+REQUIRED = ("runs", "images", "features", "top_examples", "feature_labels", "interventions")
+N_IMG, N_TOK, D_SAE = 6, 5, 4  # tokens: CLS + 4 patches
+
+
+class LinearReluSAE(torch.nn.Module):
+    """A real linear + ReLU encoder with hand-set weights (what compute_stats needs of an SAE)."""
+
+    def __init__(self, W_enc: torch.Tensor, b_enc: torch.Tensor) -> None:
+        super().__init__()
+        self.W_enc = torch.nn.Parameter(W_enc)
+        self.b_enc = torch.nn.Parameter(b_enc)
+        self.W_dec = torch.nn.Parameter(W_enc.T.clone())
+        self.cfg = SimpleNamespace(d_sae=W_enc.shape[1])
+
+    def encode(self, x_bd: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x_bd @ self.W_enc + self.b_enc)
+
+
+def encoder(perm: list[int]) -> LinearReluSAE:
+    """Feature j reads input dim perm[j]; the last feature is dead (zero weights, negative bias)."""
+    W = torch.zeros(3, D_SAE)
+    for j, i in enumerate(perm):
+        W[i, j] = 1.0
+    b = torch.tensor([0.0, 0.0, 0.0, -1.0])
+    return LinearReluSAE(W, b)
+
+
+def make_project(root: Path, with_interventions: bool = True) -> dict:
+    """A project tree with one activation set, two stats runs and (optionally) interventions."""
+    rng = np.random.default_rng(0)
+    image_id = np.repeat(np.arange(N_IMG), N_TOK)
+    token = np.tile(np.arange(N_TOK), N_IMG).astype(np.int32)
+    patch = token >= 1
+    red = patch & (rng.random(len(token)) < 0.4)
+    circle = patch & (rng.random(len(token)) < 0.3)
+    red[1], circle[2] = True, True  # both labels present
+    # dim 0 is on exactly on red patches, dim 1 on circle patches, dim 2 is noise
+    acts = np.stack(
+        [
+            np.where(red, rng.uniform(1, 3, len(token)), -1.0),
+            np.where(circle, rng.uniform(1, 3, len(token)), -1.0),
+            rng.normal(0, 1, len(token)),
+        ],
+        axis=1,
+    ).astype(np.float32)
+    rows = [(i, t, "red") for i, t in zip(image_id[red], token[red], strict=True)]
+    rows += [(i, t, "circle") for i, t in zip(image_id[circle], token[circle], strict=True)]
+    labels = pd.DataFrame(rows, columns=["image_id", "token", "label"])
+
+    act_dir = root / "artifacts" / "activations" / "toy"
+    act_dir.mkdir(parents=True)
+    image_labels = [sorted(set(labels.label[labels.image_id == i])) for i in range(N_IMG)]
+    pq.write_table(
+        pa.table(
+            {
+                "image_id": pa.array(np.arange(N_IMG), pa.int64()),
+                "split": ["val"] * N_IMG,
+                "path": [f"images/val/{i:05d}.png" for i in range(N_IMG)],
+                "labels": pa.array(image_labels, pa.list_(pa.string())),
+            }
+        ),
+        act_dir / "images.parquet",
+    )
+    stats = {}
+    # run a: feature 0 reads red, 1 circle; run b: feature 1 reads red, 2 circle
+    for run, perm in (("relu_a", [0, 1, 2]), ("relu_b", [2, 0, 1])):
+        st = compute_stats(
+            encoder(perm),
+            [(image_id, token, acts)],
+            labels,
+            ["circle", "red"],
+            1,
+            StatsConfig(n_top=3),
+            run,
+            progress=False,
+        )
+        info = {
+            "run": run,
+            "sae_dir": f"artifacts/saes/{run}",
+            "shard_dir": "artifacts/activations/toy",
+            "backbone": "tiny-vit",
+            "layer": 2,
+            "arch": "relu",
+            "d_model": 3,
+            "d_sae": D_SAE,
+            "l0": 1.5,
+            "fvu": 0.1,
+            "dead_frac": 0.25,
+            "dense_frac": 0.5,
+            "cfg_json": {"perm": perm},
+        }
+        write_stats(st, root / "artifacts" / "stats" / run, info)
+        stats[run] = st
+    if with_interventions:
+        inter_dir = root / "artifacts" / "interventions" / "relu_a"
+        inter_dir.mkdir(parents=True)
+        n = 3
+        pq.write_table(
+            pa.table(
+                {
+                    "run": ["relu_a"] * n,
+                    "experiment": ["suppress"] * n,
+                    "concept": ["red"] * n,
+                    "feature": pa.array([0] * n, pa.int64()),
+                    "control_feature": pa.array([2] * n, pa.int64()),
+                    "edit": ["clamp"] * n,
+                    "strength": [-1.0, -2.0, -5.0],
+                    "scope": ["patches"] * n,
+                    "n_images": pa.array([100] * n, pa.int64()),
+                    "p_before": [0.9] * n,
+                    "p_after": [0.8, 0.5, 0.1],
+                    "delta": [-0.1, -0.4, -0.8],
+                    "delta_lo": [-0.15, -0.45, -0.85],
+                    "delta_hi": [-0.05, -0.35, -0.75],
+                    "control_delta": [0.0, -0.01, -0.02],
+                    "control_lo": [-0.02, -0.03, -0.04],
+                    "control_hi": [0.02, 0.01, 0.0],
+                    "mlflow_run_id": ["abc"] * n,
+                }
+            ),
+            inter_dir / "results.parquet",
+        )
+    return stats
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    stats = make_project(root)
+    db = root / "warehouse" / "saev.duckdb"
+    report = build_warehouse(db, root=root, sql_dir=SQL_DIR)
+    return SimpleNamespace(root=root, db=db, stats=stats, report=report)
+
+
+def q(project, name_or_sql, fmt="json", **params):
+    out = run_query(project.db, name_or_sql, params, fmt=fmt, root=project.root, sql_dir=SQL_DIR)
+    return json.loads(out) if fmt == "json" else out
+
+
+def dump(db: Path, root: Path) -> dict:
+    """Every view's definition and rows, to compare two builds."""
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        con.execute("set file_search_path = $root", {"root": str(root)})
+        views = con.execute(
+            "select view_name, sql from duckdb_views() where not internal order by view_name"
+        ).fetchall()
+        return {
+            name: (sql, con.execute(f"select * from {name} order by all").fetchall())
+            for name, sql in views
+        }
+    finally:
+        con.close()
+
+
+def test_required_relations_and_row_counts(project):
+    views = project.report["views"]
+    for name in REQUIRED:
+        assert name in views, name
+    top_rows = sum(int((st.top_value > 0).sum()) for st in project.stats.values())
+    assert views["runs"] == 2
+    assert views["images"] == N_IMG
+    assert views["features"] == 2 * D_SAE
+    assert views["feature_labels"] == 2 * D_SAE * 2
+    assert views["top_examples"] == top_rows > 0
+    assert views["interventions"] == 3
+    assert project.report["empty_sources"] == []
+    assert project.report["duplicate_runs"] == []
+    assert not Path(f"{project.db}.tmp").exists()
+    runs = q(project, "select run, activations, n_prefix_tokens, k from runs order by run")
+    assert runs == [
+        {"run": "relu_a", "activations": "toy", "n_prefix_tokens": 1, "k": None},
+        {"run": "relu_b", "activations": "toy", "n_prefix_tokens": 1, "k": None},
+    ]
+
+
+def test_rebuild_is_idempotent(project, tmp_path):
+    db = tmp_path / "w.duckdb"
+    first = build_warehouse(db, root=project.root, sql_dir=SQL_DIR)
+    before = dump(db, project.root)
+    second = build_warehouse(db, root=project.root, sql_dir=SQL_DIR)
+    assert first["views"] == second["views"]
+    assert dump(db, project.root) == before
+    assert before["features"][1] and sorted(os.listdir(tmp_path)) == ["w.duckdb"]
+
+
+def test_failed_build_keeps_the_previous_database(project, tmp_path):
+    db = tmp_path / "w.duckdb"
+    build_warehouse(db, root=project.root, sql_dir=SQL_DIR)
+    before = dump(db, project.root)
+    bad_sql = tmp_path / "sql"
+    shutil.copytree(SQL_DIR, bad_sql)
+    (bad_sql / "views" / "99_broken.sql").write_text("select no_such_column from features\n")
+    with pytest.raises(ValueError, match="99_broken.sql"):
+        build_warehouse(db, root=project.root, sql_dir=bad_sql)
+    assert dump(db, project.root) == before
+    assert sorted(os.listdir(tmp_path)) == ["sql", "w.duckdb"]
+
+
+def test_empty_sources_still_bind(tmp_path):
+    make_project(tmp_path, with_interventions=False)
+    shutil.rmtree(tmp_path / "artifacts" / "activations")
+    report = build_warehouse(tmp_path / "w.duckdb", root=tmp_path, sql_dir=SQL_DIR)
+    assert sorted(report["empty_sources"]) == ["images", "interventions"]
+    assert report["views"]["interventions"] == 0 and report["views"]["images"] == 0
+    rows = json.loads(
+        run_query(tmp_path / "w.duckdb", "intervention_summary", {}, "json", tmp_path, SQL_DIR)
+    )
+    assert rows == []
+    ex = json.loads(
+        run_query(
+            tmp_path / "w.duckdb", "feature_exemplars", {"run": "relu_a", "feature": "0"}, "json",
+            tmp_path, SQL_DIR,
+        )
+    )  # fmt: skip
+    assert ex and ex[0]["path"] is None  # images unknown, exemplars still listed
+
+
+def test_planted_best_feature_is_found(project):
+    rows = q(project, "top_features_for_label", label="red", run="relu_b", limit="2")
+    assert [r["feature"] for r in rows][:1] == [1] and len(rows) == 2
+    assert rows[0]["auroc"] == 1.0 and rows[0]["run"] == "relu_b"
+    best = q(project, "best_feature_per_concept")
+    got = {(r["run"], r["label"]): r["feature"] for r in best}
+    assert got == {
+        ("relu_a", "circle"): 1,
+        ("relu_a", "red"): 0,
+        ("relu_b", "circle"): 2,
+        ("relu_b", "red"): 1,
+    }
+    assert all(r["auroc"] == 1.0 and r["max_act"] > 1.0 for r in best)
+    # without run: both runs, default limit 10
+    assert {r["run"] for r in q(project, "top_features_for_label", label="red")} == {
+        "relu_a",
+        "relu_b",
+    }
+
+
+def test_other_named_queries(project):
+    dd = q(project, "dead_and_dense", run="relu_a")
+    st = project.stats["relu_a"]
+    assert len(dd) == 1 and dd[0]["n_features"] == D_SAE and dd[0]["n_dead"] == 1
+    assert dd[0]["n_dense"] == int((st.freq > 0.01).sum())
+    dd_hi = q(project, "dead_and_dense", run="relu_a", dense_threshold="0.99")
+    assert dd_hi[0]["n_dense"] == 0 and dd_hi[0]["dense_threshold"] == 0.99
+    fv = q(project, "frequency_value", run="relu_a")
+    assert [r["feature"] for r in fv] == [0, 1, 2]  # the dead feature has no point
+    assert fv[0]["log10_freq"] == pytest.approx(np.log10(st.freq[0]))
+    ex = q(project, "feature_exemplars", run="relu_a", feature="0")
+    assert [r["rank"] for r in ex] == [1, 2, 3]
+    assert ex[0]["image_id"] == st.top_image[0, 0] and ex[0]["patch"] == st.top_token[0, 0] - 1
+    assert ex[0]["path"] == f"images/val/{st.top_image[0, 0]:05d}.png"
+    assert "red" in ex[0]["image_labels"]
+    lf = q(project, "labels_for_feature", run="relu_b", feature="2")
+    assert [r["label"] for r in lf] == ["circle", "red"]
+    inter = q(project, "intervention_summary", concept="red")
+    assert [r["strength"] for r in inter] == [-5.0, -2.0, -1.0]
+    assert [r["beats_control"] for r in inter] == [True, True, True]
+    cmp = q(project, "compare_runs")
+    assert [r["run"] for r in cmp] == ["relu_a", "relu_b"] and cmp[0]["min_best_auroc"] == 1.0
+
+
+def test_parameters_are_bound_not_formatted(project):
+    evil = "red'; drop table x; --"
+    assert q(project, "top_features_for_label", label=evil) == []
+    evil2 = "red' or '1'='1"
+    assert q(project, "top_features_for_label", label=evil2) == []
+    assert project.report["views"]["features"] == len(q(project, "select * from features"))
+
+
+def test_connection_is_read_only(project):
+    for sql in (
+        "create table x as select 1",
+        "drop view features",
+        "insert into warehouse_info values ('a', 'b')",
+    ):
+        with pytest.raises(ValueError, match="read-only"):
+            q(project, sql)
+    assert len(q(project, "select * from features")) == 2 * D_SAE
+
+
+def test_errors_are_clear(project, tmp_path):
+    with pytest.raises(ValueError, match="did you mean top_features_for_label"):
+        q(project, "top_feature_for_label", label="red")
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['lable'\]"):
+        q(project, "top_features_for_label", lable="red")
+    with pytest.raises(ValueError, match=r"missing required parameter\(s\) \['label'\]"):
+        q(project, "top_features_for_label")
+    with pytest.raises(ValueError, match="parameter limit: expected integer, got 'ten'"):
+        q(project, "top_features_for_label", label="red", limit="ten")
+    with pytest.raises(ValueError, match="missing"):
+        q(project, "select * from features where run = $run")
+    with pytest.raises(FileNotFoundError, match="nope.duckdb"):
+        run_query(tmp_path / "nope.duckdb", "compare_runs", {})
+    with pytest.raises(ValueError, match="fmt"):
+        q(project, "compare_runs", fmt="xml")
+
+
+def test_ad_hoc_sql_binds_string_parameters(project):
+    rows = q(
+        project,
+        "select count(*) as n from features where run = $run and feature < $f",
+        run="relu_b",
+        f="2",
+    )
+    assert rows == [{"n": 2}]
+
+
+def test_formats(project):
+    table = q(project, "best_feature_per_concept", fmt="table", run="relu_a")
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["run", "label", "feature"] and len(lines) == 3
+    csv = q(project, "best_feature_per_concept", fmt="csv", run="relu_a")
+    df = pd.read_csv(io.StringIO(csv))
+    assert list(df.label) == ["circle", "red"] and list(df.feature) == [1, 0]
+    js = q(project, "feature_exemplars", run="relu_a", feature="1")
+    assert isinstance(js[0]["image_labels"], list)
+    empty = q(project, "top_features_for_label", fmt="table", label="blue")
+    assert "(0 rows)" in empty and "auroc" in empty
+    nulls = q(
+        project, "select feature, mean_act from features where run = 'relu_a' and n_fires = 0"
+    )
+    assert nulls == [{"feature": 3, "mean_act": None}]
+
+
+def test_every_query_documents_its_parameters():
+    specs = {s.name: s for s in list_queries(SQL_DIR)}
+    for name in (
+        "top_features_for_label",
+        "best_feature_per_concept",
+        "dead_and_dense",
+        "frequency_value",
+        "feature_exemplars",
+        "intervention_summary",
+    ):
+        assert name in specs, name
+    for name, description, params in specs.values():
+        assert description, name
+        assert all(p.description for p in params), name
+    top = {p.name: p for p in specs["top_features_for_label"].params}
+    assert top["label"].required and top["label"].type == "varchar"
+    assert (
+        not top["limit"].required and top["limit"].default == 10 and top["limit"].type == "integer"
+    )
+    assert not top["run"].required and top["run"].default is None
+
+
+def test_undocumented_parameter_is_refused(tmp_path):
+    path = tmp_path / "bad.sql"
+    path.write_text("-- A query.\n-- param a: a thing\nselect $a, $b\n")
+    with pytest.raises(ValueError, match="differ"):
+        parse_query(path)
+
+
+def test_views_work_from_duckdb_started_in_root(project, monkeypatch):
+    monkeypatch.chdir(project.root)
+    con = duckdb.connect(str(project.db.relative_to(project.root)), read_only=True)
+    try:
+        assert con.execute("select count(*) from features").fetchall() == [(2 * D_SAE,)]
+    finally:
+        con.close()
+
+
+def test_cli(project, capsys, tmp_path):
+    db = str(project.db)
+    common = ["--db", db, "--root", str(project.root), "--sql-dir", str(SQL_DIR)]
+    assert (
+        main(
+            [
+                "top_features_for_label",
+                "--param",
+                "label=red",
+                "-p",
+                "limit=1",
+                "--format",
+                "json",
+                *common,
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert len(out) == 1 and out[0]["auroc"] == 1.0
+    assert main(["top_features_for_label", *common]) == 2
+    assert "missing required parameter" in capsys.readouterr().err
+    assert main(["--list", *common]) == 0
+    listing = capsys.readouterr().out
+    assert "top_features_for_label:" in listing and "--param label=<varchar>" in listing
+    # without --root: the root recorded at build time is used
+    assert main(["compare_runs", "--db", db, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.startswith("run,backbone")
+    assert (
+        main_build(
+            [
+                "--db",
+                str(tmp_path / "x.duckdb"),
+                "--root",
+                str(project.root),
+                "--sql-dir",
+                str(SQL_DIR),
+            ]
+        )
+        == 0
+    )
+    assert "features" in capsys.readouterr().out and (tmp_path / "x.duckdb").exists()
