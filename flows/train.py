@@ -8,7 +8,7 @@ from prefect import flow, task
 
 from flows.common import file_sha256, mlflow_logger, mlflow_run, parse_args, write_metrics
 from saev_core.config import load_section
-from saev_core.stages import TrainStage, train_stage
+from saev_core.stages import TrainStage, scalars, train_stage
 
 METRICS = "metrics/train.json"
 
@@ -27,10 +27,9 @@ def train_task(io: TrainStage) -> dict:
     ):
         mlflow.log_params({"layer": io.layer, "tokens": io.tokens, **io.sae})
         metrics = train_stage(io, log=mlflow_logger("train/"))
-        freq = metrics.pop("freq")
-        final = {k: float(v) for k, v in metrics.items()}
+        final = scalars(metrics)
         mlflow.log_metrics(final)
-        mlflow.log_figure(density_histogram(freq), "feature_density.png")
+        mlflow.log_figure(density_histogram(metrics["freq"]), "feature_density.png")
         mlflow.log_artifacts(io.out_dir, artifact_path="sae")
     return final
 

@@ -245,16 +245,18 @@ def run_interventions(cfg: InterveneConfig, progress: bool = True) -> list[Exper
         ranked = feature_labels[feature_labels["label"] == concept].sort_values(
             "auroc", ascending=False
         )
-        if ranked.empty:
-            raise ValueError(f"no feature statistics for concept {concept!r} in {stats_dir}")
+        has = np.array([concept in r.labels for r in records])
+        if ranked.empty or not has.any():
+            why = "no feature statistics" if ranked.empty else f"no {cfg.split} image contains it"
+            print(f"intervene: skipping concept {concept!r}: {why}")
+            continue
         feats = ranked["feature"].head(cfg.n_features).astype(int).tolist()
         auroc = float(ranked["auroc"].iloc[0])
         pool = np.setdiff1d(alive, feats)
-        controls = rng.choice(pool, size=cfg.n_features * cfg.n_controls, replace=False).tolist()
-        has = np.array([concept in r.labels for r in records])
+        # The same control features for every strength of a concept, so doses are comparable.
+        crng = np.random.default_rng([cfg.seed, j])
+        controls = crng.choice(pool, size=cfg.n_features * cfg.n_controls, replace=False).tolist()
         idx = np.flatnonzero(has)[: cfg.max_images]
-        if len(idx) == 0:
-            raise ValueError(f"no {cfg.split} image contains {concept!r}")
         sub = pixels[idx]
 
         p_after = edited(feats, strength, sub)
@@ -298,6 +300,8 @@ def run_interventions(cfg: InterveneConfig, progress: bool = True) -> list[Exper
                 figure=fig,
             )
         )
+    if not results:
+        raise ValueError(f"no concept of {concepts} could be tested on split {cfg.split!r}")
     return results
 
 

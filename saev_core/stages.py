@@ -106,12 +106,17 @@ def train_stage(io: TrainStage, log: Log = no_log, progress: bool = True) -> dic
         "layer": io.layer,
         "tokens": io.tokens,
         "train": to_dict(cfg),
-        "metrics": {k: v for k, v in metrics.items() if k != "freq"},
+        "metrics": scalars(metrics),
         "summary": summary,
     }
     sae.save(tmp, extra=extra)
     replace_dir(tmp, out_dir)
     return metrics
+
+
+def scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The scalar entries of a metrics dict (per-feature arrays left out)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 # ---------------------------------------------------------------------------------------------
