@@ -1,0 +1,244 @@
+"""The SAE module: hand-set encode/decode, AuxK, the unit-norm decoder, checkpoints, config checks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from saev_core.sae import SAE, SAEConfig
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ARCHS = ["topk", "relu"]
+
+
+def hand_sae(arch: str) -> SAE:
+    """d_model 4, d_sae 6, weights chosen so every value below can be checked by hand."""
+    sae = SAE(SAEConfig(arch=arch, d_model=4, d_sae=6, k=2))
+    e = torch.eye(4)
+    with torch.no_grad():
+        # Latents read e0, e1, e2, e3, e0 + e1, -e1.
+        sae.W_enc.copy_(torch.stack([e[0], e[1], e[2], e[3], e[0] + e[1], -e[1]], dim=1))
+        sae.b_enc.copy_(torch.tensor([0.0, 0.0, 0.25, 0.0, -0.75, 0.0]))
+        # Latents write e0, e1, e2, e3, e0, e3.
+        sae.W_dec.copy_(torch.stack([e[0], e[1], e[2], e[3], e[0], e[3]]))
+        sae.b_dec.copy_(torch.tensor([0.0, 0.5, 0.0, 0.0]))
+    sae.set_normalisation(torch.ones(4), 0.5)
+    return sae
+
+
+# x_n = (x - 1) * 0.5; row 0 -> [1, 2, 0, -0.5], row 1 -> 0.
+X = torch.tensor([[3.0, 5.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+# h = (x_n - b_dec) W_enc + b_enc: row 0 [1, 1.5, .25, -.5, 1.75, -1.5], row 1 [0, -.5, .25, 0, -1.25, .5]
+F_RELU = torch.tensor([[1.0, 1.5, 0.25, 0.0, 1.75, 0.0], [0.0, 0.0, 0.25, 0.0, 0.0, 0.5]])
+F_TOPK = torch.tensor([[0.0, 1.5, 0.0, 0.0, 1.75, 0.0], [0.0, 0.0, 0.25, 0.0, 0.0, 0.5]])
+# decode: (f W_dec + b_dec) / 0.5 + 1
+X_HAT_RELU = torch.tensor([[6.5, 5.0, 1.5, 1.0], [1.0, 2.0, 1.5, 2.0]])
+X_HAT_TOPK = torch.tensor([[4.5, 5.0, 1.0, 1.0], [1.0, 2.0, 1.5, 2.0]])
+
+
+@pytest.mark.parametrize(
+    "arch,f_want,x_hat_want", [("relu", F_RELU, X_HAT_RELU), ("topk", F_TOPK, X_HAT_TOPK)]
+)
+def test_encode_decode_hand_set(arch, f_want, x_hat_want):
+    sae = hand_sae(arch)
+    f = sae.encode(X)
+    torch.testing.assert_close(f, f_want)
+    torch.testing.assert_close(sae.decode(f), x_hat_want)
+    out = sae(X)
+    torch.testing.assert_close(out.x_hat, x_hat_want)
+    # Losses live in the normalised space: mse there is 0.5^2 times the input-space mse.
+    torch.testing.assert_close(out.mse, ((x_hat_want - X) * 0.5).pow(2).mean())
+    torch.testing.assert_close(out.l1, f_want.sum(dim=1).mean())
+
+
+def test_topk_keeps_exactly_k_and_relu_zeroes_negatives():
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    relu = SAE(SAEConfig(arch="relu", d_model=4, d_sae=6))
+    topk = SAE(SAEConfig(arch="topk", d_model=4, d_sae=6, k=2))
+    topk.load_state_dict(relu.state_dict())
+    with torch.no_grad():
+        # Positive encoder bias: every pre-activation > 0, so TopK must choose, not ReLU.
+        relu.b_enc.fill_(10.0)
+        topk.b_enc.fill_(10.0)
+        h = relu.pre_acts(relu.normalise(x))
+        f_topk = topk.encode(x)
+    assert ((f_topk > 0).sum(dim=1) == 2).all()
+    top2 = h.topk(2, dim=1).values
+    torch.testing.assert_close(f_topk.sort(dim=1, descending=True).values[:, :2], top2)
+    with torch.no_grad():
+        relu.b_enc.fill_(0.0)
+        h = relu.pre_acts(relu.normalise(x))
+        f_relu = relu.encode(x)
+    assert (h < 0).any() and (h > 0).any()
+    torch.testing.assert_close(f_relu, h.clamp_min(0))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip(tmp_path, arch):
+    torch.manual_seed(1)
+    sae = SAE(SAEConfig(arch=arch, d_model=8, d_sae=16, k=3))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    sae.set_normalisation(torch.arange(8.0), 0.25)
+    sae.update_firing(torch.zeros(5, 16))
+    sae.save(tmp_path / "sae", extra={"layer": 2, "manifest_sha256": "abc"})
+
+    assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["cfg.json", "sae.safetensors"]
+    meta = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert meta["norm_mean"] == list(range(8))
+    assert meta["norm_scale"] == 0.25
+    assert meta["sae"]["arch"] == arch and meta["sae"]["d_sae"] == 16
+    assert meta["extra"] == {"layer": 2, "manifest_sha256": "abc"}
+
+    loaded = SAE.load(tmp_path / "sae")
+    x = torch.randn(10, 8) * 3 + 2
+    assert loaded.cfg == sae.cfg
+    assert loaded.extra == {"layer": 2, "manifest_sha256": "abc"}
+    for name, t in sae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    torch.testing.assert_close(loaded(x).x_hat, sae(x).x_hat, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.encode(x), sae.encode(x), rtol=0, atol=0)
+
+
+def test_load_refuses_mismatched_shapes(tmp_path):
+    sae = SAE(SAEConfig(arch="topk", d_model=4, d_sae=6, k=2))
+    sae.save(tmp_path)
+    meta = json.loads((tmp_path / "cfg.json").read_text())
+    meta["sae"]["d_sae"] = 8
+    (tmp_path / "cfg.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"W_enc has shape \(4, 6\).*needs \(4, 8\)"):
+        SAE.load(tmp_path)
+
+
+def test_load_refuses_disagreeing_norm_constants_and_missing_files(tmp_path):
+    sae = SAE(SAEConfig(arch="relu", d_model=4, d_sae=6))
+    sae.set_normalisation(torch.ones(4), 2.0)
+    sae.save(tmp_path)
+    meta = json.loads((tmp_path / "cfg.json").read_text())
+    meta["norm_scale"] = 3.0
+    (tmp_path / "cfg.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="norm_mean/norm_scale"):
+        SAE.load(tmp_path)
+    (tmp_path / "sae.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="sae.safetensors"):
+        SAE.load(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unit_norm_decoder_after_step_and_parallel_grad_removed(arch):
+    torch.manual_seed(2)
+    sae = SAE(SAEConfig(arch=arch, d_model=8, d_sae=16, k=4))
+    opt = torch.optim.Adam(sae.parameters(), lr=0.1)
+    out = sae(torch.randn(32, 8))
+    out.loss.backward()
+    grad_before = sae.W_dec.grad.clone()
+    sae.remove_parallel_grads()
+    assert not torch.allclose(grad_before, sae.W_dec.grad)  # there was something to remove
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1)
+    torch.testing.assert_close(parallel, torch.zeros(16), atol=1e-6, rtol=0)
+    opt.step()
+    assert not torch.allclose(sae.W_dec.norm(dim=1), torch.ones(16), atol=1e-4)
+    sae.normalise_decoder()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(16))
+
+
+def aux_setup(dead: list[int], aux_k: int = 512):
+    torch.manual_seed(3)
+    sae = SAE(SAEConfig(arch="topk", d_model=8, d_sae=12, k=2, aux_k=aux_k))
+    with torch.no_grad():
+        # Dead latents get a high bias so their pre-activations are positive (but not in the top k
+        # of the forward pass we check below, which uses the explicit mask).
+        sae.b_enc[dead] = 1.0
+    mask = torch.zeros(12, dtype=torch.bool)
+    mask[dead] = True
+    return sae, torch.randn(16, 8), mask
+
+
+def test_auxk_zero_when_nothing_dead():
+    sae, x, _ = aux_setup([])
+    out = sae(x)  # default: the tokens-since-fired buffer, all fresh
+    assert out.aux.item() == 0.0
+    torch.testing.assert_close(out.loss, out.mse)
+    out = sae(x, dead_mask=torch.zeros(12, dtype=torch.bool))
+    assert out.aux.item() == 0.0
+
+
+def test_auxk_positive_and_grads_only_into_dead_latents():
+    dead = [1, 5, 9]
+    sae, x, mask = aux_setup(dead)
+    out = sae(x, dead_mask=mask)
+    assert out.aux.item() > 0
+    out.aux.backward()
+    col_grad = sae.W_enc.grad.abs().sum(dim=0)
+    assert (col_grad[mask] > 0).all()
+    assert (col_grad[~mask] == 0).all()
+    assert (sae.W_dec.grad.abs().sum(dim=1)[~mask] == 0).all()
+    assert (sae.b_enc.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("aux_k", [1, 2, 512])
+def test_auxk_matches_plain_reference(aux_k):
+    sae, x, mask = aux_setup([0, 4, 7, 10], aux_k=aux_k)
+    out = sae(x, dead_mask=mask)
+    with torch.no_grad():
+        x_n = sae.normalise(x)
+        h = sae.pre_acts(x_n)
+        e = x_n - (out.f @ sae.W_dec + sae.b_dec)
+        z = torch.zeros_like(h)
+        for b in range(h.shape[0]):
+            dead_vals = [(float(h[b, j]), j) for j in range(12) if mask[j]]
+            for v, j in sorted(dead_vals, reverse=True)[:aux_k]:
+                z[b, j] = max(v, 0.0)
+        e_hat = z @ sae.W_dec
+        want = (e - e_hat).pow(2).sum() / (e - e.mean(dim=0)).pow(2).sum()
+    torch.testing.assert_close(out.aux, want)
+    torch.testing.assert_close(out.loss, out.mse + sae.cfg.aux_alpha * want)
+
+
+def test_dead_latents_tracked_in_tokens():
+    sae = SAE(SAEConfig(arch="topk", d_model=4, d_sae=6, k=2, dead_after_tokens=10))
+    f = torch.zeros(4, 6)
+    f[0, 2] = 1.0
+    sae.update_firing(f)
+    sae.update_firing(f)
+    assert sae.tokens_since_fired.tolist() == [8, 8, 0, 8, 8, 8]
+    assert not sae.dead_mask().any()
+    sae.update_firing(f)
+    assert sae.dead_mask().tolist() == [True, True, False, True, True, True]
+    with torch.no_grad():
+        sae.b_enc.fill_(1.0)  # dead latents must have positive pre-activations to contribute
+    assert sae(torch.randn(8, 4)).aux.item() > 0  # forward uses the buffer by default
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="k=7"):
+        SAEConfig(arch="topk", d_model=4, d_sae=6, k=7)
+    with pytest.raises(ValueError, match="d_model"):
+        SAEConfig(arch="topk", d_model=0, d_sae=6, k=2)
+    with pytest.raises(ValueError, match="arch"):
+        SAEConfig(arch="jumprelu", d_model=4, d_sae=6)
+    with pytest.raises(ValueError, match="aux_alpha"):
+        SAEConfig(arch="topk", d_model=4, d_sae=6, k=2, aux_alpha=-1.0)
+    with pytest.raises(ValueError, match="l1_coeff"):
+        SAEConfig(arch="relu", d_model=4, d_sae=6, l1_coeff=math.nan)
+    # k is unused by ReLU, so a large default k does not block a small ReLU SAE.
+    assert SAEConfig(arch="relu", d_model=4, d_sae=6, k=32).d_sae == 6
+
+
+def test_init_unit_decoder_tied_encoder_and_bad_normalisation():
+    sae = SAE(SAEConfig(arch="topk", d_model=8, d_sae=16, k=2), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(16))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+    assert sae.b_enc.abs().sum() == 0 and sae.b_dec.abs().sum() == 0
+    same = SAE(SAEConfig(arch="topk", d_model=8, d_sae=16, k=2), torch.Generator().manual_seed(0))
+    assert torch.equal(same.W_dec, sae.W_dec)
+    with pytest.raises(ValueError, match="scale"):
+        sae.set_normalisation(torch.zeros(8), 0.0)
+    with pytest.raises(ValueError, match=r"shape \(8,\)"):
+        sae.set_normalisation(torch.zeros(7), 1.0)

@@ -1,0 +1,235 @@
+"""The training loop: config checks, normalisation, schedules, training on tiny sparse data, evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from saev_core.config import load_section
+from saev_core.sae import SAE, SAEConfig
+from saev_core.training import (
+    TrainConfig,
+    evaluate,
+    fit_normalisation,
+    l1_coeff_at,
+    lr_at,
+    train_sae,
+)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ARCHS = ["topk", "relu"]
+D_MODEL = 16
+
+
+def sparse_data(n_tokens: int = 4096, n_dirs: int = 48, n_active: int = 3, seed: int = 0):
+    """Tokens that are sums of `n_active` of `n_dirs` random unit directions, plus offset and noise."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(n_dirs, D_MODEL, generator=g)
+    dirs /= dirs.norm(dim=1, keepdim=True)
+    idx = torch.rand(n_tokens, n_dirs, generator=g).argsort(dim=1)[:, :n_active]
+    codes = torch.zeros(n_tokens, n_dirs).scatter(
+        1, idx, 1 + torch.rand(n_tokens, n_active, generator=g)
+    )
+    x = codes @ dirs + 0.01 * torch.randn(n_tokens, D_MODEL, generator=g)
+    return x + 5.0  # an offset the normalisation must remove
+
+
+def batches_of(x: torch.Tensor, batch_size: int):
+    def make_batches(epoch: int):
+        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(epoch))
+        return [x[perm[i : i + batch_size]] for i in range(0, x.shape[0], batch_size)]
+
+    return make_batches
+
+
+def tiny_cfg(arch: str, **kw) -> TrainConfig:
+    base = dict(
+        arch=arch,
+        d_sae=64,
+        k=4,
+        l1_coeff=0.01,
+        lr=4e-3,
+        warmup_steps=5,
+        n_epochs=4,
+        batch_size=256,
+        device="cpu",
+        log_every=5,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+# -- config -----------------------------------------------------------------------------------
+
+
+def test_train_config_checks():
+    with pytest.raises(ValueError, match="k=65"):
+        TrainConfig(arch="topk", d_sae=64, k=65)
+    with pytest.raises(ValueError, match="k=40"):
+        TrainConfig(arch="topk", expansion=2, k=40).sae_config(d_model=16)
+    assert TrainConfig(arch="topk", expansion=4, k=8).sae_config(d_model=16).d_sae == 64
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=0.0)
+    with pytest.raises(ValueError, match="device"):
+        TrainConfig(device="gpu")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
+    with pytest.raises(ValueError, match="n_epochs"):
+        TrainConfig(n_epochs=0)
+
+
+def test_train_config_from_params_yaml(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  arch: relu\n  l1_coeff: 0.05\n  expansion: 4\n")
+    cfg = load_section(params, "train", TrainConfig)
+    assert (cfg.arch, cfg.l1_coeff, cfg.expansion) == ("relu", 0.05, 4)
+    params.write_text("train:\n  k_top: 3\n")
+    with pytest.raises(ValueError, match="k_top"):
+        load_section(params, "train", TrainConfig)
+
+
+# -- normalisation and schedules --------------------------------------------------------------
+
+
+def test_fit_normalisation_exact_and_capped():
+    x = torch.tensor([[1.0, 1.0], [3.0, 1.0], [1.0, 3.0], [3.0, 3.0]])
+    mean_d, scale = fit_normalisation([x[:3], x[3:]], max_tokens=100)
+    torch.testing.assert_close(mean_d, torch.tensor([2.0, 2.0]))
+    # Every centred token has norm sqrt(2), so scale = sqrt(2) / sqrt(2) = 1.
+    assert scale == pytest.approx(1.0)
+    centred_norm = ((x - mean_d) * scale).norm(dim=1).mean()
+    assert centred_norm.item() == pytest.approx(math.sqrt(2))
+
+    # max_tokens cuts the stream: the huge second batch is never read.
+    mean_d, scale = fit_normalisation([x, 1e6 * torch.ones(4, 2)], max_tokens=4)
+    torch.testing.assert_close(mean_d, torch.tensor([2.0, 2.0]))
+    mean_d, _ = fit_normalisation([x], max_tokens=2)
+    torch.testing.assert_close(mean_d, torch.tensor([2.0, 1.0]))
+
+    with pytest.raises(ValueError, match="no tokens"):
+        fit_normalisation([], max_tokens=10)
+    with pytest.raises(ValueError, match="identical"):
+        fit_normalisation([torch.ones(5, 3)], max_tokens=10)
+
+
+def test_lr_and_l1_schedules():
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, lr_end_frac=0.1, l1_coeff=2.0, l1_warmup_steps=4)
+    assert [lr_at(s, 20, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, 20, cfg) == pytest.approx(1.0)
+    assert lr_at(19, 20, cfg) == pytest.approx(0.1)
+    assert 0.1 < lr_at(12, 20, cfg) < 1.0
+    constant = TrainConfig(lr=1.0, warmup_steps=4, lr_schedule="constant")
+    assert lr_at(19, 20, constant) == 1.0
+    assert [l1_coeff_at(s, cfg) for s in (0, 2, 4, 10)] == [0.0, 1.0, 2.0, 2.0]
+    assert l1_coeff_at(0, TrainConfig(l1_coeff=2.0)) == 2.0
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+def test_sparsity_warmup_changes_the_loss():
+    x = sparse_data(n_tokens=1024)
+    step0 = {}
+    for warmup in (0, 10):
+        logs: dict[int, dict[str, float]] = {}
+        cfg = tiny_cfg("relu", l1_coeff=0.05, l1_warmup_steps=warmup, n_epochs=1)
+        log = lambda m, s, logs=logs: logs.__setitem__(s, m)  # noqa: E731
+        train_sae(batches_of(x, 256), D_MODEL, cfg, log=log, progress=False)
+        step0[warmup] = logs[0]
+    assert step0[10]["l1_coeff"] == 0.0 and step0[0]["l1_coeff"] == 0.05
+    assert step0[10]["loss"] < step0[0]["loss"]
+    assert step0[10]["loss"] == pytest.approx(step0[10]["mse"])  # L1 term really is off at step 0
+    assert step0[0]["loss"] == pytest.approx(step0[0]["mse"] + 0.05 * step0[0]["l1"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_train_on_tiny_sparse_data(arch):
+    x = sparse_data()
+    x_val = sparse_data(n_tokens=5120)[4096:]  # same dictionary and offset, unseen tokens
+    logs = []
+    cfg = tiny_cfg(arch)
+    untrained = SAE(cfg.sae_config(D_MODEL), torch.Generator().manual_seed(0))
+    untrained.set_normalisation(*fit_normalisation([x], 10_000))
+    fvu_before = evaluate(untrained, [x_val])["fvu"]
+
+    sae, summary = train_sae(
+        batches_of(x, 256), D_MODEL, cfg, log=lambda m, s: logs.append((s, m)), progress=False
+    )
+    metrics = evaluate(sae, [x_val[:500], x_val[500:]])
+
+    assert fvu_before > 0.5
+    assert metrics["fvu"] < 0.25, metrics["fvu"]
+    assert metrics["n_tokens"] == 1024
+    if arch == "topk":
+        assert metrics["l0"] <= 4
+    else:
+        assert 1 < metrics["l0"] < 32
+    assert summary["n_steps"] == 4 * 16 and summary["n_tokens"] == 4 * 4096
+    assert summary["last_epoch_fvu"] < 0.3
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+    steps = [s for s, _ in logs]
+    assert steps[0] == 0 and steps[-1] == 63 and steps[1] == 5
+    assert {"loss", "mse", "l0", "fvu", "dead_frac", "lr"} <= set(logs[-1][1])
+    assert logs[-1][1]["fvu"] < logs[0][1]["fvu"]
+
+
+def test_training_is_deterministic():
+    x = sparse_data(n_tokens=1024)
+    cfg = tiny_cfg("topk", n_epochs=2, dead_after_tokens=256)  # AuxK active too
+    a, _ = train_sae(batches_of(x, 128), D_MODEL, cfg, progress=False)
+    b, _ = train_sae(batches_of(x, 128), D_MODEL, cfg, progress=False)
+    for name, t in a.state_dict().items():
+        assert torch.equal(t, b.state_dict()[name]), name
+    c, _ = train_sae(
+        batches_of(x, 128), D_MODEL, tiny_cfg("topk", n_epochs=2, seed=1), progress=False
+    )
+    assert not torch.equal(a.W_dec, c.W_dec)
+
+
+def test_unsized_batches_and_bad_widths():
+    x = sparse_data(n_tokens=512)
+
+    def generated(epoch):
+        for i in range(0, 512, 128):
+            yield x[i : i + 128]
+
+    sae, summary = train_sae(generated, D_MODEL, tiny_cfg("topk", n_epochs=2), progress=False)
+    assert summary["n_steps"] == 8
+    with pytest.raises(ValueError, match="d_model=8"):
+        train_sae(batches_of(x, 128), 8, tiny_cfg("topk"), progress=False)
+    with pytest.raises(ValueError, match=r"\[batch, 16\]"):
+        evaluate(sae, [torch.zeros(4, 3)])
+    with pytest.raises(ValueError, match="no tokens"):
+        evaluate(sae, [])
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_evaluate_matches_one_shot_reference(arch):
+    torch.manual_seed(4)
+    sae = SAE(SAEConfig(arch=arch, d_model=D_MODEL, d_sae=32, k=3))
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.linspace(-3, 0.5, 32))  # some features never fire, some often
+    x = torch.randn(600, D_MODEL) + 1000.0  # large offset: the one-pass variance must stay exact
+    sae.set_normalisation(torch.full((D_MODEL,), 1000.0), 1.0)
+    got = evaluate(sae, [x[:100], x[100:350], x[350:]], dense_threshold=0.2)
+
+    with torch.no_grad():
+        f = sae.encode(x)
+        x_hat = sae.decode(f)
+    x64, x_hat64 = x.double(), x_hat.double()
+    fvu = ((x64 - x_hat64) ** 2).sum() / ((x64 - x64.mean(dim=0)) ** 2).sum()
+    freq = (f > 0).double().mean(dim=0).numpy()
+    assert got["fvu"] == pytest.approx(fvu.item(), rel=1e-6)
+    assert got["l0"] == pytest.approx((f > 0).sum(dim=1).double().mean().item())
+    np.testing.assert_allclose(got["freq"], freq)
+    assert 0 < got["dead_frac"] < 1 and got["dead_frac"] == pytest.approx(np.mean(freq == 0))
+    assert 0 < got["dense_frac"] < 1 and got["dense_frac"] == pytest.approx(np.mean(freq > 0.2))
+    firing = f.sum(dim=0) / (f > 0).sum(dim=0).clamp_min(1)
+    np.testing.assert_allclose(got["mean_act"], firing.double().numpy(), rtol=1e-5)
+    assert got["n_tokens"] == 600
