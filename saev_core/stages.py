@@ -87,7 +87,17 @@ def train_stage(io: TrainStage, log: Log = no_log, progress: bool = True) -> dic
         ):
             yield torch.from_numpy(x)
 
-    sae, summary = train_sae(batches, m.d_model, cfg, log=log, progress=progress)
+    per_image = (
+        len(m.written_tokens)
+        if io.tokens == "all"
+        else sum((t >= m.n_prefix_tokens) == (io.tokens == "patches") for t in m.written_tokens)
+    )
+    n_rows = sum(f["images"] for f in m.files(io.layer, [io.train_split])) * per_image
+    if n_rows == 0:
+        raise ValueError(f"no {io.tokens} tokens of split {io.train_split!r} in {io.shard_dir}")
+    n_steps = -(-n_rows // cfg.batch_size) * cfg.n_epochs
+    sae, summary = train_sae(batches, m.d_model, cfg, log=log, progress=progress, n_steps=n_steps)
+    sae = sae.cpu()
 
     def eval_batches():
         for _, _, x in shards.iter_ordered(
