@@ -142,12 +142,16 @@ def make_project(root: Path, with_interventions: bool = True) -> dict:
                     "n_images": pa.array([100] * n, pa.int64()),
                     "p_before": [0.9] * n,
                     "p_after": [0.8, 0.5, 0.1],
-                    "delta": [-0.1, -0.4, -0.8],
-                    "delta_lo": [-0.15, -0.45, -0.85],
-                    "delta_hi": [-0.05, -0.35, -0.75],
+                    "delta": [0.1, -0.4, -0.8],  # the weakest edit goes the wrong way
+                    "delta_lo": [0.05, -0.45, -0.85],
+                    "delta_hi": [0.15, -0.35, -0.75],
                     "control_delta": [0.0, -0.01, -0.02],
                     "control_lo": [-0.02, -0.03, -0.04],
                     "control_hi": [0.02, 0.01, 0.0],
+                    "features": ["0"] * n,
+                    "layer": pa.array([2] * n, pa.int64()),
+                    "auroc": [0.99] * n,
+                    "other_abs_delta": [0.01, 0.02, 0.05],
                     "mlflow_run_id": ["abc"] * n,
                 }
             ),
@@ -288,7 +292,7 @@ def test_other_named_queries(project):
     assert [r["label"] for r in lf] == ["circle", "red"]
     inter = q(project, "intervention_summary", concept="red")
     assert [r["strength"] for r in inter] == [-5.0, -2.0, -1.0]
-    assert [r["beats_control"] for r in inter] == [True, True, True]
+    assert [r["below_control"] for r in inter] == [True, True, False]
     cmp = q(project, "compare_runs")
     assert [r["run"] for r in cmp] == ["relu_a", "relu_b"] and cmp[0]["min_best_auroc"] == 1.0
 

@@ -27,7 +27,8 @@ final as (
         control_delta,
         control_lo,
         control_hi,
-        beats_control
+        below_control,
+        other_abs_delta
     from selected
     order by
         run,

@@ -24,8 +24,16 @@ final as (
         control_lo,
         control_hi,
         delta - control_delta as delta_vs_control,
-        -- the two intervals do not overlap: the edit did something the control did not
-        delta_hi < control_lo or delta_lo > control_hi as beats_control,
+        -- the edit's 95% interval lies wholly below the control's: suppression lowered the
+        -- concept's probability more than editing a random feature did
+        delta_hi < control_lo as below_control,
+        -- the intervals do not overlap, in either direction
+        delta_hi < control_lo or delta_lo > control_hi as differs_from_control,
+        -- mean |change| of the other concepts' probabilities: how specific the edit is
+        other_abs_delta,
+        features,
+        layer,
+        auroc,
         mlflow_run_id
     from source
 )
