@@ -1,0 +1,792 @@
+"""Vision transformer backbones: load any ViT by hub id or directory, hook its blocks, and train
+the demo ViT on the shapes world.
+
+Loading is one code path for a hub id and a local directory (tests save tiny models to a temporary
+folder and load them exactly as a hub id would be): `transformers.AutoModel`, the vision tower of a
+CLIP/SigLIP model, and the block list found as the `nn.ModuleList` with
+`config.num_hidden_layers` entries (STACK.md: block paths moved in transformers 5). Token layout
+(prefix tokens = CLS + registers, then patches in row-major order) is measured with one forward
+pass rather than read from per-family tables.
+
+Training (`train_backbone`, the `backbone` stage): a small `ViTForImageClassification` learns
+which of the 8 concepts (4 shapes, 4 colours) an image holds. FINDINGS.md: a plain image-level
+loss learns colour at once but shape slowly (0.65-0.80 after 96 s), so an auxiliary dense loss
+asks every patch token to name the shape and colour of the object under it (from the masks),
+through a head that is dropped before saving. That gives every patch a gradient towards shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def noop(metrics: dict[str, float], step: int) -> None:
+    """The default tracking callback: does nothing."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class Backbone:
+    """A vision transformer ready for activation recording."""
+
+    model: Any
+    """The vision tower, a torch `nn.Module` in eval mode; call as `model(pixel_values=...)`."""
+    processor: Any
+    """The model's own image processor (`AutoImageProcessor`)."""
+    blocks: Any
+    """The `nn.ModuleList` of transformer blocks; hook `blocks[i]` for the residual stream."""
+    n_layers: int
+    """Number of blocks."""
+    d_model: int
+    """Width of the residual stream."""
+    n_prefix_tokens: int
+    """Tokens before the patches: CLS plus registers (0 for SigLIP)."""
+    n_patches: int
+    """Patch tokens per image (grid[0] * grid[1])."""
+    grid: tuple[int, int]
+    """Patches per column and per row, for the processor's output size."""
+    patch_size: int
+    """Side of a patch in px of the processed image."""
+    image_size: tuple[int, int]
+    """Height and width of the processed image in px."""
+    name: str
+    """The hub id or directory it was loaded from."""
+    weights_sha256: str
+    """sha256 of the weights file (one file), or of `sha256sum`-style lines (several)."""
+    device: str
+    """Where the model lives."""
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens per image in the residual stream."""
+        return self.n_prefix_tokens + self.n_patches
+
+
+def pick_device(device: str | None = None) -> str:
+    """`device` if given, else CUDA if available, else MPS, else CPU."""
+    import torch
+
+    if device:
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_layer(layer: int, n_layers: int) -> int:
+    """Block index `layer` in 0..n_layers-1; negative counts from the end (-1 = last block)."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ValueError(f"layer must be an int, got {layer!r}")
+    if not -n_layers <= layer < n_layers:
+        raise ValueError(
+            f"layer {layer} out of range for a model with {n_layers} blocks "
+            f"(use 0..{n_layers - 1} or -{n_layers}..-1)"
+        )
+    return layer % n_layers
+
+
+def find_blocks(model: Any, n_layers: int) -> Any:
+    """The one `nn.ModuleList` of `n_layers` same-type modules in `model` (its blocks)."""
+    from torch import nn
+
+    found = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and n_layers > 0:
+            if len({type(m) for m in module}) == 1:
+                found.append((path, module))
+    if len(found) != 1:
+        paths = [p for p, _ in found]
+        raise ValueError(
+            f"expected one ModuleList of {n_layers} blocks in {type(model).__name__}, "
+            f"found {len(found)}: {paths}"
+        )
+    return found[0][1]
+
+
+def classifier_blocks(model: Any) -> Any:
+    """Blocks of an image classifier; `classifier_blocks(m)[i]` is `load_backbone(...).blocks[i]`."""
+    return find_blocks(model, _vision_config(model).num_hidden_layers)
+
+
+def _vision_config(model: Any) -> Any:
+    config = model.config
+    return getattr(config, "vision_config", None) or config
+
+
+def _patch_size(model: Any) -> int:
+    """The patch side from the config, else from the stride of the first Conv2d (patch embed)."""
+    from torch import nn
+
+    p = getattr(_vision_config(model), "patch_size", None)
+    if isinstance(p, (tuple, list)):
+        if len(set(p)) != 1:
+            raise ValueError(f"non-square patches {p} are not supported")
+        p = p[0]
+    if isinstance(p, int) and p > 0:
+        return p
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.stride[0])
+    raise ValueError(f"cannot tell the patch size of {type(model).__name__}")
+
+
+def block_output(output: Any) -> Any:
+    """The hidden states from a block's forward output (a tensor in transformers 5, or a tuple)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextlib.contextmanager
+def record_blocks(
+    backbone: Backbone | Any, layers: Sequence[int], detach: bool = True
+) -> Iterator[dict[int, Any]]:
+    """Record the residual stream after each block in `layers` during forward passes in the block.
+
+    `backbone` is a `Backbone` or an `nn.ModuleList` of blocks (e.g. `classifier_blocks(m)`).
+    The dict maps each resolved layer index to the [batch, tokens, d_model] output of that block
+    in the latest forward pass (detached unless `detach=False`); negative indices count from the
+    end.
+    """
+    blocks = backbone.blocks if isinstance(backbone, Backbone) else backbone
+    resolved = [resolve_layer(layer, len(blocks)) for layer in layers]
+    acts: dict[int, Any] = {}
+    handles = []
+
+    def hook_for(i: int) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            out = block_output(output)
+            acts[i] = out.detach() if detach else out
+
+        return hook
+
+    try:
+        for i in dict.fromkeys(resolved):
+            handles.append(blocks[i].register_forward_hook(hook_for(i)))
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def preprocess(backbone: Backbone, images: list[Image.Image]) -> torch.Tensor:
+    """Images to `pixel_values` [batch, 3, H, W] on the backbone's device, by its own processor."""
+    if not images:
+        raise ValueError("preprocess needs at least one image")
+    images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+    pixel_values = backbone.processor(images=images, return_tensors="pt")["pixel_values"]
+    return pixel_values.to(backbone.device)
+
+
+def weights_sha256(name_or_path: str) -> str:
+    """sha256 of the weights of a directory, or of a hub id's cached snapshot (never downloads).
+
+    One weights file: its plain sha256 (`sha256sum model.safetensors` agrees). Several (shards):
+    sha256 of the `sha256sum`-style lines `<hex>  <name>\\n` sorted by name. safetensors files
+    win over .bin files, as in `from_pretrained`.
+    """
+    path = Path(name_or_path)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(name_or_path, local_files_only=True))
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors or *.bin weights in {path}")
+    digests = [(_file_sha256(f), f.name) for f in files]
+    if len(digests) == 1:
+        return digests[0][0]
+    lines = "".join(f"{h}  {n}\n" for h, n in digests)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_backbone(name_or_path: str, device: str | None = None) -> Backbone:
+    """Load a ViT-style vision model (hub id or directory) with its processor and blocks."""
+    import torch
+    from PIL import Image
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    name_or_path = str(name_or_path)
+    if not Path(name_or_path).is_dir() and _looks_like_path(name_or_path):
+        raise FileNotFoundError(f"backbone directory not found: {name_or_path}")
+    device = pick_device(device)
+    config = AutoConfig.from_pretrained(name_or_path)
+    kwargs = {}
+    if config.model_type == "vit":
+        kwargs["add_pooling_layer"] = False  # unused here; would be initialised at random
+    model = AutoModel.from_pretrained(name_or_path, **kwargs)
+    if isinstance(getattr(model, "vision_model", None), torch.nn.Module):
+        model = model.vision_model  # CLIPModel, SiglipModel: keep the image tower
+    model = model.eval().to(device)
+    processor = AutoImageProcessor.from_pretrained(name_or_path)
+    vcfg = _vision_config(model)
+    n_layers = int(vcfg.num_hidden_layers)
+    blocks = find_blocks(model, n_layers)
+    patch_size = _patch_size(model)
+
+    # Measure the token layout on one blank image: the processor fixes the input size (DINOv2
+    # crops to 224 while its config says 518), and the model fixes how many prefix tokens it adds.
+    probe = Image.new("RGB", (32, 32), (128, 128, 128))
+    backbone = Backbone(
+        model=model,
+        processor=processor,
+        blocks=blocks,
+        n_layers=n_layers,
+        d_model=int(vcfg.hidden_size),
+        n_prefix_tokens=0,
+        n_patches=0,
+        grid=(0, 0),
+        patch_size=patch_size,
+        image_size=(0, 0),
+        name=name_or_path,
+        weights_sha256=weights_sha256(name_or_path),
+        device=device,
+    )
+    pixel_values = preprocess(backbone, [probe])
+    h, w = pixel_values.shape[-2:]
+    with torch.inference_mode(), record_blocks(backbone, [0]) as acts:
+        model(pixel_values=pixel_values)
+    n_tokens = acts[0].shape[1]
+    grid = (h // patch_size, w // patch_size)
+    n_patches = grid[0] * grid[1]
+    if n_tokens < n_patches:
+        raise ValueError(
+            f"{name_or_path}: block 0 gives {n_tokens} tokens, fewer than {n_patches} patches"
+        )
+    backbone.image_size = (int(h), int(w))
+    backbone.grid = grid
+    backbone.n_patches = n_patches
+    backbone.n_prefix_tokens = n_tokens - n_patches
+    return backbone
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for names that cannot be hub ids ("org/name" or "name"), e.g. "./x", "/a/b", "a/b/c"."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+def load_classifier(path: str | Path, device: str | None = None) -> tuple[Any, dict[int, str]]:
+    """The demo classifier (`AutoModelForImageClassification`, eval mode) and its id2label."""
+    from transformers import AutoModelForImageClassification
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"classifier directory not found: {path}")
+    model = AutoModelForImageClassification.from_pretrained(str(path))
+    model = model.eval().to(pick_device(device))
+    id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
+    return model, id2label
+
+
+# ---------------------------------------------------------------------------------------------
+# Training the demo backbone
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The demo ViT and how it is trained; the `backbone` section of params.yaml."""
+
+    data_dir: str = "data/shapes"
+    """The shapes world to train on (written by `saev_core.shapes.generate`)."""
+    out_dir: str = "artifacts/backbone"
+    """Where the model, its image processor and metrics.json are saved."""
+    hidden_size: int = 128
+    """d_model of the ViT."""
+    num_hidden_layers: int = 4
+    """Number of transformer blocks."""
+    num_attention_heads: int = 4
+    """Attention heads per block."""
+    intermediate_size: int = 256
+    """Hidden width of each block's MLP."""
+    patch_size: int = 8
+    """Patch side in px; 8 on 64 px images gives an 8x8 grid."""
+    image_size: int = 64
+    """Input side in px; must equal the world's image_size."""
+    epochs: int = 8
+    """Passes over the train split."""
+    batch_size: int = 128
+    """Images per optimiser step."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate (after warm-up, then cosine to 0)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay."""
+    warmup_frac: float = 0.05
+    """Fraction of all steps spent warming the learning rate up linearly."""
+    aux_weight: float = 1.0
+    """Weight of the dense per-patch shape/colour loss (0 turns it off)."""
+    aux_layers: tuple[int, ...] = (-1,)
+    """Blocks whose patch tokens feed the dense loss (negative counts from the end)."""
+    pos_init: Literal["random", "sincos"] = "sincos"
+    """Start the position embeddings as 2-D sin-cos (MAE's), or transformers' random init."""
+    hflip: bool = True
+    """Mirror half the training images left-right (the shapes are left-right symmetric)."""
+    seed: int = 0
+    """Seed for initialisation, shuffling and flips."""
+    num_threads: int = 2
+    """torch CPU threads while training (the demo machine has 2 cores)."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "cpu"
+    """Where to train; "auto" picks CUDA, then MPS, then CPU."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "patch_size",
+            "image_size",
+            "epochs",
+            "batch_size",
+            "num_threads",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if self.aux_weight < 0:
+            raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
+        for layer in self.aux_layers:
+            resolve_layer(layer, self.num_hidden_layers)
+        if self.pos_init not in ("random", "sincos"):
+            raise ValueError(f"pos_init must be random or sincos, got {self.pos_init!r}")
+        if self.pos_init == "sincos" and self.hidden_size % 4:
+            raise ValueError(f"sincos pos_init needs hidden_size % 4 == 0, got {self.hidden_size}")
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+
+
+@dataclass
+class _Split:
+    pixels: Any  # uint8 [n, 3, H, W]
+    labels: Any  # float32 [n, n_concepts]
+    patch_shape: Any  # int64 [n, n_patches]: 0 = background, 1 + index into SHAPES
+    patch_colour: Any  # int64 [n, n_patches]: 0 = background, 1 + index into COLOURS
+
+
+def _load_split(data_dir: Path, split: str, patch_size: int, progress: bool) -> _Split:
+    """One split of a shapes world as tensors: pixels, image labels and per-patch targets."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    from .shapes import COLOURS, CONCEPTS, SHAPES, patch_object_ids
+
+    images = pd.read_csv(data_dir / "images.csv", keep_default_na=False)
+    objects = pd.read_csv(data_dir / "objects.csv")
+    images = images[images["split"] == split].sort_values("image_id")
+    if images.empty:
+        raise ValueError(f"{data_dir}/images.csv has no images in split {split!r}")
+    pixels, masks = [], []
+    for rel_img, rel_mask in tqdm(
+        zip(images["image"], images["mask"], strict=True),
+        total=len(images),
+        desc=f"read {split}",
+        disable=not progress,
+    ):
+        with Image.open(data_dir / rel_img) as im:
+            pixels.append(np.asarray(im.convert("RGB")))
+        with Image.open(data_dir / rel_mask) as m:
+            masks.append(np.asarray(m))
+    pixels_nhwc = np.stack(pixels)
+    ids = patch_object_ids(np.stack(masks), patch_size).astype(np.int64)  # [n, n_patches]
+
+    # Lookup tables [n_images_in_split, max_objects + 1] from mask value to shape/colour class.
+    row_of = {int(i): r for r, i in enumerate(images["image_id"])}
+    n_values = int(objects["object"].max()) + 1 if len(objects) else 1
+    shape_lut = np.zeros((len(images), max(n_values, int(ids.max()) + 1)), dtype=np.int64)
+    colour_lut = np.zeros_like(shape_lut)
+    objs = objects[objects["image_id"].isin(row_of)]
+    rows = objs["image_id"].map(row_of).to_numpy()
+    shape_lut[rows, objs["object"].to_numpy()] = objs["shape"].map(
+        {s: i + 1 for i, s in enumerate(SHAPES)}
+    )
+    colour_lut[rows, objs["object"].to_numpy()] = objs["colour"].map(
+        {c: i + 1 for i, c in enumerate(COLOURS)}
+    )
+    r = np.arange(len(images))[:, None]
+    labels = np.zeros((len(images), len(CONCEPTS)), dtype=np.float32)
+    for row, text in enumerate(images["labels"]):
+        for concept in filter(None, text.split(";")):
+            labels[row, CONCEPTS.index(concept)] = 1.0
+    return _Split(
+        pixels=torch.from_numpy(np.ascontiguousarray(pixels_nhwc.transpose(0, 3, 1, 2))),
+        labels=torch.from_numpy(labels),
+        patch_shape=torch.from_numpy(shape_lut[r, ids]),
+        patch_colour=torch.from_numpy(colour_lut[r, ids]),
+    )
+
+
+def _normalise(pixels_u8: torch.Tensor) -> torch.Tensor:
+    # The same as the saved ViTImageProcessor: rescale by 1/255, then (x - 0.5) / 0.5.
+    return pixels_u8.float().div_(255.0).sub_(0.5).div_(0.5)
+
+
+def _hflip(split_pixels: torch.Tensor, patch_targets: list[torch.Tensor], grid: int, flip: Any):
+    """Mirror the rows of the batch where `flip` is set: pixels and per-patch targets alike."""
+    pixels = split_pixels.clone()
+    pixels[flip] = pixels[flip].flip(-1)
+    out = []
+    for t in patch_targets:
+        t = t.clone()
+        t[flip] = t[flip].view(-1, grid, grid).flip(-1).reshape(t[flip].shape)
+        out.append(t)
+    return pixels, out
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with mid-ranks for ties); NaN if one class."""
+    import numpy as np
+
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores), dtype=np.float64)
+    # Mid-ranks: every score in a run of ties gets the mean of the run's 1-based ranks.
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+    ends = np.r_[starts[1:], len(scores)]
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def _evaluate(model: Any, split: _Split, batch_size: int, device: str) -> dict[str, Any]:
+    import torch
+
+    from .shapes import CONCEPTS
+
+    probs = []
+    with torch.inference_mode():
+        for start in range(0, len(split.labels), batch_size):
+            x = _normalise(split.pixels[start : start + batch_size].to(device))
+            probs.append(torch.sigmoid(model(pixel_values=x).logits).cpu())
+    p = torch.cat(probs).numpy()
+    y = split.labels.numpy()
+    acc = ((p > 0.5) == (y > 0.5)).mean(axis=0)
+    out: dict[str, Any] = {"accuracy": {}, "auroc": {}}
+    for j, c in enumerate(CONCEPTS):
+        out["accuracy"][c] = float(acc[j])
+        out["auroc"][c] = auroc(p[:, j], y[:, j])
+    out["mean_accuracy"] = float(acc.mean())
+    out["min_accuracy"] = float(acc.min())
+    out["exact_match"] = float(((p > 0.5) == (y > 0.5)).all(axis=1).mean())
+    return out
+
+
+def sincos_position_embeddings(d_model: int, grid: int) -> torch.Tensor:
+    """2-D sin-cos position embeddings [1, 1 + grid^2, d_model] with a zero row for CLS.
+
+    As in MAE (He et al. 2022): half the channels encode the column, half the row, each as
+    sin/cos at d_model/4 frequencies from 1 down to 1/10000.
+    """
+    import torch
+
+    quarter = d_model // 4
+    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    parts = []
+    for pos in (cols.reshape(-1), rows.reshape(-1)):
+        angles = pos[:, None] * omega[None, :]
+        parts += [torch.sin(angles), torch.cos(angles)]
+    pe = torch.cat([torch.zeros(1, d_model, dtype=torch.float64), torch.cat(parts, dim=1)])
+    return pe[None].float()
+
+
+def build_classifier(cfg: BackboneConfig) -> Any:
+    """A freshly initialised multi-label `ViTForImageClassification` over the 8 concepts."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from .shapes import CONCEPTS
+
+    config = ViTConfig(
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        num_channels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        problem_type="multi_label_classification",
+        id2label=dict(enumerate(CONCEPTS)),
+        label2id={c: i for i, c in enumerate(CONCEPTS)},
+    )
+    return ViTForImageClassification(config)
+
+
+def build_processor(image_size: int) -> Any:
+    """The image processor saved with the demo ViT: resize to `image_size`, scale to [-1, 1]."""
+    try:  # transformers 5 without torchvision: the PIL processor, named directly to stay quiet
+        from transformers import ViTImageProcessorPil as Processor
+    except ImportError:  # pragma: no cover - other transformers builds
+        from transformers import ViTImageProcessor as Processor
+    return Processor(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+
+
+def train_backbone(
+    cfg: BackboneConfig,
+    log: Callable[[dict[str, float], int], None] = noop,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the demo ViT on the world in `cfg.data_dir`, save it to `cfg.out_dir`, return metrics.
+
+    The saved directory holds the classifier (safetensors + config.json with id2label), its image
+    processor and metrics.json (per-concept val accuracy and AUROC); it loads with both
+    `load_backbone(out_dir)` and `load_classifier(out_dir)`. It appears complete or not at all.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from .config import to_dict
+    from .shapes import COLOURS, CONCEPTS, SHAPES, read_world
+
+    t_start = time.perf_counter()
+    data_dir = Path(cfg.data_dir)
+    world = read_world(data_dir)
+    if world["concepts"] != list(CONCEPTS):
+        raise ValueError(f"{data_dir}/world.json concepts {world['concepts']} != {list(CONCEPTS)}")
+    if world["config"]["image_size"] != cfg.image_size:
+        raise ValueError(
+            f"image_size {cfg.image_size} does not match the world's {world['config']['image_size']}"
+        )
+    device = pick_device(None if cfg.device == "auto" else cfg.device)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.num_threads)
+    try:
+        train = _load_split(data_dir, "train", cfg.patch_size, progress)
+        val = _load_split(data_dir, "val", cfg.patch_size, progress)
+        t_data = time.perf_counter() - t_start
+
+        torch.manual_seed(cfg.seed)
+        model = build_classifier(cfg).to(device)
+        if cfg.pos_init == "sincos":
+            with torch.no_grad():
+                pe = sincos_position_embeddings(cfg.hidden_size, cfg.image_size // cfg.patch_size)
+                model.vit.embeddings.position_embeddings.copy_(pe)
+        aux_layers = sorted({resolve_layer(i, cfg.num_hidden_layers) for i in cfg.aux_layers})
+        # Dense heads (not saved), one per hooked block: LayerNorm, then shape and colour logits
+        # over background + 4 classes each.
+        aux_heads = torch.nn.ModuleDict(
+            {
+                str(layer): torch.nn.Sequential(
+                    torch.nn.LayerNorm(cfg.hidden_size),
+                    torch.nn.Linear(cfg.hidden_size, 2 * (1 + len(SHAPES))),
+                )
+                for layer in aux_layers
+            }
+        ).to(device)
+        params = list(model.parameters()) + list(aux_heads.parameters())
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+        )
+        n = len(train.labels)
+        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        total = steps_per_epoch * cfg.epochs
+        warmup = max(1, int(cfg.warmup_frac * total))
+
+        def lr_at(step: int) -> float:
+            if step < warmup:
+                return cfg.lr * (step + 1) / warmup
+            t = (step - warmup) / max(1, total - warmup)
+            return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+
+        gen = torch.Generator().manual_seed(cfg.seed)
+        grid = cfg.image_size // cfg.patch_size
+        n_shape = 1 + len(SHAPES)
+        blocks = classifier_blocks(model)
+        step = 0
+        history = []
+        bar = tqdm(total=total, desc="train backbone", disable=not progress)
+        for epoch in range(cfg.epochs):
+            model.train()
+            perm = torch.randperm(n, generator=gen)
+            flips = torch.rand(n, generator=gen) < 0.5
+            sums = {"loss": 0.0, "cls_loss": 0.0, "aux_loss": 0.0}
+            for start in range(0, n, cfg.batch_size):
+                idx = perm[start : start + cfg.batch_size]
+                pixels = train.pixels[idx]
+                targets = [train.patch_shape[idx], train.patch_colour[idx]]
+                if cfg.hflip:
+                    pixels, targets = _hflip(pixels, targets, grid, flips[idx])
+                x = _normalise(pixels.to(device))
+                y = train.labels[idx].to(device)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step)
+                with record_blocks(blocks, aux_layers, detach=False) as acts:
+                    logits = model(pixel_values=x).logits
+                cls_loss = F.binary_cross_entropy_with_logits(logits, y)
+                aux_loss = torch.zeros((), device=device)
+                if cfg.aux_weight > 0:
+                    ts, tc = (t.to(device).reshape(-1) for t in targets)
+                    for layer in aux_layers:
+                        out = aux_heads[str(layer)](acts[layer][:, 1:, :]).reshape(-1, 2 * n_shape)
+                        aux_loss = aux_loss + F.cross_entropy(out[:, :n_shape], ts)
+                        aux_loss = aux_loss + F.cross_entropy(out[:, n_shape:], tc)
+                    aux_loss = aux_loss / len(aux_layers)
+                loss = cls_loss + cfg.aux_weight * aux_loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                k = len(idx)
+                sums["loss"] += loss.item() * k
+                sums["cls_loss"] += cls_loss.item() * k
+                sums["aux_loss"] += aux_loss.item() * k
+                bar.update(1)
+            model.eval()
+            ev = _evaluate(model, val, cfg.batch_size, device)
+            row = {f"train_{k}": v / n for k, v in sums.items()}
+            row["val_mean_accuracy"] = ev["mean_accuracy"]
+            row["val_min_accuracy"] = ev["min_accuracy"]
+            row["elapsed_s"] = time.perf_counter() - t_start
+            history.append({"epoch": epoch + 1, **row})
+            log(row, epoch + 1)
+            bar.set_postfix(
+                loss=f"{row['train_loss']:.3f}", val_min_acc=f"{ev['min_accuracy']:.3f}"
+            )
+        bar.close()
+        t_train = time.perf_counter() - t_start - t_data
+        final = _evaluate(model, val, cfg.batch_size, device)
+    finally:
+        torch.set_num_threads(threads_before)
+
+    metrics = {
+        "val_accuracy": final["accuracy"],
+        "val_auroc": final["auroc"],
+        "val_mean_accuracy": final["mean_accuracy"],
+        "val_min_accuracy": final["min_accuracy"],
+        "val_exact_match": final["exact_match"],
+        "val_shape_min_accuracy": min(final["accuracy"][s] for s in SHAPES),
+        "val_colour_min_accuracy": min(final["accuracy"][c] for c in COLOURS),
+        "n_train": int(len(train.labels)),
+        "n_val": int(len(val.labels)),
+        "steps": step,
+        "data_s": round(t_data, 3),
+        "train_s": round(t_train, 3),
+        "device": device,
+        "history": history,
+        "config": to_dict(cfg),
+    }
+    _save(model, cfg, metrics)
+    log(
+        {f"val_accuracy_{c}": v for c, v in final["accuracy"].items()}
+        | {f"val_auroc_{c}": v for c, v in final["auroc"].items()},
+        cfg.epochs,
+    )
+    return metrics
+
+
+def _save(model: Any, cfg: BackboneConfig, metrics: dict[str, Any]) -> None:
+    """Save model, processor and metrics.json into out_dir via a temporary sibling directory."""
+    out_dir = Path(cfg.out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.to("cpu").save_pretrained(tmp)
+    build_processor(cfg.image_size).save_pretrained(tmp)
+    metrics["weights_sha256"] = weights_sha256(str(tmp))
+    (tmp / "metrics.json").write_text(json.dumps(metrics, sort_keys=True, indent=2) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m saev_core.backbone --data data/shapes --out artifacts/backbone`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m saev_core.backbone",
+        description="Train the demo ViT on the shapes world and save it as a transformers model.",
+    )
+    parser.add_argument("--data", help="shapes world directory (default from config)")
+    parser.add_argument("--out", help="output directory (default from config)")
+    parser.add_argument("--params", help="read the config from this params.yaml (section backbone)")
+    parser.add_argument("--epochs", type=int, help="override epochs")
+    parser.add_argument("--seed", type=int, help="override seed")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = parser.parse_args(argv)
+    from .config import from_dict, load_section
+
+    overrides = {"data_dir": args.data, "out_dir": args.out, "epochs": args.epochs}
+    overrides["seed"] = args.seed
+    try:
+        if args.params:
+            cfg = load_section(args.params, "backbone", BackboneConfig, **overrides)
+        else:
+            cfg = from_dict(BackboneConfig, {k: v for k, v in overrides.items() if v is not None})
+        metrics = train_backbone(cfg, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = {k: v for k, v in metrics.items() if k not in ("history", "config")}
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
