@@ -69,18 +69,26 @@ def dose_response(rows: Sequence[dict]):
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     concepts = sorted({r["concept"] for r in rows})
     cmap = plt.get_cmap("tab10")
+    from matplotlib.colors import is_color_like
+
     for i, concept in enumerate(concepts):
+        # a colour concept is drawn in its own colour, the others in the default cycle
+        colour = {"yellow": "goldenrod"}.get(concept, concept)
+        colour = colour if is_color_like(colour) else cmap(i % 10)
         rs = sorted((r for r in rows if r["concept"] == concept), key=lambda r: r["strength"])
         s = [r["strength"] for r in rs]
         d = np.array([r["delta"] for r in rs])
         err = np.array(
             [[r["delta"] - r["delta_lo"] for r in rs], [r["delta_hi"] - r["delta"] for r in rs]]
         )
-        ax.errorbar(s, d, yerr=err, color=cmap(i % 10), marker="o", ms=3, lw=1, label=concept)
-        ax.plot(s, [r["control_delta"] for r in rs], color=cmap(i % 10), ls="--", lw=0.8)
+        ax.errorbar(s, d, yerr=err, color=colour, marker="o", ms=3, lw=1, label=concept)
+        ax.plot(s, [r["control_delta"] for r in rs], color=colour, ls="--", lw=0.8)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("clamp value (multiple of the feature's max activation)")
     ax.set_ylabel("mean change in p(concept)")
+    ax.set_title(
+        "suppressing each concept's best feature (dashed: random-feature control)", fontsize=9
+    )
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
