@@ -20,16 +20,32 @@ def train_backbone_task(cfg: BackboneConfig) -> dict:
     with mlflow_run("backbone", run_name="demo-vit", tags={"stage": "backbone"}):
         mlflow.log_params(to_dict(cfg))
         metrics = train_backbone(cfg, log=mlflow_logger("train/"))
-        flat = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        mlflow.log_metrics(flat)
+        mlflow.log_metrics(
+            {
+                f"{k}/{c}" if isinstance(v, dict) else k: float(x)
+                for k, v in summary(metrics).items()
+                for c, x in (v.items() if isinstance(v, dict) else [(None, v)])
+            }
+        )
     return metrics
+
+
+def summary(metrics: dict) -> dict:
+    """The numbers worth a DVC metric: scalars and per-concept dicts of scalars (no history)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = v
+        elif isinstance(v, dict) and v and all(isinstance(x, (int, float)) for x in v.values()):
+            out[k] = v
+    return out
 
 
 @flow(name="backbone", log_prints=True)
 def backbone_flow(params: str = "params.yaml") -> dict:
     cfg = load_section(params, "backbone", BackboneConfig)
     metrics = train_backbone_task(cfg)
-    write_metrics(METRICS, metrics)
+    write_metrics(METRICS, summary(metrics))
     print(f"demo backbone saved to {cfg.out_dir}")
     return metrics
 
