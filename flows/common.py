@@ -2,7 +2,8 @@
 
 Configuration comes from environment variables with offline defaults:
 - `SAEV_PARAMS` (default `params.yaml`): the params file;
-- `MLFLOW_TRACKING_URI` (default `sqlite:///<root>/mlruns/mlflow.db`, artifacts under `mlruns/`).
+- `MLFLOW_TRACKING_URI` (default `sqlite:///<root>/mlruns/mlflow.db`; artifacts then go to
+  `mlruns/<experiment id>/`).
 """
 
 from __future__ import annotations
@@ -90,13 +91,7 @@ def mlflow_run(
 
     mlflow.set_tracking_uri(tracking_uri())
     exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        location = None
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            location = (ROOT / "mlruns" / "artifacts" / experiment).as_uri()
-        exp_id = mlflow.create_experiment(experiment, artifact_location=location)
-    else:
-        exp_id = exp.experiment_id
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
     all_tags = {"git_commit": git_commit(), "data_version": data_version(), **(tags or {})}
     with mlflow.start_run(
         experiment_id=exp_id, run_name=run_name, tags=all_tags, nested=nested
