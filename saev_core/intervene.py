@@ -194,6 +194,29 @@ def _probs(model, pixels: torch.Tensor, batch_size: int) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+def feature_maps(
+    model, block: torch.nn.Module, sae, pixels: torch.Tensor, feature: int, n_prefix: int
+) -> np.ndarray:
+    """The feature's activation on every patch, unedited: [n_images, grid_h, grid_w]."""
+    captured = {}
+
+    def hook(module, args, output):
+        captured["x"] = output[0] if isinstance(output, tuple) else output
+
+    handle = block.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(pixel_values=pixels)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        f = sae.encode(captured["x"].float())[:, n_prefix:, feature]
+    side = int(round(f.shape[1] ** 0.5))
+    if side * side != f.shape[1]:
+        raise ValueError(f"cannot draw {f.shape[1]} patches as a square grid")
+    return f.reshape(-1, side, side).numpy()
+
+
 def run_interventions(cfg: InterveneConfig, progress: bool = True) -> list[Experiment]:
     """All experiments of `cfg`: for each concept and strength, target edit vs control edit."""
     import pandas as pd
@@ -275,8 +298,9 @@ def run_interventions(cfg: InterveneConfig, progress: bool = True) -> list[Exper
             p_base[show, j],
             p_after[: len(show), j],
             concept,
+            heatmaps=feature_maps(model, blocks[layer], sae, pixels[show], feats[0], n_prefix),
             title=f"p({concept}) before → after clamping feature(s) {feats} to "
-            f"{strength:g} x max at layer {layer}",
+            f"{strength:g} x max at layer {layer} (overlay: feature {feats[0]}'s activation)",
         )
         results.append(
             Experiment(

@@ -54,7 +54,9 @@ def before_after_grid(
         ax.imshow(images[i])
         if heatmaps is not None:
             h, w = images[i].shape[:2]
-            ax.imshow(heatmaps[i], cmap="magma", alpha=0.45, extent=(0, w, h, 0))
+            # only where the feature fires, so the image stays readable elsewhere
+            heat = np.ma.masked_where(heatmaps[i] <= 0, heatmaps[i])
+            ax.imshow(heat, cmap="magma", alpha=0.5, extent=(0, w, h, 0), vmin=0)
         ax.set_title(f"{p_before[i]:.2f} → {p_after[i]:.2f}", fontsize=8)
         ax.axis("off")
     fig.suptitle(title or f"p({concept}) before → after", fontsize=9)
