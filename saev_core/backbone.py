@@ -346,8 +346,20 @@ class BackboneConfig:
     """Weight of the dense per-patch shape/colour loss (0 turns it off)."""
     aux_layers: tuple[int, ...] = (-1,)
     """Blocks whose patch tokens feed the dense loss (negative counts from the end)."""
-    pos_init: Literal["random", "sincos"] = "sincos"
-    """Start the position embeddings as 2-D sin-cos (MAE's), or transformers' random init."""
+    init: Literal["transformers", "sincos", "local"] = "local"
+    """Start from transformers' random init, add 2-D sin-cos position embeddings (MAE), or
+    also start every attention head looking at one neighbouring patch (`local_attention_init`)."""
+    initializer_range: float = 0.02
+    """Std of the truncated-normal initial weights (transformers' ViT default 0.02)."""
+    patch_init: Literal["random", "pca"] = "pca"
+    """"pca" starts the patch embedding as PCA-whitening of the training patches."""
+    cls_init: Literal["random", "zero"] = "random"
+    """"zero" starts the CLS token at 0, so that its first attention is a mean over all tokens."""
+    attn_sharpness: float = 1.0
+    """For init="local": scale of the initial query weights (1.0: ~94% on the neighbour)."""
+    aux_targets: Literal["fractions", "majority"] = "fractions"
+    """Dense targets per patch: the fraction of its pixels of each shape/colour (and background),
+    or only the class covering most of it (which calls thin edge slivers background)."""
     hflip: bool = True
     """Mirror half the training images left-right (the shapes are left-right symmetric)."""
     seed: int = 0
@@ -390,10 +402,19 @@ class BackboneConfig:
             raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
         for layer in self.aux_layers:
             resolve_layer(layer, self.num_hidden_layers)
-        if self.pos_init not in ("random", "sincos"):
-            raise ValueError(f"pos_init must be random or sincos, got {self.pos_init!r}")
-        if self.pos_init == "sincos" and self.hidden_size % 4:
-            raise ValueError(f"sincos pos_init needs hidden_size % 4 == 0, got {self.hidden_size}")
+        if self.init not in ("transformers", "sincos", "local"):
+            raise ValueError(f"init must be transformers, sincos or local, got {self.init!r}")
+        if self.init != "transformers" and self.hidden_size % (4 * self.num_attention_heads):
+            raise ValueError(
+                f"init={self.init!r} needs hidden_size ({self.hidden_size}) divisible by "
+                f"4 * num_attention_heads ({4 * self.num_attention_heads})"
+            )
+        if self.aux_targets not in ("fractions", "majority"):
+            raise ValueError(f"aux_targets must be fractions or majority, got {self.aux_targets!r}")
+        if not 0 < self.initializer_range < 1:
+            raise ValueError(f"initializer_range must be in (0, 1), got {self.initializer_range}")
+        if not self.attn_sharpness > 0:
+            raise ValueError(f"attn_sharpness must be > 0, got {self.attn_sharpness}")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
 
@@ -402,8 +423,24 @@ class BackboneConfig:
 class _Split:
     pixels: Any  # uint8 [n, 3, H, W]
     labels: Any  # float32 [n, n_concepts]
-    patch_shape: Any  # int64 [n, n_patches]: 0 = background, 1 + index into SHAPES
-    patch_colour: Any  # int64 [n, n_patches]: 0 = background, 1 + index into COLOURS
+    patch_shape: Any  # float32 [n, n_patches, 5]: pixel fractions of background, SHAPES
+    patch_colour: Any  # float32 [n, n_patches, 5]: pixel fractions of background, COLOURS
+
+
+def patch_class_fractions(class_map: np.ndarray, patch_size: int, n_classes: int) -> np.ndarray:
+    """Per patch (row-major), the fraction of its pixels in each class: [n, n_patches, n_classes].
+
+    `class_map` is an int array [n, H, W] of class ids in 0..n_classes-1.
+    """
+    import numpy as np
+
+    n, h, w = class_map.shape
+    gh, gw = h // patch_size, w // patch_size
+    blocks = class_map.reshape(n, gh, patch_size, gw, patch_size).transpose(0, 1, 3, 2, 4)
+    blocks = blocks.reshape(n * gh * gw, patch_size * patch_size).astype(np.int64)
+    flat = blocks + n_classes * np.arange(n * gh * gw)[:, None]
+    counts = np.bincount(flat.ravel(), minlength=n * gh * gw * n_classes)
+    return (counts.reshape(n, gh * gw, n_classes) / (patch_size * patch_size)).astype(np.float32)
 
 
 def _load_split(data_dir: Path, split: str, patch_size: int, progress: bool) -> _Split:
@@ -414,7 +451,7 @@ def _load_split(data_dir: Path, split: str, patch_size: int, progress: bool) -> 
     from PIL import Image
     from tqdm import tqdm
 
-    from .shapes import COLOURS, CONCEPTS, SHAPES, patch_object_ids
+    from .shapes import COLOURS, CONCEPTS, SHAPES
 
     images = pd.read_csv(data_dir / "images.csv", keep_default_na=False)
     objects = pd.read_csv(data_dir / "objects.csv")
@@ -433,22 +470,18 @@ def _load_split(data_dir: Path, split: str, patch_size: int, progress: bool) -> 
         with Image.open(data_dir / rel_mask) as m:
             masks.append(np.asarray(m))
     pixels_nhwc = np.stack(pixels)
-    ids = patch_object_ids(np.stack(masks), patch_size).astype(np.int64)  # [n, n_patches]
+    masks_nhw = np.stack(masks)
 
-    # Lookup tables [n_images_in_split, max_objects + 1] from mask value to shape/colour class.
+    # Lookup tables [n_images_in_split, 256] from mask value to shape/colour class (0 = none).
     row_of = {int(i): r for r, i in enumerate(images["image_id"])}
-    n_values = int(objects["object"].max()) + 1 if len(objects) else 1
-    shape_lut = np.zeros((len(images), max(n_values, int(ids.max()) + 1)), dtype=np.int64)
+    shape_lut = np.zeros((len(images), 256), dtype=np.int64)
     colour_lut = np.zeros_like(shape_lut)
     objs = objects[objects["image_id"].isin(row_of)]
     rows = objs["image_id"].map(row_of).to_numpy()
-    shape_lut[rows, objs["object"].to_numpy()] = objs["shape"].map(
-        {s: i + 1 for i, s in enumerate(SHAPES)}
-    )
-    colour_lut[rows, objs["object"].to_numpy()] = objs["colour"].map(
-        {c: i + 1 for i, c in enumerate(COLOURS)}
-    )
-    r = np.arange(len(images))[:, None]
+    obj = objs["object"].to_numpy()
+    shape_lut[rows, obj] = objs["shape"].map({s: i + 1 for i, s in enumerate(SHAPES)})
+    colour_lut[rows, obj] = objs["colour"].map({c: i + 1 for i, c in enumerate(COLOURS)})
+    r = np.arange(len(images))[:, None, None]
     labels = np.zeros((len(images), len(CONCEPTS)), dtype=np.float32)
     for row, text in enumerate(images["labels"]):
         for concept in filter(None, text.split(";")):
@@ -456,8 +489,12 @@ def _load_split(data_dir: Path, split: str, patch_size: int, progress: bool) -> 
     return _Split(
         pixels=torch.from_numpy(np.ascontiguousarray(pixels_nhwc.transpose(0, 3, 1, 2))),
         labels=torch.from_numpy(labels),
-        patch_shape=torch.from_numpy(shape_lut[r, ids]),
-        patch_colour=torch.from_numpy(colour_lut[r, ids]),
+        patch_shape=torch.from_numpy(
+            patch_class_fractions(shape_lut[r, masks_nhw], patch_size, 1 + len(SHAPES))
+        ),
+        patch_colour=torch.from_numpy(
+            patch_class_fractions(colour_lut[r, masks_nhw], patch_size, 1 + len(COLOURS))
+        ),
     )
 
 
@@ -466,14 +503,15 @@ def _normalise(pixels_u8: torch.Tensor) -> torch.Tensor:
     return pixels_u8.float().div_(255.0).sub_(0.5).div_(0.5)
 
 
-def _hflip(split_pixels: torch.Tensor, patch_targets: list[torch.Tensor], grid: int, flip: Any):
-    """Mirror the rows of the batch where `flip` is set: pixels and per-patch targets alike."""
-    pixels = split_pixels.clone()
+def _hflip(pixels: torch.Tensor, patch_targets: list[torch.Tensor], grid: int, flip: Any):
+    """Mirror the images where `flip` is set: pixels and per-patch targets [n, P, C] alike."""
+    pixels = pixels.clone()
     pixels[flip] = pixels[flip].flip(-1)
     out = []
     for t in patch_targets:
         t = t.clone()
-        t[flip] = t[flip].view(-1, grid, grid).flip(-1).reshape(t[flip].shape)
+        n, n_patches, c = t[flip].shape
+        t[flip] = t[flip].view(n, grid, grid, c).flip(2).reshape(n, n_patches, c)
         out.append(t)
     return pixels, out
 
@@ -541,6 +579,102 @@ def sincos_position_embeddings(d_model: int, grid: int) -> torch.Tensor:
     return pe[None].float()
 
 
+# Offsets (rows, columns) of the neighbour each head starts looking at: head h of block l takes
+# entry (l * n_heads + h) mod 8, so 4 heads cover the 4-neighbourhood in even blocks and the
+# diagonals in odd ones; two blocks together see a 3x3 patch window, like a 3x3 convolution.
+NEIGHBOURS = ((0, -1), (0, 1), (-1, 0), (1, 0), (-1, -1), (-1, 1), (1, -1), (1, 1))
+
+
+def local_attention_init(model: Any, grid: int, sharpness: float = 1.0) -> None:
+    """Start each attention head of a ViT looking at one neighbouring patch.
+
+    Why: a ViT from scratch has no notion of "next to", and on the shapes world it learned
+    colour at once but sat at chance on shape for hundreds of steps; starting attention as a
+    convolution (Cordonnier et al. 2020, "On the relationship between self-attention and
+    convolutional layers"; Zheng et al. 2024, "convolutional initialization" of ViTs) made
+    shape learnable within the 2-minute CPU budget. Only the initial weights change; the
+    architecture stays a plain `ViTForImageClassification`.
+
+    How: position embeddings become Fourier features of the patch's column x and row y at
+    frequencies w_k = k pi / grid (k = 1..K), as [sin, cos] pairs, followed by their negatives
+    so that every token has mean 0 and LayerNorm only rescales them. For a head with offset
+    (dy, dx), W_k copies these features and W_q rotates each pair by the phase w_k dx (or w_k dy),
+    so that q_i . k_j = sum_k cos(w_k (x_j - x_i - dx)) + cos(w_k (y_j - y_i - dy)), a Dirichlet
+    kernel that peaks where patch j is patch i moved by the offset. Other weights keep
+    transformers' initialisation; CLS keeps a zero position embedding.
+    """
+    import torch
+
+    config = model.config
+    d_model, n_heads = config.hidden_size, config.num_attention_heads
+    d_head = d_model // n_heads
+    n_freq = min(grid, d_head // 4, d_model // 8)
+    n_feat = 4 * n_freq  # [sin, cos] x n_freq for columns, then for rows
+    if n_freq < 1:
+        raise ValueError(f"local attention init needs d_model // n_heads >= 4, got {d_head}")
+    w = torch.arange(1, n_freq + 1, dtype=torch.float64) * math.pi / grid
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    feats = []
+    for pos in (cols.reshape(-1), rows.reshape(-1)):
+        angle = pos[:, None] * w[None, :]
+        feats.append(
+            torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1).reshape(-1, 2 * n_freq)
+        )
+    fourier = torch.cat(feats, dim=1)  # [grid^2, n_feat]
+    pe = torch.zeros(1 + grid * grid, d_model, dtype=torch.float64)
+    pe[1:, :n_feat] = fourier
+    pe[1:, n_feat : 2 * n_feat] = -fourier
+
+    vit = getattr(model, "vit", model)
+    with torch.no_grad():
+        vit.embeddings.position_embeddings.copy_(pe[None].float())
+        for li, block in enumerate(find_blocks(vit, config.num_hidden_layers)):
+            q_w, k_w = block.attention.q_proj.weight, block.attention.k_proj.weight
+            q_w[:, :n_feat] = 0.0
+            k_w[:, :n_feat] = 0.0
+            for h in range(n_heads):
+                dy, dx = NEIGHBOURS[(li * n_heads + h) % len(NEIGHBOURS)]
+                rot = torch.zeros(n_feat, n_feat, dtype=torch.float64)
+                for axis, delta in ((0, dx), (1, dy)):
+                    for f in range(n_freq):
+                        i = 2 * (axis * n_freq + f)
+                        c, s = math.cos(w[f] * delta), math.sin(w[f] * delta)
+                        # [sin a, cos a] -> [sin(a + phase), cos(a + phase)]
+                        rot[i : i + 2, i : i + 2] = torch.tensor(
+                            [[c, s], [-s, c]], dtype=torch.float64
+                        )
+                out = slice(h * d_head, h * d_head + n_feat)
+                q_w[out, :n_feat] = (sharpness * rot).float()
+                k_w[out, :n_feat] = torch.eye(n_feat)
+
+
+def pca_patch_embedding_init(model: Any, pixel_values: torch.Tensor, patch_size: int) -> None:
+    """Start the patch embedding as PCA whitening of patches from `pixel_values` [n, 3, H, W].
+
+    Why: raw patches vary most in their mean colour; a random projection passes that on and
+    hides the low-variance directions that carry edges and corners (shape). Whitening gives every
+    one of the top-d_model principal directions unit variance from the first step.
+    """
+    import torch
+
+    vit = getattr(model, "vit", model)
+    proj = vit.embeddings.patch_embeddings.projection
+    d_model = proj.out_channels
+    n, c, h, w = pixel_values.shape
+    patches = pixel_values.double().reshape(n, c, h // patch_size, patch_size, w // patch_size, patch_size)
+    patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(-1, c * patch_size * patch_size)
+    mean = patches.mean(dim=0)
+    cov = torch.cov((patches - mean).T)
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    top = evecs[:, -d_model:].flip(-1).T  # [d_model, c * p * p], largest variance first
+    scale = 1.0 / torch.sqrt(evals[-d_model:].flip(-1) + 1e-3)
+    weight = top * scale[:, None]
+    with torch.no_grad():
+        proj.weight.copy_(weight.reshape(d_model, c, patch_size, patch_size).float())
+        proj.bias.copy_((-weight @ mean).float())
+
+
 def build_classifier(cfg: BackboneConfig) -> Any:
     """A freshly initialised multi-label `ViTForImageClassification` over the 8 concepts."""
     from transformers import ViTConfig, ViTForImageClassification
@@ -555,6 +689,7 @@ def build_classifier(cfg: BackboneConfig) -> Any:
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
         num_channels=3,
+        initializer_range=cfg.initializer_range,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         problem_type="multi_label_classification",
@@ -618,10 +753,18 @@ def train_backbone(
 
         torch.manual_seed(cfg.seed)
         model = build_classifier(cfg).to(device)
-        if cfg.pos_init == "sincos":
+        if cfg.patch_init == "pca":
+            pca_patch_embedding_init(model, _normalise(train.pixels[:1000]), cfg.patch_size)
+        if cfg.cls_init == "zero":
             with torch.no_grad():
-                pe = sincos_position_embeddings(cfg.hidden_size, cfg.image_size // cfg.patch_size)
+                model.vit.embeddings.cls_token.zero_()
+        grid = cfg.image_size // cfg.patch_size
+        if cfg.init == "sincos":
+            with torch.no_grad():
+                pe = sincos_position_embeddings(cfg.hidden_size, grid)
                 model.vit.embeddings.position_embeddings.copy_(pe)
+        elif cfg.init == "local":
+            local_attention_init(model, grid, cfg.attn_sharpness)
         aux_layers = sorted({resolve_layer(i, cfg.num_hidden_layers) for i in cfg.aux_layers})
         # Dense heads (not saved), one per hooked block: LayerNorm, then shape and colour logits
         # over background + 4 classes each.
@@ -656,7 +799,6 @@ def train_backbone(
             return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t))
 
         gen = torch.Generator().manual_seed(cfg.seed)
-        grid = cfg.image_size // cfg.patch_size
         n_shape = 1 + len(SHAPES)
         blocks = classifier_blocks(model)
         step = 0
@@ -667,6 +809,7 @@ def train_backbone(
             perm = torch.randperm(n, generator=gen)
             flips = torch.rand(n, generator=gen) < 0.5
             sums = {"loss": 0.0, "cls_loss": 0.0, "aux_loss": 0.0}
+            patch_hits = [0, 0]
             for start in range(0, n, cfg.batch_size):
                 idx = perm[start : start + cfg.batch_size]
                 pixels = train.pixels[idx]
@@ -682,12 +825,20 @@ def train_backbone(
                 cls_loss = F.binary_cross_entropy_with_logits(logits, y)
                 aux_loss = torch.zeros((), device=device)
                 if cfg.aux_weight > 0:
-                    ts, tc = (t.to(device).reshape(-1) for t in targets)
+                    ts, tc = (t.to(device).reshape(-1, n_shape) for t in targets)
+                    if cfg.aux_targets == "majority":
+                        ts, tc = (F.one_hot(t.argmax(-1), n_shape).float() for t in (ts, tc))
                     for layer in aux_layers:
                         out = aux_heads[str(layer)](acts[layer][:, 1:, :]).reshape(-1, 2 * n_shape)
                         aux_loss = aux_loss + F.cross_entropy(out[:, :n_shape], ts)
                         aux_loss = aux_loss + F.cross_entropy(out[:, n_shape:], tc)
                     aux_loss = aux_loss / len(aux_layers)
+                    # Patch shape accuracy of the last dense head, over patches mostly on objects.
+                    with torch.no_grad():
+                        fg = ts[:, 0] < 0.5
+                        hit = out[fg, 1:n_shape].argmax(-1) == ts[fg, 1:].argmax(-1)
+                        patch_hits[0] += int(hit.sum())
+                        patch_hits[1] += int(fg.sum())
                 loss = cls_loss + cfg.aux_weight * aux_loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -701,6 +852,7 @@ def train_backbone(
             model.eval()
             ev = _evaluate(model, val, cfg.batch_size, device)
             row = {f"train_{k}": v / n for k, v in sums.items()}
+            row["train_patch_shape_accuracy"] = patch_hits[0] / max(1, patch_hits[1])
             row["val_mean_accuracy"] = ev["mean_accuracy"]
             row["val_min_accuracy"] = ev["min_accuracy"]
             row["elapsed_s"] = time.perf_counter() - t_start

@@ -119,15 +119,25 @@ def test_dinov2_with_registers(tmp_path: Path) -> None:
     assert backbone.n_prefix_tokens == 5  # CLS + 4 registers
     assert backbone.grid == (4, 4) and backbone.n_tokens == 21
     with torch.no_grad(), record_blocks(backbone, [-1]) as acts:
-        out = backbone.model(pixel_values=preprocess(backbone, images(2, 48)), output_hidden_states=True)
+        out = backbone.model(
+            pixel_values=preprocess(backbone, images(2, 48)), output_hidden_states=True
+        )
     torch.testing.assert_close(acts[1], out.hidden_states[2])
 
 
 def test_clip_vision_and_full_clip(tmp_path: Path) -> None:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+    )
 
     vision = CLIPVisionConfig(**TINY, image_size=32, patch_size=8)
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
     CLIPVisionModel(vision).save_pretrained(tmp_path / "vision")
     processor.save_pretrained(tmp_path / "vision")
     full = CLIPConfig(
@@ -214,7 +224,13 @@ def test_train_backbone_tiny_world(tmp_path: Path) -> None:
     from saev_core.shapes import CONCEPTS, ShapesConfig, generate
 
     data = tmp_path / "shapes"
-    generate(data, ShapesConfig(seed=1, image_size=32, min_radius=5, max_radius=9, n_train=24, n_val=8, n_test=0), progress=False)
+    generate(
+        data,
+        ShapesConfig(
+            seed=1, image_size=32, min_radius=5, max_radius=9, n_train=24, n_val=8, n_test=0
+        ),
+        progress=False,
+    )
     cfg = BackboneConfig(
         data_dir=str(data),
         out_dir=str(tmp_path / "bb"),

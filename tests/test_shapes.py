@@ -141,7 +141,12 @@ def test_patch_labels_on_hand_made_mask() -> None:
         {"object": 2, "shape": "cross", "colour": "blue"},
     ]
     assert patch_object_ids(mask, 8).tolist() == [1, 2, 0, 2]
-    assert patch_labels(mask, objects, 8, 16) == [["red", "square"], ["blue", "cross"], [], ["blue", "cross"]]
+    assert patch_labels(mask, objects, 8, 16) == [
+        ["red", "square"],
+        ["blue", "cross"],
+        [],
+        ["blue", "cross"],
+    ]
     # A model that sees the image at 32 px with 16 px patches: the mask is resized first.
     assert patch_labels(mask, objects, 16, 32) == patch_labels(mask, objects, 8, 16)
     with pytest.raises(ValueError, match="multiple"):

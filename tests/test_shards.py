@@ -44,7 +44,11 @@ def test_writer_layout_and_row_groups(tmp_path):
     write_set(tmp_path)
     m = shards.read_manifest(tmp_path)
     paths = [f["path"] for f in m.data["files"]]
-    assert paths == ["layer=0/train-00000.parquet", "layer=0/train-00001.parquet", "layer=0/val-00000.parquet"]
+    assert paths == [
+        "layer=0/train-00000.parquet",
+        "layer=0/train-00001.parquet",
+        "layer=0/val-00000.parquet",
+    ]
     assert not list(tmp_path.rglob("*.tmp"))
     for f in m.data["files"]:
         pf = pq.ParquetFile(tmp_path / f["path"])
@@ -95,7 +99,9 @@ def test_shuffled_each_vector_once(tmp_path, batch_size):
     key = lambda a: a[np.lexsort(a.T[::-1])]  # noqa: E731
     np.testing.assert_array_equal(key(got), key(want))
     assert not np.array_equal(got, want)
-    again = np.concatenate(list(shards.iter_shuffled(tmp_path, 0, batch_size, seed=1, buffer_groups=2)))
+    again = np.concatenate(
+        list(shards.iter_shuffled(tmp_path, 0, batch_size, seed=1, buffer_groups=2))
+    )
     np.testing.assert_array_equal(got, again)
 
 
