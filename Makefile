@@ -28,12 +28,15 @@ demo: data
 	$(BIN)/dvc repro
 	@echo
 	@echo "== demo finished =="
-	@echo "metrics:        $(BIN)/dvc metrics show"
-	@$(BIN)/dvc metrics show
-	@echo "warehouse:      warehouse/saev.duckdb   e.g. $(BIN)/saev sql best_feature_per_concept"
-	@$(BIN)/saev sql best_feature_per_concept || true
-	@echo "MLflow UI:      make mlflow-ui   then open http://127.0.0.1:5000"
-	@echo "SAE checkpoint: artifacts/saes/demo/   shards: artifacts/activations/shapes/"
+	@echo "-- SAE metrics (dvc metrics show; all of them: $(BIN)/dvc metrics show) --"
+	@$(BIN)/dvc metrics show metrics/train.json
+	@echo "-- best feature per concept (warehouse/saev.duckdb; saev sql --list for more) --"
+	@$(BIN)/saev sql best_feature_per_concept
+	@echo "-- suppressing each concept's best feature at -5 x max vs a random feature --"
+	@$(BIN)/saev sql "select concept, feature, auroc, round(p_before, 3) as p_before, round(p_after, 3) as p_after, round(delta_lo, 3) as delta_lo, round(delta_hi, 3) as delta_hi, round(control_delta, 3) as control_delta, below_control from interventions where strength = -5 order by concept"
+	@echo "MLflow UI:        make mlflow-ui, then open http://127.0.0.1:5000"
+	@echo "SAE checkpoint:   artifacts/saes/demo/    shards: artifacts/activations/shapes/"
+	@echo "stats (Parquet):  artifacts/stats/demo/   interventions: artifacts/interventions/demo/"
 
 test: setup
 	$(BIN)/pytest -q
