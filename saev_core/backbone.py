@@ -662,7 +662,9 @@ def pca_patch_embedding_init(model: Any, pixel_values: torch.Tensor, patch_size:
     proj = vit.embeddings.patch_embeddings.projection
     d_model = proj.out_channels
     n, c, h, w = pixel_values.shape
-    patches = pixel_values.double().reshape(n, c, h // patch_size, patch_size, w // patch_size, patch_size)
+    patches = pixel_values.double().reshape(
+        n, c, h // patch_size, patch_size, w // patch_size, patch_size
+    )
     patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(-1, c * patch_size * patch_size)
     mean = patches.mean(dim=0)
     cov = torch.cov((patches - mean).T)

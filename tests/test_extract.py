@@ -57,7 +57,7 @@ def test_vectors_equal_hidden_states(tiny_world, tiny_vit, tmp_path):
         hs = bb.model(pixel_values=pixels, output_hidden_states=True).hidden_states
     got = {}
     for ids, toks, x in shards.iter_ordered(out, 1):
-        for i, t, v in zip(ids, toks, x):
+        for i, t, v in zip(ids, toks, x, strict=True):
             got[(int(i), int(t))] = v
     for row, image_id in enumerate(first["image_id"]):
         want = hs[2][row].numpy()  # block 1's output = hidden_states[2]
