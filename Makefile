@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 # The built-in image world: regenerated from its seed when missing; data.dvc pins its bytes.
 data: setup
 	@if [ ! -f data/shapes/world.json ]; then $(BIN)/saev shapes --out data/shapes; fi
-	@$(BIN)/dvc status data.dvc
+	@$(BIN)/dvc status -q data.dvc || { echo "data/ differs from the bytes data.dvc pins:" \
+		"regenerate it with: $(BIN)/saev shapes --out data/shapes --overwrite"; exit 1; }
 
 demo: data
 	$(BIN)/dvc repro
