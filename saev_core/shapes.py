@@ -21,9 +21,11 @@ CPU; PNGs are written by PIL at a fixed compression level with no metadata chunk
 config gives the same bytes (with the Pillow build pinned in constraints.txt).
 
 Learnability (FINDINGS.md: a prototype ViT learned shape slowly): objects are large (radius
-10-18 px on 64 px, i.e. 2.5-4.5 patches of 8 px across), upright, with distinct silhouettes
-(round, square corners, a pointed apex, a concave cross) of similar area, so neither size nor
-area tells the shape; occlusion is capped so each object keeps most of its silhouette.
+12-18 px on 64 px, i.e. 3-4.5 patches of 8 px across), upright, with distinct silhouettes (a
+full disc, a full box with sharp corners, a pointed apex, a thin-armed cross with concave
+corners); size varies more than area differs between shapes (circle 3.1 r^2, square 4 r^2,
+triangle 2 r^2, cross 2 r^2), so area alone does not tell the shape; occlusion is capped so
+each object keeps most of its silhouette.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ BASE_RGB = {
 BACKGROUNDS = ("noise", "stripes", "checker")
 # Stripe directions as small integer vectors (no sin/cos: see the determinism note above).
 STRIPE_DIRECTIONS = ((1, 0), (0, 1), (1, 1), (1, -1), (2, 1), (1, 2), (2, -1), (1, -2))
+# Silhouette proportions, as fractions of the radius (half the bounding box). Measured on the
+# demo ViT: with a square of half-side 0.9 r, a cross with arms of half-width 0.36 r and radii
+# from 10 px, small squares and crosses were the concepts it confused (val accuracy 0.92 and
+# 0.95 after 10 epochs); a full-box square, thinner arms and radii from 12 px gave 0.97 and 0.98.
+SQUARE_HALF_SIDE = 1.0
+CROSS_HALF_WIDTH = 0.3
 OUTPUTS = ("images", "masks", "images.csv", "objects.csv", "world.json")
 
 
@@ -79,8 +87,8 @@ class ShapesConfig:
     """Fewest objects in an image."""
     max_objects: int = 3
     """Most objects in an image (at most 255: mask values are uint8)."""
-    min_radius: int = 10
-    """Smallest object radius (half its bounding box) in px."""
+    min_radius: int = 12
+    """Smallest object radius (half its bounding box) in px; 12 = 3 patches of 8 px across."""
     max_radius: int = 18
     """Largest object radius in px; 18 on 64 px keeps three objects placeable."""
     position_step: int = 1
@@ -167,14 +175,13 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float, size: int) -> np
     if shape == "circle":
         return dx * dx + dy * dy <= r * r
     if shape == "square":
-        # Half-side 0.9 r: area 3.24 r^2, close to the circle's 3.14 r^2.
-        return (np.abs(dx) <= 0.9 * r) & (np.abs(dy) <= 0.9 * r)
+        h = SQUARE_HALF_SIDE * r
+        return (np.abs(dx) <= h) & (np.abs(dy) <= h)
     if shape == "triangle":
         # Apex at (cx, cy - r), base from (cx - r, cy + r) to (cx + r, cy + r): area 2 r^2.
         return (dy <= r) & (2.0 * np.abs(dx) <= dy + r)
     if shape == "cross":
-        # Arms of half-width 0.36 r reaching r: area 2.36 r^2; the concave corners set it apart.
-        w = 0.36 * r
+        w = CROSS_HALF_WIDTH * r
         inside = (np.abs(dx) <= r) & (np.abs(dy) <= r)
         return inside & ((np.abs(dx) <= w) | (np.abs(dy) <= w))
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -208,6 +209,72 @@ def test_backbone_config_checks() -> None:
         BackboneConfig(image_size=60, patch_size=8)
     with pytest.raises(ValueError, match="layer 7"):
         BackboneConfig(aux_layers=(7,))
+    with pytest.raises(ValueError, match="init"):
+        BackboneConfig(init="xavier")
+
+
+def test_local_attention_init_looks_at_neighbours() -> None:
+    cfg = BackboneConfig(**TINY, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    model = bb.build_classifier(cfg)
+    bb.local_attention_init(model, grid=4)
+    # Position embeddings alone (no image content) decide where each head looks.
+    pe = model.vit.embeddings.position_embeddings.detach()
+    block = model.vit.layers[0]
+    x = block.layernorm_before(pe)[0]
+    q = block.attention.q_proj(x).view(17, 2, 16).transpose(0, 1)
+    k = block.attention.k_proj(x).view(17, 2, 16).transpose(0, 1)
+    attn = torch.softmax(q @ k.transpose(1, 2) / 4.0, dim=-1)  # [heads, 17, 17]
+    query = 1 + 1 * 4 + 1  # patch (row 1, col 1)
+    for h, (dy, dx) in enumerate(bb.NEIGHBOURS[:2]):
+        target = 1 + (1 + dy) * 4 + (1 + dx)
+        assert attn[h, query].argmax().item() == target
+        assert attn[h, query, target] > 0.5
+
+
+def test_pca_patch_init_whitens_patches() -> None:
+    cfg = BackboneConfig(**TINY, image_size=32, patch_size=8)
+    model = bb.build_classifier(cfg)
+    rng = np.random.default_rng(0)
+    # Correlated pixels, as in images: smooth noise plus a per-image colour.
+    base = rng.normal(size=(200, 3, 4, 4)).repeat(8, axis=2).repeat(8, axis=3)
+    pixels = torch.from_numpy(base + 0.3 * rng.normal(size=(200, 3, 32, 32))).float()
+    bb.pca_patch_embedding_init(model, pixels, 8)
+    with torch.no_grad():
+        emb = model.vit.embeddings.patch_embeddings.projection(pixels)  # [n, 32, 4, 4]
+    feats = emb.permute(0, 2, 3, 1).reshape(-1, 32).double()
+    torch.testing.assert_close(
+        feats.mean(0), torch.zeros(32, dtype=torch.float64), atol=1e-3, rtol=0
+    )
+    torch.testing.assert_close(
+        torch.cov(feats.T), torch.eye(32, dtype=torch.float64), atol=2e-2, rtol=0
+    )
+
+
+def test_patch_class_fractions_by_hand() -> None:
+    class_map = torch.zeros((1, 16, 16), dtype=torch.uint8)
+    class_map[0, 0:8, 0:4] = 2  # patch 0: half class 2
+    class_map[0, 8:16, 8:16] = 1  # patch 3: all class 1
+    class_map[0, 8:10, 8:16] = 3  # ... but a quarter of it class 3
+    got = bb.patch_class_fractions(class_map, 8, 4)
+    expected = torch.tensor([[[0.5, 0, 0.5, 0], [1, 0, 0, 0], [1, 0, 0, 0], [0, 0.75, 0, 0.25]]])
+    torch.testing.assert_close(got, expected)
+
+
+def test_augment_moves_pixels_and_classes_together() -> None:
+    pixels = torch.zeros((2, 3, 16, 16), dtype=torch.uint8)
+    maps = torch.zeros((2, 2, 16, 16), dtype=torch.uint8)
+    pixels[:, :, 5:9, 2:6] = 200  # one object per image, 2 px from the left border
+    maps[:, :, 5:9, 2:6] = 1
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        p, m = bb._augment(pixels, maps, torch.tensor([True, False]), 4, gen)
+        assert torch.equal(p[:, 0] == 200, m[:, 0] == 1)  # still aligned
+        assert int(m[:, 0].sum()) == 2 * 16  # nothing cut off at the border
+        cols = m[1, 0].any(0).nonzero().flatten()
+        assert int(cols.min()) >= 0 and int(cols.max()) <= 9  # shift <= 4 (and >= -2 here)
+    p, m = bb._augment(pixels, maps, torch.tensor([True, False]), 0, gen)
+    assert torch.equal(m[0, 0], maps[0, 0].flip(-1)) and torch.equal(p[1], pixels[1])
 
 
 def test_processor_matches_training_normalisation() -> None:
@@ -219,7 +286,6 @@ def test_processor_matches_training_normalisation() -> None:
     torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.slow
 def test_train_backbone_tiny_world(tmp_path: Path) -> None:
     from saev_core.shapes import CONCEPTS, ShapesConfig, generate
 
@@ -256,3 +322,8 @@ def test_train_backbone_tiny_world(tmp_path: Path) -> None:
     assert backbone.n_layers == 2 and backbone.grid == (4, 4) and backbone.n_prefix_tokens == 1
     assert backbone.weights_sha256 == metrics["weights_sha256"]
     assert not (tmp_path / "bb.tmp").exists()
+    # Same config, same machine: the same weights.
+    again = bb.train_backbone(
+        dataclasses.replace(cfg, out_dir=str(tmp_path / "again")), progress=False
+    )
+    assert again["weights_sha256"] == metrics["weights_sha256"]

@@ -107,7 +107,7 @@ def test_labels_and_masks_match_objects(world: Path) -> None:
             visible = (mask == int(o["object"])) & full
             assert visible.sum() == (mask == int(o["object"])).sum()  # never outside its shape
             assert visible.sum() >= 0.9 * full.sum()  # max_occlusion = 0.1
-            assert 10 <= int(o["radius"]) <= 18
+            assert 12 <= int(o["radius"]) <= 18
 
 
 def test_object_pixels_carry_their_colour() -> None:
@@ -174,6 +174,16 @@ def test_refuses_to_overwrite(world: Path, tmp_path: Path) -> None:
     counts = generate(out, other, overwrite=True, progress=False)
     assert counts["images"] == 4
     assert len(list((out / "images" / "train").iterdir())) == 2  # old outputs removed
+
+
+def test_lattice_positions_and_radii() -> None:
+    cfg = ShapesConfig(position_step=8, radius_step=3, n_train=30, n_val=0, n_test=0)
+    for i in range(30):
+        _, mask, objects = render_image(image_seed(0, i), cfg)
+        for o in objects:
+            assert o["cx"] % 8 == 0 and o["cy"] % 8 == 0
+            assert o["radius"] in (12, 15, 18)
+            assert o["radius"] <= o["cx"] <= 64 - o["radius"]
 
 
 def test_config_checks() -> None:
