@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ def params_path() -> Path:
     return Path(os.environ.get("SAEV_PARAMS", "params.yaml"))
 
 
-def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line every stage flow accepts."""
+def parse_args(
+    stage: str, argv: list[str] | None = None, overrides: bool = False
+) -> argparse.Namespace:
+    """The command line every stage flow accepts; `overrides` adds `-S key=value`."""
     p = argparse.ArgumentParser(
         prog=f"saev {stage}",
         description=f"Run the `{stage}` stage as a Prefect flow, with the `{stage}` section of "
@@ -35,7 +38,32 @@ def parse_args(stage: str, argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--params", default=str(params_path()), help="params file (default: %(default)s)"
     )
-    return p.parse_args(argv)
+    if overrides:
+        p.add_argument(
+            "-S",
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help=f"override one key of the `{stage}` section for this run (YAML value), e.g. "
+            "-S strict=true -S 'layers=[-2, -1]'; repeatable",
+        )
+    args = p.parse_args(argv)
+    if overrides:
+        args.overrides = _parse_sets(p, args.set)
+    return args
+
+
+def _parse_sets(parser: argparse.ArgumentParser, sets: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            parser.error(f"-S expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def tracking_uri() -> str:
@@ -116,3 +144,59 @@ def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def _dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the `dvc` CLI of this environment; raise with its own message when it fails."""
+    exe = Path(sys.executable).with_name("dvc")
+    out = subprocess.run(
+        [str(exe) if exe.exists() else "dvc", *args], cwd=cwd, capture_output=True, text=True
+    )
+    if check and out.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed:\n{out.stderr.strip() or out.stdout}")
+    return out
+
+
+def dvc_version(path: str | Path, push: bool = True) -> dict[str, Any]:
+    """Hand `path` (a stage's output) to DVC and push it when a default remote is configured.
+
+    - Under `dvc repro` (DVC sets `DVC_STAGE`) DVC records the output itself: nothing to do.
+    - If a `dvc.yaml` stage lists `path` as an output: `dvc commit -f <stage>` (dvc.lock updated).
+    - Otherwise: `dvc add <path>` (writes `<path>.dvc` for git).
+    Outside a DVC repository nothing happens and the result says so.
+    """
+    path = Path(path).resolve()
+    root = next((p for p in [path, *path.parents] if (p / ".dvc").is_dir()), None)
+    if os.environ.get("DVC_STAGE"):
+        return {"action": "none", "reason": f"inside `dvc repro` stage {os.environ['DVC_STAGE']}"}
+    if root is None:
+        return {"action": "none", "reason": f"{path} is not inside a DVC repository"}
+    rel = str(path.relative_to(root))
+    stage = _stage_with_output(root, rel)
+    if stage:
+        _dvc("commit", "-f", "-q", stage, cwd=root)
+        result: dict[str, Any] = {"action": "commit", "target": stage}
+    else:
+        _dvc("add", "-q", rel, cwd=root)
+        result = {"action": "add", "target": f"{rel}.dvc"}
+    # `dvc remote default` prints the name, or fails when none is set.
+    default = _dvc("remote", "default", cwd=root, check=False) if push else None
+    remote = default.stdout.strip() if default is not None and default.returncode == 0 else ""
+    if remote:
+        _dvc("push", "-q", result["target"], cwd=root)
+        result["pushed_to"] = remote
+    return result
+
+
+def _stage_with_output(root: Path, rel: str) -> str | None:
+    """The name of the `dvc.yaml` stage that lists `rel` among its outputs, if any."""
+    from dvc.exceptions import OutputNotFoundError
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        try:
+            outs = repo.find_outs_by_path(str(root / rel))
+        except OutputNotFoundError:
+            return None
+        stages = [o.stage for o in outs if getattr(o.stage, "name", None)]
+        return stages[0].name if stages else None

@@ -6,7 +6,7 @@ import sys
 
 from prefect import flow, task
 
-from flows.common import parse_args
+from flows.common import dvc_version, parse_args
 from saev_core.config import load_section
 from saev_core.extract import ExtractConfig, extract
 
@@ -16,20 +16,33 @@ def extract_task(cfg: ExtractConfig) -> dict:
     return extract(cfg)
 
 
+@task(retries=2, retry_delay_seconds=10)
+def version_task(out_dir: str) -> dict:
+    """DVC takes the shard set (stage output or `dvc add`) and pushes it to the default remote."""
+    return dvc_version(out_dir)
+
+
 @flow(name="extract", log_prints=True)
-def extract_flow(params: str = "params.yaml") -> dict:
-    cfg = load_section(params, "extract", ExtractConfig)
+def extract_flow(
+    params: str = "params.yaml", overrides: dict | None = None, version: bool = True
+) -> dict:
+    """Extract (or extend) the shard set of the `extract` params section, then version it."""
+    cfg = load_section(params, "extract", ExtractConfig, **(overrides or {}))
     manifest = extract_task(cfg)
     print(
-        f"wrote {manifest['n_images']} images x {manifest['tokens']['n_tokens_written']} tokens "
-        f"x layers {manifest['layers']} to {cfg.out_dir} ({len(manifest['skipped'])} skipped)"
+        f"{cfg.out_dir}: {manifest['n_images']} images x {manifest['tokens']['n_tokens_written']} "
+        f"tokens x layers {manifest['layers']} ({len(manifest['skipped'])} skipped, listed in "
+        f"{cfg.out_dir}/skipped.json)"
     )
+    if version:
+        result = version_task(cfg.out_dir)
+        print(f"DVC: {result}")
     return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("extract", argv)
-    extract_flow(params=args.params)
+    args = parse_args("extract", argv, overrides=True)
+    extract_flow(params=args.params, overrides=args.overrides)
     return 0
 
 

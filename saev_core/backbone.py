@@ -5,8 +5,10 @@ Loading is one code path for a hub id and a local directory (tests save tiny mod
 folder and load them exactly as a hub id would be): `transformers.AutoModel`, the vision tower of a
 CLIP/SigLIP model, and the block list found as the `nn.ModuleList` with
 `config.num_hidden_layers` entries (STACK.md: block paths moved in transformers 5). Token layout
-(prefix tokens = CLS + registers, then patches in row-major order) is measured with one forward
-pass rather than read from per-family tables.
+(CLS if any, then registers, then patches in row-major order) is measured with one forward pass
+rather than read from per-family tables, and checked against the weights (is there a CLS vector?)
+and the config (`num_register_tokens`); `token_indices` turns a token policy into positions.
+Weights load in float16 on CUDA and float32 elsewhere unless `dtype` says otherwise.
 
 Training (`train_backbone`, the `backbone` stage): a small `ViTForImageClassification` (hidden
 128, 4 blocks, 4 heads, MLP 256, patch 8 on 64 px) learns which of the 8 concepts (4 shapes, 4
@@ -73,7 +75,11 @@ class Backbone:
     d_model: int
     """Width of the residual stream."""
     n_prefix_tokens: int
-    """Tokens before the patches: CLS plus registers (0 for SigLIP)."""
+    """Tokens before the patches: CLS (if any) plus registers (0 for SigLIP)."""
+    has_cls: bool
+    """Whether token 0 is a CLS token (SigLIP has none)."""
+    n_registers: int
+    """Register tokens right after CLS (DINOv2 with registers: `config.num_register_tokens`)."""
     n_patches: int
     """Patch tokens per image (grid[0] * grid[1])."""
     grid: tuple[int, int]
@@ -88,6 +94,8 @@ class Backbone:
     """sha256 of the weights file (one file), or of `sha256sum`-style lines (several)."""
     device: str
     """Where the model lives."""
+    dtype: str
+    """Floating-point type of the weights and of `preprocess`'s output: float32|float16|bfloat16."""
 
     @property
     def n_tokens(self) -> int:
@@ -107,6 +115,57 @@ def pick_device(device: str | None = None) -> str:
     if mps is not None and mps.is_available():
         return "mps"
     return "cpu"
+
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+"""What `load_backbone(dtype=...)` accepts; "auto" is float16 on CUDA and float32 elsewhere."""
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The weight dtype to load on `device`: `dtype`, or for "auto" float16 on CUDA else float32."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {'|'.join(DTYPES)}, got {dtype!r}")
+    if dtype != "auto":
+        return dtype
+    # Half precision halves memory and roughly doubles throughput on CUDA; CPU and MPS kernels
+    # for float16 are slow or incomplete, so they stay in float32.
+    return "float16" if device.startswith("cuda") else "float32"
+
+
+TOKEN_POLICIES = ("all", "cls", "registers", "patches")
+"""Token policies: every token, the CLS token, the register tokens, or the patch tokens."""
+
+
+def token_indices(backbone: Backbone, policy: str) -> np.ndarray:
+    """Positions on a block output's token axis that `policy` keeps, as int32, in order.
+
+    The layout is the one recorded in shard manifests: token 0 is CLS (when the model has one),
+    then the registers, then the patches in row-major order.
+    """
+    import numpy as np
+
+    if policy not in TOKEN_POLICIES:
+        raise ValueError(f"token policy must be one of {'|'.join(TOKEN_POLICIES)}, got {policy!r}")
+    n_cls = int(backbone.has_cls)
+    start, stop = {
+        "all": (0, backbone.n_tokens),
+        "cls": (0, n_cls),
+        "registers": (n_cls, backbone.n_prefix_tokens),
+        "patches": (backbone.n_prefix_tokens, backbone.n_tokens),
+    }[policy]
+    if stop <= start:
+        raise ValueError(
+            f"token policy {policy!r} selects no token of {backbone.name}: "
+            f"it has {describe_tokens(backbone)}"
+        )
+    return np.arange(start, stop, dtype=np.int32)
+
+
+def describe_tokens(backbone: Backbone) -> str:
+    """The token layout in words, e.g. "a CLS token, 4 registers and 256 patches"."""
+    cls = "a CLS token" if backbone.has_cls else "no CLS token"
+    registers = f"{backbone.n_registers} registers" if backbone.n_registers else "no registers"
+    return f"{cls}, {registers} and {backbone.n_patches} patches"
 
 
 def resolve_layer(layer: int, n_layers: int) -> int:
@@ -204,12 +263,14 @@ def record_blocks(
 
 
 def preprocess(backbone: Backbone, images: list[Image.Image]) -> torch.Tensor:
-    """Images to `pixel_values` [batch, 3, H, W] on the backbone's device, by its own processor."""
+    """Images to `pixel_values` [batch, 3, H, W] in the backbone's dtype and on its device."""
+    import torch
+
     if not images:
         raise ValueError("preprocess needs at least one image")
     images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
     pixel_values = backbone.processor(images=images, return_tensors="pt")["pixel_values"]
-    return pixel_values.to(backbone.device)
+    return pixel_values.to(device=backbone.device, dtype=getattr(torch, backbone.dtype))
 
 
 def weights_sha256(name_or_path: str) -> str:
@@ -242,24 +303,47 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_backbone(name_or_path: str, device: str | None = None) -> Backbone:
-    """Load a ViT-style vision model (hub id or directory) with its processor and blocks."""
+# Names of the learned CLS vector in transformers' embeddings: `cls_token` (ViT, DINOv2, BEiT),
+# `class_embedding` (CLIP). SigLIP holds neither and has no CLS token.
+CLS_PARAMETER_NAMES = ("cls_token", "class_embedding")
+
+
+def load_backbone(name_or_path: str, device: str | None = None, dtype: str = "auto") -> Backbone:
+    """Load a ViT-style vision model (hub id or directory) with its processor, blocks and layout.
+
+    `device=None` picks CUDA, MPS or CPU; `dtype` is one of `DTYPES` ("auto": float16 on CUDA).
+    A hub id resolves through the Hugging Face cache like any `from_pretrained` call, so with
+    HF_HUB_OFFLINE=1 it only reads what is already cached.
+    """
     import torch
     from PIL import Image
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    from transformers import MODEL_MAPPING, AutoConfig, AutoImageProcessor, AutoModel
 
     name_or_path = str(name_or_path)
     if not Path(name_or_path).is_dir() and _looks_like_path(name_or_path):
         raise FileNotFoundError(f"backbone directory not found: {name_or_path}")
     device = pick_device(device)
+    dtype = resolve_dtype(dtype, device)
     config = AutoConfig.from_pretrained(name_or_path)
+    # A full CLIPModel/SiglipModel checkpoint: build only its vision tower (CLIPVisionModel, ...),
+    # whose weight names match the checkpoint's, so the text tower is never read into memory.
+    vision_config = getattr(config, "vision_config", None)
+    if vision_config is not None and type(vision_config) in MODEL_MAPPING:
+        config = vision_config
     kwargs = {}
     if config.model_type == "vit":
         kwargs["add_pooling_layer"] = False  # unused here; would be initialised at random
     # A classifier checkpoint (the demo ViT) has head weights AutoModel does not use; transformers
     # reports those loudly. Report only what matters: weights the model needed and did not find.
+    # transformers 5 loads in the checkpoint's own dtype unless told, so always say which.
     with _transformers_quiet():
-        model, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+        model, info = AutoModel.from_pretrained(
+            name_or_path,
+            config=config,
+            dtype=getattr(torch, dtype),
+            output_loading_info=True,
+            **kwargs,
+        )
     if info.get("missing_keys"):
         warnings.warn(
             f"{name_or_path}: weights not in the checkpoint, left at random init: "
@@ -267,7 +351,7 @@ def load_backbone(name_or_path: str, device: str | None = None) -> Backbone:
             stacklevel=2,
         )
     if isinstance(getattr(model, "vision_model", None), torch.nn.Module):
-        model = model.vision_model  # CLIPModel, SiglipModel: keep the image tower
+        model = model.vision_model  # a multimodal model without an AutoModel class for its tower
     model = model.eval().to(device)
     processor = AutoImageProcessor.from_pretrained(name_or_path)
     vcfg = _vision_config(model)
@@ -285,6 +369,8 @@ def load_backbone(name_or_path: str, device: str | None = None) -> Backbone:
         n_layers=n_layers,
         d_model=int(vcfg.hidden_size),
         n_prefix_tokens=0,
+        has_cls=False,
+        n_registers=0,
         n_patches=0,
         grid=(0, 0),
         patch_size=patch_size,
@@ -292,6 +378,7 @@ def load_backbone(name_or_path: str, device: str | None = None) -> Backbone:
         name=name_or_path,
         weights_sha256=weights_sha256(name_or_path),
         device=device,
+        dtype=dtype,
     )
     pixel_values = preprocess(backbone, [probe])
     h, w = pixel_values.shape[-2:]
@@ -308,7 +395,30 @@ def load_backbone(name_or_path: str, device: str | None = None) -> Backbone:
     backbone.grid = grid
     backbone.n_patches = n_patches
     backbone.n_prefix_tokens = n_tokens - n_patches
+    backbone.has_cls, backbone.n_registers = _prefix_layout(backbone, vcfg)
     return backbone
+
+
+def _prefix_layout(backbone: Backbone, config: Any) -> tuple[bool, int]:
+    """(has CLS, number of registers) from the weights and config, checked against the measure.
+
+    A forward pass counts the prefix tokens but cannot say which is which; the model says whether
+    it holds a CLS vector, and the config how many registers follow it. They must add up.
+    """
+    has_cls = any(
+        name.rsplit(".", 1)[-1] in CLS_PARAMETER_NAMES
+        for name, _ in backbone.model.named_parameters()
+    )
+    n_registers = int(getattr(config, "num_register_tokens", 0) or 0)
+    if int(has_cls) + n_registers != backbone.n_prefix_tokens:
+        cls = "a CLS token" if has_cls else "no CLS token"
+        raise ValueError(
+            f"{backbone.name} ({config.model_type}): block 0 gives {backbone.n_prefix_tokens} "
+            f"token(s) before its {backbone.n_patches} patches, but the model has {cls} "
+            f"(a parameter named {' or '.join(CLS_PARAMETER_NAMES)}) and {n_registers} registers "
+            f"(config.num_register_tokens); the layout CLS, registers, patches does not fit it"
+        )
+    return has_cls, n_registers
 
 
 @contextlib.contextmanager

@@ -1,26 +1,50 @@
 """The extract stage: run a backbone over images and record the residual stream as shards.
 
-For each image batch the backbone runs once with forward hooks on the chosen blocks; the
-outputs (CLS/registers/patches, as the token policy says) go to `ShardWriter`s, one per layer.
-Everything is written into a temporary directory next to `out_dir` that is renamed into place
-only when the manifest is complete, so a crash never leaves a shard set that looks finished.
+For each image batch the backbone runs once with forward hooks on the chosen blocks; the tokens
+the policy selects (CLS, registers, patches) go to Parquet shards, one file per layer per chunk
+of `images_per_file` images.
+
+Safety, in the order a run meets it:
+- **Refuse to mix.** An existing shard set made with another model, weights, layers, token
+  policy, dtype, preprocessing or source is never appended to (`overwrite` replaces it instead).
+- **Incremental.** If the shard set exists and matches, only images it does not hold yet (by
+  their stable source key) are extracted; the manifest records what was added.
+- **Resumable.** Work happens in a staging directory `.<name>.partial` next to `out_dir`. A
+  chunk counts as done only once its files are renamed into place *and* its record
+  `chunks/<chunk>.json` is written; a rerun after a crash (even `kill -9`) keeps done chunks,
+  deletes anything else and extracts the rest with the same batches, so it ends with exactly
+  the bytes an uninterrupted run writes.
+- **Atomic publication.** The finished staging directory replaces `out_dir` by renames, so
+  `out_dir` is always either absent, the previous complete set, or the new complete set.
+- **Bad images** (corrupt, truncated, empty, not an image, CMYK, 16-bit, huge) are skipped and
+  listed with the reason in `skipped.json` and the manifest, or stop the run with `strict`.
+
+Nothing time- or machine-dependent is written into the shard set, so two extractions of the
+same inputs give identical files and hashes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from saev_core import shards
 from saev_core.config import json_safe
-from saev_core.data import ImageRecord, load_records
+from saev_core.data import BadImage, ImageRecord, load_records, open_image, open_mask
+
+PLAN = "plan.json"
+CHUNKS = "chunks"
+SKIPPED = "skipped.json"
 
 
 @dataclass(frozen=True)
@@ -30,15 +54,17 @@ class ExtractConfig:
     model: str = "artifacts/backbone"
     """Hub id or local directory of the backbone (the same loader handles both)."""
     data: str = "data/shapes"
-    """Image source: the shapes world or an image folder with class sub-folders."""
+    """Image source: shapes world, image folder, segmentation folder or saved HF dataset."""
     out_dir: str = "artifacts/activations/shapes"
-    """Where the shard set is written (replaced as a whole when the run completes)."""
+    """The shard set; new images are appended to a matching one, see the module docstring."""
     layers: tuple[int, ...] = (2,)
     """Blocks whose output (residual stream) is recorded; negative indices count from the end."""
-    tokens: Literal["all", "cls", "patches"] = "all"
-    """Token policy: CLS (and registers) plus patches, only the prefix tokens, or only patches."""
+    tokens: Literal["all", "cls", "registers", "patches"] = "all"
+    """Token policy: every token, only CLS, only the register tokens, or only the patches."""
     dtype: Literal["float16", "float32"] = "float16"
     """Storage dtype of the vectors."""
+    precision: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """dtype the model computes in: 'auto' = float16 on CUDA, float32 elsewhere."""
     batch_size: int = 64
     """Images per forward pass."""
     splits: tuple[str, ...] = ("train", "val", "test")
@@ -46,20 +72,44 @@ class ExtractConfig:
     images_per_row_group: int = 128
     """Whole images per Parquet row group (the unit of shuffling and per-image reading)."""
     images_per_file: int = 4096
-    """Whole images per shard file."""
+    """Whole images per shard file; also the unit of resumption after a crash."""
     device: str = "auto"
     """'auto' (CUDA, then MPS, then CPU), or a torch device string."""
+    n_workers: int = 4
+    """Threads that decode and preprocess the next batch while the model runs this one."""
+    max_pixels: int = 64_000_000
+    """Images with more pixels than this are skipped (decompression-bomb guard)."""
+    strict: bool = False
+    """Stop at the first bad image instead of skipping it and listing it in skipped.json."""
+    overwrite: bool = False
+    """Replace an existing shard set that was made differently instead of refusing."""
 
     def __post_init__(self):
         if not self.layers:
             raise ValueError("extract.layers: give at least one layer")
-        for name in ("batch_size", "images_per_row_group", "images_per_file"):
+        for name in (
+            "batch_size",
+            "images_per_row_group",
+            "images_per_file",
+            "n_workers",
+            "max_pixels",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"extract.{name} must be positive, got {getattr(self, name)}")
-        if self.tokens not in ("all", "cls", "patches"):
-            raise ValueError(f"extract.tokens must be all|cls|patches, got {self.tokens!r}")
+        if self.tokens not in ("all", "cls", "registers", "patches"):
+            raise ValueError(
+                f"extract.tokens must be all|cls|registers|patches, got {self.tokens!r}"
+            )
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"extract.dtype must be float16|float32, got {self.dtype!r}")
+        if self.precision not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"extract.precision must be auto|float32|float16|bfloat16, got {self.precision!r}"
+            )
+
+
+class ShardSetMismatch(ValueError):
+    """An existing shard set was made differently from what this run asks for."""
 
 
 def patch_majority(mask, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
@@ -78,166 +128,431 @@ def patch_majority(mask, grid: tuple[int, int], size: tuple[int, int]) -> np.nda
     return counts.argmax(1)  # ties go to the lower value (background first)
 
 
-def _open_image(record: ImageRecord):
-    from PIL import Image
-
-    with Image.open(record.path) as im:
-        return im.convert("RGB")
+# ---------------------------------------------------------------------------------------------
+# The run
 
 
 def extract(cfg: ExtractConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the extraction described by `cfg`; returns the manifest dict."""
-    import torch
-    from tqdm import tqdm
-
-    from saev_core.backbone import load_backbone, preprocess, record_blocks, resolve_layer
+    """Run the extraction described by `cfg`; returns the manifest dict of the shard set."""
+    from saev_core.backbone import load_backbone, resolve_layer, token_indices
 
     started = time.time()
-    records = load_records(cfg.data, cfg.splits)
-    bb = load_backbone(cfg.model, device=None if cfg.device == "auto" else cfg.device)
-    layers = sorted({resolve_layer(layer, bb.n_layers) for layer in cfg.layers})
-    n_prefix, n_patches = bb.n_prefix_tokens, bb.n_patches
-    all_tokens = np.arange(n_prefix + n_patches, dtype=np.int32)
-    written = {
-        "all": all_tokens,
-        "cls": all_tokens[:n_prefix],
-        "patches": all_tokens[n_prefix:],
-    }[cfg.tokens]
-    if len(written) == 0:
-        raise ValueError(f"token policy {cfg.tokens!r} selects no token for {cfg.model}")
-    dtype = np.dtype(cfg.dtype)
-    size = bb.image_size
-
     out_dir = Path(cfg.out_dir)
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
-    tmp_dir.mkdir(parents=True)
-    try:
-        files: list[dict[str, Any]] = []
-        image_rows: list[dict[str, Any]] = []
-        label_rows: dict[str, list] = {"image_id": [], "token": [], "label": []}
-        skipped: list[dict[str, str]] = []
-        split_counts: dict[str, int] = {}
-        bar = tqdm(total=len(records), desc="extract", unit="img", disable=not progress)
-        for split in dict.fromkeys(r.split for r in records):
-            split_records = [r for r in records if r.split == split]
-            writers = {
-                layer: shards.ShardWriter(
-                    tmp_dir,
-                    layer,
-                    split,
-                    bb.d_model,
-                    dtype,
-                    len(written),
-                    cfg.images_per_row_group,
-                    cfg.images_per_file,
-                )
-                for layer in layers
-            }
-            for start in range(0, len(split_records), cfg.batch_size):
-                batch, images = [], []
-                for r in split_records[start : start + cfg.batch_size]:
-                    try:
-                        images.append(_open_image(r))
-                        batch.append(r)
-                    except Exception as e:  # corrupt or unreadable file: skip and report
-                        skipped.append({"path": str(r.path), "reason": f"{type(e).__name__}: {e}"})
-                bar.update(len(split_records[start : start + cfg.batch_size]))
-                if not batch:
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    old = out_dir.parent / f".{out_dir.name}.old"
+    _recover_publication(out_dir, partial, old)
+
+    records = load_records(cfg.data, cfg.splits)
+    device = None if cfg.device == "auto" else cfg.device
+    bb = load_backbone(cfg.model, device=device, dtype=cfg.precision)
+    layers = sorted({resolve_layer(layer, bb.n_layers) for layer in cfg.layers})
+    written = np.asarray(token_indices(bb, cfg.tokens), dtype=np.int32)
+    identity = _identity(cfg, bb, layers, written)
+
+    base = _existing(out_dir, identity, cfg.overwrite)
+    known = set(base["keys"]) if base else set()
+    todo = [r for r in records if r.key not in known]
+    if base and not todo:
+        print(f"{out_dir}: up to date, all {len(records)} images already extracted")
+        return base["manifest"]
+
+    plan = _plan(identity, todo, base, cfg.images_per_file)
+    done = _open_staging(partial, plan, base, out_dir)
+    n_todo = sum(len(c["keys"]) for c in plan["chunks"] if c["name"] not in done)
+    if done:
+        print(f"resuming {out_dir}: {len(done)} of {len(plan['chunks'])} chunks already done")
+
+    by_key = {r.key: r for r in todo}
+    extractor = _ChunkExtractor(cfg, bb, layers, written, partial)
+    from tqdm import tqdm
+
+    with tqdm(total=n_todo, desc="extract", unit="img", disable=not progress) as bar:
+        try:
+            for chunk in plan["chunks"]:
+                if chunk["name"] in done:
                     continue
-                pixels = preprocess(bb, images)
-                with torch.no_grad(), record_blocks(bb, layers) as acts:
-                    bb.model(pixel_values=pixels)
-                ids = np.array([r.image_id for r in batch], dtype=np.int64)
-                for layer in layers:
-                    a = acts[layer][:, written, :].float().cpu().numpy()
-                    if a.shape[1] != len(written):
-                        raise ValueError(f"layer {layer} gave {a.shape[1]} tokens")
-                    writers[layer].add(ids, written, a)
-                for r in batch:
-                    image_rows.append(
-                        {
-                            "image_id": r.image_id,
-                            "split": r.split,
-                            "path": str(r.path),
-                            "labels": list(r.labels),
-                        }
-                    )
-                    if r.mask_path is not None and n_patches:
-                        _add_patch_labels(label_rows, r, bb.grid, size, n_prefix)
-            for w in writers.values():
-                files += w.close()
-            split_counts[split] = sum(1 for row in image_rows if row["split"] == split)
-        bar.close()
-        if not image_rows:
-            raise ValueError(f"no readable image in {cfg.data} ({len(skipped)} skipped)")
+                recs = [by_key[k] for k in chunk["keys"]]
+                extractor.run(chunk, recs, bar)
+        finally:
+            extractor.close()
 
-        images_table = pa.table(
-            {
-                "image_id": pa.array([r["image_id"] for r in image_rows], pa.int64()),
-                "split": pa.array([r["split"] for r in image_rows], pa.string()),
-                "path": pa.array([r["path"] for r in image_rows], pa.string()),
-                "labels": pa.array([r["labels"] for r in image_rows], pa.list_(pa.string())),
-            }
-        )
-        shards.atomic_write_table(images_table, tmp_dir / shards.IMAGES)
-        labels_table = pa.table(
-            {
-                "image_id": pa.array(label_rows["image_id"], pa.int64()),
-                "token": pa.array(label_rows["token"], pa.int32()),
-                "label": pa.array(label_rows["label"], pa.string()),
-            }
-        )
-        shards.atomic_write_table(labels_table, tmp_dir / shards.PATCH_LABELS)
+    manifest = _assemble(partial, plan, base, cfg, out_dir, written, identity)
+    _publish(out_dir, partial, old)
+    added = manifest["n_images"] - (base["manifest"]["n_images"] if base else 0)
+    print(
+        f"{out_dir}: {added} images extracted in {time.time() - started:.1f} s "
+        f"({manifest['n_images']} in the set, {len(manifest['skipped'])} skipped in all)"
+    )
+    return manifest
 
-        manifest = {
-            "schema": shards.SCHEMA_VERSION,
+
+def _identity(cfg: ExtractConfig, bb: Any, layers: list[int], written: np.ndarray) -> dict:
+    """Everything that must agree for two runs' vectors to belong in one shard set."""
+    return json_safe(
+        {
             "model": {
                 "name": cfg.model,
                 "class": type(bb.model).__name__,
                 "weights_sha256": bb.weights_sha256,
+                "precision": str(bb.dtype).removeprefix("torch."),
             },
-            "preprocessing": json_safe(bb.processor.to_dict()),
+            "preprocessing": bb.processor.to_dict(),
             "layers": layers,
             "tokens": {
                 "policy": cfg.tokens,
-                "n_prefix_tokens": n_prefix,
-                "n_patches": n_patches,
+                "n_prefix_tokens": bb.n_prefix_tokens,
+                "n_registers": bb.n_registers,
+                "has_cls": bb.has_cls,
+                "n_patches": bb.n_patches,
                 "grid": list(bb.grid),
                 "written": written.tolist(),
                 "n_tokens_written": len(written),
-                "layout": "token 0 = CLS, then registers, then patches in row-major order",
+                "layout": "token 0 = CLS (if any), then registers, then patches in row-major order",
             },
             "dtype": cfg.dtype,
             "d_model": bb.d_model,
-            "n_images": len(image_rows),
-            "splits": split_counts,
-            "rows_per_layer": len(image_rows) * len(written),
-            "labels": sorted({lab for r in image_rows for lab in r["labels"]}),
-            "skipped": skipped,
             "source": str(cfg.data),
-            "files": files,
-            "seconds": round(time.time() - started, 2),
         }
-        shards.atomic_write_json(tmp_dir / shards.MANIFEST, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+    )
+
+
+def _existing(out_dir: Path, identity: dict, overwrite: bool) -> dict | None:
+    """The existing complete shard set at `out_dir` if this run may extend it, else None."""
+    if not out_dir.exists():
+        return None
+    if not (out_dir / shards.MANIFEST).exists():
+        if overwrite or not any(out_dir.iterdir()):
+            return None
+        raise ShardSetMismatch(
+            f"{out_dir} exists but holds no {shards.MANIFEST}: not a shard set. Choose another "
+            "out_dir, delete it, or set overwrite to replace it."
+        )
+    manifest = json.loads((out_dir / shards.MANIFEST).read_text())
+    theirs = {k: manifest.get(k) for k in identity}
+    if theirs != identity:
+        if overwrite:
+            print(f"{out_dir}: made differently, replacing it (overwrite=True)")
+            return None
+        diffs = [k for k in identity if theirs.get(k) != identity[k]]
+        detail = "; ".join(
+            f"{k}: has {_short(theirs.get(k))}, this run {_short(identity[k])}" for k in diffs
+        )
+        raise ShardSetMismatch(
+            f"{out_dir} holds shards made differently ({detail}). Refusing to mix them: choose "
+            "another out_dir, or set overwrite to replace the set."
+        )
+    images = pq.read_table(out_dir / shards.IMAGES, columns=["key"]).column("key").to_pylist()
+    return {"manifest": manifest, "keys": images}
+
+
+def _short(value: Any, width: int = 80) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _plan(identity: dict, todo: list[ImageRecord], base: dict | None, per_file: int) -> dict:
+    """Image ids and chunks for the images to extract; identical for identical inputs."""
+    next_id = 0
+    next_index: dict[str, int] = {}
+    if base:
+        next_id = int(base["manifest"]["next_image_id"])
+        for f in base["manifest"]["files"]:
+            index = int(Path(f["path"]).stem.rsplit("-", 1)[1])
+            next_index[f["split"]] = max(next_index.get(f["split"], 0), index + 1)
+        for entry in base["manifest"]["chunks"]:
+            index = int(entry.rsplit("-", 1)[1])
+            split = entry.rsplit("-", 1)[0]
+            next_index[split] = max(next_index.get(split, 0), index + 1)
+    chunks = []
+    for split in dict.fromkeys(r.split for r in todo):
+        recs = [r for r in todo if r.split == split]
+        for start in range(0, len(recs), per_file):
+            part = recs[start : start + per_file]
+            index = next_index.get(split, 0)
+            next_index[split] = index + 1
+            chunks.append(
+                {
+                    "name": f"{split}-{index:05d}",
+                    "split": split,
+                    "index": index,
+                    "keys": [r.key for r in part],
+                    # Fresh sets keep the source's ids; appended images continue after the last.
+                    "ids": [
+                        r.image_id if not base else next_id + start + i for i, r in enumerate(part)
+                    ],
+                }
+            )
+        if base:
+            next_id += len(recs)
+    return {"identity": identity, "chunks": chunks}
+
+
+def _open_staging(partial: Path, plan: dict, base: dict | None, out_dir: Path) -> set[str]:
+    """Prepare `partial` for `plan`; returns the names of chunks a previous run finished."""
+    done: set[str] = set()
+    if (partial / PLAN).exists() and json.loads((partial / PLAN).read_text()) == plan:
+        for record in sorted((partial / CHUNKS).glob("*.json")):
+            done.add(record.stem)
+    elif partial.exists():
+        print(f"discarding {partial}: left by an interrupted run with different inputs")
+        shutil.rmtree(partial)
+    if not done:
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / CHUNKS).mkdir(parents=True)
+        if base:  # start from the existing set: hard links, so nothing is copied or moved
+            for f in base["manifest"]["files"]:
+                (partial / f["path"]).parent.mkdir(parents=True, exist_ok=True)
+                _link(out_dir / f["path"], partial / f["path"])
+        shards.atomic_write_json(partial / PLAN, plan)
+        return done
+    # Keep exactly the files of base and finished chunks; anything else is a crash's leftover.
+    keep = {f["path"] for f in base["manifest"]["files"]} if base else set()
+    for name in done:
+        keep.update(f["path"] for f in _chunk_record(partial, name)["files"])
+    for path in partial.glob("layer=*/*"):
+        if str(path.relative_to(partial)) not in keep:
+            path.unlink()
+    for path in (partial / CHUNKS).iterdir():
+        if path.name.split(".")[0] not in done:
+            path.unlink()
+    for path in partial.iterdir():  # e.g. images.parquet.tmp of a crash while assembling
+        if path.is_file() and path.name != PLAN:
+            path.unlink()
+    return done
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # file systems without hard links
+        shutil.copy2(src, dst)
+
+
+def _chunk_record(partial: Path, name: str) -> dict:
+    return json.loads((partial / CHUNKS / f"{name}.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# One chunk: batches through the model, into one file per layer
+
+
+class _ChunkExtractor:
+    """Runs the chunks of a plan; decoding of the next batch overlaps the current forward."""
+
+    def __init__(self, cfg: ExtractConfig, bb: Any, layers: list[int], written, partial: Path):
+        self.cfg, self.bb, self.layers, self.written, self.partial = (
+            cfg,
+            bb,
+            layers,
+            written,
+            partial,
+        )
+        self.decoders = ThreadPoolExecutor(cfg.n_workers, thread_name_prefix="decode")
+        self.prefetch = ThreadPoolExecutor(1, thread_name_prefix="batch")
+
+    def close(self) -> None:
+        self.prefetch.shutdown(wait=True, cancel_futures=True)
+        self.decoders.shutdown(wait=True, cancel_futures=True)
+
+    def _decode(self, rec: ImageRecord):
+        try:
+            return open_image(rec, max_pixels=self.cfg.max_pixels), None
+        except BadImage as e:
+            if self.cfg.strict:
+                raise BadImage(f"{rec.path}: {e} (strict mode stops at bad images)") from e
+            return None, {"key": rec.key, "path": str(rec.path), "reason": str(e)}
+
+    def _prepare(self, recs: list[ImageRecord]):
+        """Decode and preprocess one batch: (kept records, pixel_values or None, skipped)."""
+        from saev_core.backbone import preprocess
+
+        decoded = list(self.decoders.map(self._decode, recs))
+        kept = [(r, im) for r, (im, _) in zip(recs, decoded, strict=True) if im is not None]
+        skipped = [s for _, s in decoded if s is not None]
+        if not kept:
+            return [], None, skipped
+        pixels = preprocess(self.bb, [im for _, im in kept])
+        return [r for r, _ in kept], pixels, skipped
+
+    def run(self, chunk: dict, recs: list[ImageRecord], bar: Any) -> None:
+        import torch
+
+        from saev_core.backbone import record_blocks
+
+        cfg, bb = self.cfg, self.bb
+        id_of = dict(zip(chunk["keys"], chunk["ids"], strict=True))
+        writers = {
+            layer: shards.ShardWriter(
+                self.partial,
+                layer,
+                chunk["split"],
+                bb.d_model,
+                np.dtype(cfg.dtype),
+                len(self.written),
+                cfg.images_per_row_group,
+                cfg.images_per_file,
+                first_index=chunk["index"],
+            )
+            for layer in self.layers
+        }
+        batches = [recs[i : i + cfg.batch_size] for i in range(0, len(recs), cfg.batch_size)]
+        image_rows: list[dict] = []
+        label_rows: dict[str, list] = {"image_id": [], "token": [], "label": []}
+        skipped: list[dict] = []
+        written_t = torch.as_tensor(self.written, device=bb.device, dtype=torch.long)
+        store = getattr(torch, cfg.dtype)
+        pending: Future | None = (
+            self.prefetch.submit(self._prepare, batches[0]) if batches else None
+        )
+        for b in range(len(batches)):
+            kept, pixels, bad = pending.result()
+            pending = (
+                self.prefetch.submit(self._prepare, batches[b + 1])
+                if b + 1 < len(batches)
+                else None
+            )
+            skipped += bad
+            bar.update(len(batches[b]))
+            if not kept:
+                continue
+            with torch.inference_mode(), record_blocks(bb, self.layers) as acts:
+                bb.model(pixel_values=pixels)
+            ids = np.array([id_of[r.key] for r in kept], dtype=np.int64)
+            for layer in self.layers:
+                x = acts[layer].index_select(1, written_t).to(store).cpu().numpy()
+                if not np.isfinite(x).all():
+                    bad_ids = ids[~np.isfinite(x).all(axis=(1, 2))].tolist()
+                    raise ValueError(
+                        f"non-finite activations at layer {layer} for image ids {bad_ids[:10]} "
+                        f"(dtype {cfg.dtype}; float16 overflows above 65504: try dtype float32)"
+                    )
+                writers[layer].add(ids, self.written, x)
+            for r, image_id in zip(kept, ids, strict=True):
+                image_rows.append(
+                    {
+                        "image_id": int(image_id),
+                        "key": r.key,
+                        "split": r.split,
+                        "path": str(r.path),
+                        "labels": list(r.labels),
+                    }
+                )
+                if r.mask_labels and bb.n_patches:
+                    _add_patch_labels(label_rows, r, int(image_id), bb)
+        files = []
+        for w in writers.values():
+            files += w.close()
+        # The chunk is done once this record exists: tables first, the json (the marker) last.
+        stem = self.partial / CHUNKS / chunk["name"]
+        shards.atomic_write_table(_images_table(image_rows), Path(f"{stem}.images.parquet"))
+        shards.atomic_write_table(_labels_table(label_rows), Path(f"{stem}.labels.parquet"))
+        shards.atomic_write_json(Path(f"{stem}.json"), {"files": files, "skipped": skipped})
+
+
+def _add_patch_labels(rows: dict, record: ImageRecord, image_id: int, bb: Any) -> None:
+    mask = np.asarray(open_mask(record))
+    values = patch_majority(mask, bb.grid, bb.image_size)
+    for patch, value in enumerate(values):
+        for label in record.mask_labels.get(int(value), ()):
+            rows["image_id"].append(image_id)
+            rows["token"].append(bb.n_prefix_tokens + patch)
+            rows["label"].append(label)
+
+
+def _images_table(rows: list[dict]) -> pa.Table:
+    return pa.table(
+        {
+            "image_id": pa.array([r["image_id"] for r in rows], pa.int64()),
+            "key": pa.array([r["key"] for r in rows], pa.string()),
+            "split": pa.array([r["split"] for r in rows], pa.string()),
+            "path": pa.array([r["path"] for r in rows], pa.string()),
+            "labels": pa.array([r["labels"] for r in rows], pa.list_(pa.string())),
+        }
+    )
+
+
+def _labels_table(rows: dict) -> pa.Table:
+    return pa.table(
+        {
+            "image_id": pa.array(rows["image_id"], pa.int64()),
+            "token": pa.array(rows["token"], pa.int32()),
+            "label": pa.array(rows["label"], pa.string()),
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Finishing: one manifest over base + new chunks, then an atomic swap
+
+
+def _assemble(partial, plan, base, cfg, out_dir, written, identity) -> dict[str, Any]:
+    """Write images, labels, skipped report and manifest for the finished staging directory."""
+    images = [pq.read_table(out_dir / shards.IMAGES)] if base else []
+    labels = [pq.read_table(out_dir / shards.PATCH_LABELS)] if base else []
+    files = list(base["manifest"]["files"]) if base else []
+    skipped = list(base["manifest"]["skipped"]) if base else []
+    chunk_names = list(base["manifest"]["chunks"]) if base else []
+    for chunk in plan["chunks"]:
+        stem = partial / CHUNKS / chunk["name"]
+        images.append(pq.read_table(f"{stem}.images.parquet"))
+        labels.append(pq.read_table(f"{stem}.labels.parquet"))
+        record = _chunk_record(partial, chunk["name"])
+        files += record["files"]
+        skipped += record["skipped"]
+        chunk_names.append(chunk["name"])
+    images_t = pa.concat_tables(images).sort_by("image_id")
+    labels_t = pa.concat_tables(labels).sort_by([("image_id", "ascending"), ("token", "ascending")])
+    if images_t.num_rows == 0:
+        raise ValueError(f"no readable image in {cfg.data} ({len(skipped)} skipped)")
+    shards.atomic_write_table(images_t, partial / shards.IMAGES)
+    shards.atomic_write_table(labels_t, partial / shards.PATCH_LABELS)
+    shards.atomic_write_json(partial / SKIPPED, skipped)
+
+    files.sort(key=lambda f: (f["layer"], f["split"], f["path"]))
+    splits = images_t.column("split").to_pylist()
+    labels_list = images_t.column("labels").to_pylist()
+    n_added = images_t.num_rows - (base["manifest"]["n_images"] if base else 0)
+    manifest = {
+        "schema": shards.SCHEMA_VERSION,
+        **identity,
+        "n_images": images_t.num_rows,
+        "splits": {s: splits.count(s) for s in dict.fromkeys(splits)},
+        "rows_per_layer": images_t.num_rows * len(written),
+        "labels": sorted({lab for labs in labels_list for lab in labs}),
+        "skipped": skipped,
+        "files": files,
+        "chunks": chunk_names,
+        "next_image_id": max(
+            [max(images_t.column("image_id").to_pylist()) + 1]
+            + [max(c["ids"]) + 1 for c in plan["chunks"]]
+        ),
+        "history": (base["manifest"]["history"] if base else [])
+        + [{"chunks": [c["name"] for c in plan["chunks"]], "added_images": n_added}],
+    }
+    # The manifest marks the staging directory complete; the plan and chunk records go after it.
+    shards.atomic_write_json(partial / shards.MANIFEST, manifest)
+    (partial / PLAN).unlink()
+    shutil.rmtree(partial / CHUNKS)
     return manifest
 
 
-def _add_patch_labels(rows, record: ImageRecord, grid, size, n_prefix: int) -> None:
-    from PIL import Image
+def _publish(out_dir: Path, partial: Path, old: Path) -> None:
+    """Swap the complete staging directory in for `out_dir` with renames only."""
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(partial, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
-    with Image.open(record.mask_path) as im:
-        mask = np.asarray(im.convert("L"))
-    values = patch_majority(mask, grid, size)
-    for patch, value in enumerate(values):
-        for label in record.mask_labels.get(int(value), ()):
-            rows["image_id"].append(record.image_id)
-            rows["token"].append(n_prefix + patch)
-            rows["label"].append(label)
+
+def _recover_publication(out_dir: Path, partial: Path, old: Path) -> None:
+    """Finish or undo a publication a crash interrupted (see `_publish`)."""
+    complete = (partial / shards.MANIFEST).exists()
+    if complete:  # killed after assembling: the plan/chunks cleanup and the swap may be pending
+        (partial / PLAN).unlink(missing_ok=True)
+        shutil.rmtree(partial / CHUNKS, ignore_errors=True)
+        if out_dir.exists() and not old.exists():
+            os.replace(out_dir, old)
+        os.replace(partial, out_dir)
+    elif old.exists() and not out_dir.exists():
+        os.replace(old, out_dir)  # killed between the two renames of an unfinished swap
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,11 +1,18 @@
 """The validate stage: a Great Expectations suite over a shard set.
 
 What a shard set promises (DESIGN.md "Shards"), checked file by file and layer by layer:
+- the manifest against the files: every listed file exists with the listed row count (from the
+  Parquet footer) and sha256, no unlisted shard file lies in a layer directory, and the image
+  table has the manifest's image count;
 - every file: row count as the manifest says, no null keys, tokens within the layout, vectors of
   the manifest's width, no NaN or Inf in any vector;
-- every layer: `(image_id, token)` unique, and rows = images x tokens written.
-A failure raises `ShardValidationError` naming the check and the file; the full result is written
-as JSON either way.
+- every layer: `(image_id, token)` unique, every image_id in the image table, and rows = images
+  x tokens written.
+Vectors whose norm is an outlier within their file (robust z-score above `OUTLIER_Z`: ViTs grow
+a few high-norm tokens, Darcet et al. 2023) are a *warning*: counted and listed in the report,
+never dropped and never a failure. A failed critical check raises `ShardValidationError` naming
+the check and the file; the full result is written as JSON either way (deterministic: no
+timestamps, so an unchanged shard set gives an unchanged report).
 """
 
 from __future__ import annotations
@@ -28,8 +35,20 @@ class ValidateConfig:
 
     shard_dir: str = "artifacts/activations/shapes"
     """The shard set to check."""
-    report: str = "artifacts/validation/shapes.json"
-    """Where the Great Expectations result (JSON) is written."""
+    report: str = "artifacts/activations/shapes.validation.json"
+    """Where the Great Expectations result (JSON) is written: next to the shard set."""
+
+    def __post_init__(self):
+        if Path(self.report).resolve().is_relative_to(Path(self.shard_dir).resolve()):
+            raise ValueError(
+                f"validate.report {self.report} lies inside the shard set {self.shard_dir}: "
+                "put it next to it (the shard set is the extract stage's output)"
+            )
+
+
+OUTLIER_Z = 10.0
+"""Robust z-score (median and MAD of the file's vector norms) above which a norm is flagged."""
+N_OUTLIER_EXAMPLES = 20
 
 
 class ShardValidationError(RuntimeError):
@@ -68,9 +87,62 @@ def _file_frame(path: Path, m: shards.Manifest) -> pd.DataFrame:
     if width == m.d_model * m.dtype.itemsize:
         acts = shards.arrow_to_acts(col, m.dtype, m.d_model)
         frame["n_nonfinite"] = (~np.isfinite(acts)).sum(axis=1)
+        norm = np.linalg.norm(acts.astype(np.float32), axis=1)
     else:
         frame["n_nonfinite"] = 0  # the width check reports this file; its values cannot be read
+        norm = np.zeros(len(table), np.float32)
+    finite = np.isfinite(norm)
+    med = float(np.median(norm[finite])) if finite.any() else 0.0
+    mad = float(np.median(np.abs(norm[finite] - med))) * 1.4826 if finite.any() else 0.0
+    frame["norm"] = norm
+    frame["norm_z"] = (norm - med) / max(mad, 1e-6 * max(med, 1e-12))
     return frame
+
+
+def _manifest_frame(m: shards.Manifest) -> pd.DataFrame:
+    """One row per shard file, listed or found: what the manifest says against what is there."""
+    rows = []
+    listed = {f["path"] for f in m.data["files"]}
+    for f in m.data["files"]:
+        path = m.dir / f["path"]
+        exists = path.exists()
+        rows.append(
+            {
+                "path": f["path"],
+                "listed": True,
+                "exists": exists,
+                "rows_manifest": int(f["rows"]),
+                "rows_file": pq.ParquetFile(path).metadata.num_rows if exists else -1,
+                "sha256_matches": exists and shards.sha256_file(path) == f["sha256"],
+            }
+        )
+    for path in sorted(m.dir.glob("layer=*/*")):
+        rel = str(path.relative_to(m.dir))
+        if rel not in listed:
+            rows.append(
+                {
+                    "path": rel,
+                    "listed": False,
+                    "exists": True,
+                    "rows_manifest": -1,
+                    "rows_file": -1,
+                    "sha256_matches": False,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _missing(file: str, detail: str) -> dict[str, Any]:
+    """A failed check for a file that is not there or cannot be read."""
+    return {
+        "file": file,
+        "check": "file_readable",
+        "column": "",
+        "success": False,
+        "severity": "critical",
+        "detail": detail,
+        "exception": None,
+    }
 
 
 def validate_shards(shard_dir: str | Path, report_path: str | Path | None = None) -> dict[str, Any]:
@@ -110,6 +182,9 @@ def validate_shards(shard_dir: str | Path, report_path: str | Path | None = None
                     "column": cfg.kwargs.get("column")
                     or ",".join(cfg.kwargs.get("column_list", [])),
                     "success": bool(r.success),
+                    "severity": str(getattr(cfg, "severity", "critical").value)
+                    if hasattr(getattr(cfg, "severity", None), "value")
+                    else "critical",
                     "detail": detail if not r.success else "ok",
                     "exception": (r.exception_info or {}).get("exception_message"),
                 }
@@ -117,22 +192,48 @@ def validate_shards(shard_dir: str | Path, report_path: str | Path | None = None
         return out
 
     checks: list[dict[str, Any]] = []
+    files = _manifest_frame(m)
+    checks += run(
+        "manifest",
+        files,
+        [
+            gxe.ExpectColumnValuesToBeInSet(column="listed", value_set=[True]),
+            gxe.ExpectColumnValuesToBeInSet(column="exists", value_set=[True]),
+            gxe.ExpectColumnPairValuesToBeEqual(column_A="rows_manifest", column_B="rows_file"),
+            gxe.ExpectColumnValuesToBeInSet(column="sha256_matches", value_set=[True]),
+        ],
+        shards.MANIFEST,
+    )
+    image_ids = None
+    if (m.dir / shards.IMAGES).exists():
+        images = shards.read_images(m.dir)
+        image_ids = images["image_id"].tolist()
+        checks += run(
+            "images",
+            images[["image_id", "split"]],
+            [
+                gxe.ExpectTableRowCountToEqual(value=int(m.data["n_images"])),
+                gxe.ExpectColumnValuesToBeUnique(column="image_id"),
+                gxe.ExpectColumnValuesToNotBeNull(column="split"),
+            ],
+            shards.IMAGES,
+        )
+    else:
+        checks.append(_missing(shards.IMAGES, "the image table is missing"))
+    outliers: list[pd.DataFrame] = []
+    n_outliers = 0
     for layer in m.layers:
         keys = []
         for i, f in enumerate(m.files(layer)):
             path = m.dir / f["path"]
             if not path.exists():
-                checks.append(
-                    {
-                        "file": f["path"],
-                        "check": "file_exists",
-                        "column": "",
-                        "success": False,
-                        "detail": "listed in the manifest but missing",
-                    }
-                )
+                checks.append(_missing(f["path"], "listed in the manifest but missing"))
                 continue
-            frame = _file_frame(path, m)
+            try:
+                frame = _file_frame(path, m)
+            except Exception as e:  # a damaged footer or page: report it, check the rest
+                checks.append(_missing(f["path"], f"unreadable: {type(e).__name__}: {e}"))
+                continue
             checks += run(
                 f"file-{layer}-{i}",
                 frame,
@@ -149,10 +250,16 @@ def validate_shards(shard_dir: str | Path, report_path: str | Path | None = None
                     gxe.ExpectColumnValuesToBeBetween(
                         column="n_nonfinite", min_value=0, max_value=0
                     ),
+                    gxe.ExpectColumnValuesToBeBetween(
+                        column="norm_z", max_value=OUTLIER_Z, severity="warning"
+                    ),
                 ],
                 f["path"],
             )
             keys.append(frame[["image_id", "token"]])
+            flagged = frame[frame["norm_z"] > OUTLIER_Z]
+            n_outliers += len(flagged)
+            outliers.append(flagged.nlargest(N_OUTLIER_EXAMPLES, "norm_z").assign(layer=layer))
         if keys:
             checks += run(
                 f"layer-{layer}",
@@ -160,17 +267,41 @@ def validate_shards(shard_dir: str | Path, report_path: str | Path | None = None
                 [
                     gxe.ExpectCompoundColumnsToBeUnique(column_list=["image_id", "token"]),
                     gxe.ExpectTableRowCountToEqual(value=int(m.data["n_images"]) * n_tokens),
-                ],
+                ]
+                + (
+                    [gxe.ExpectColumnValuesToBeInSet(column="image_id", value_set=image_ids)]
+                    if image_ids is not None
+                    else []
+                ),
                 f"layer={layer}/*",
             )
 
-    failures = [c for c in checks if not c["success"]]
+    failures = [c for c in checks if not c["success"] and c["severity"] == "critical"]
+    warnings = [c for c in checks if not c["success"] and c["severity"] != "critical"]
+    examples = pd.concat(outliers) if outliers else pd.DataFrame()
+    if len(examples):
+        examples = examples.nlargest(N_OUTLIER_EXAMPLES, "norm_z")
     report = {
         "shard_dir": str(m.dir),
         "manifest_sha256": m.sha256,
         "success": not failures,
         "n_checks": len(checks),
         "n_failed": len(failures),
+        "n_warnings": len(warnings),
+        "norm_outliers": {
+            "threshold_robust_z": OUTLIER_Z,
+            "count": n_outliers,
+            "examples": [
+                {
+                    "layer": int(r.layer),
+                    "image_id": int(r.image_id),
+                    "token": int(r.token),
+                    "norm": round(float(r.norm), 4),
+                    "robust_z": round(float(r.norm_z), 2),
+                }
+                for r in examples.itertuples()
+            ],
+        },
         "checks": checks,
     }
     if report_path is not None:

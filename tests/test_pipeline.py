@@ -36,7 +36,7 @@ TINY_PARAMS = {
     },
     "validate": {
         "shard_dir": "artifacts/activations/shapes",
-        "report": "artifacts/validation/shapes.json",
+        "report": "artifacts/activations/shapes.validation.json",
     },
     "train": {
         "shard_dir": "artifacts/activations/shapes",
@@ -106,7 +106,7 @@ def test_dvc_repro_end_to_end(tiny_world, tmp_path):
     for path in (
         "artifacts/backbone/model.safetensors",
         "artifacts/activations/shapes/manifest.json",
-        "artifacts/validation/shapes.json",
+        "artifacts/activations/shapes.validation.json",
         "artifacts/saes/demo/sae.safetensors",
         "artifacts/saes/demo/cfg.json",
         "artifacts/stats/demo/feature_labels.parquet",

@@ -1,20 +1,28 @@
-"""Shard writer and readers: layout, exact round trip, each vector once per shuffled epoch."""
+"""Shard writer and readers: layout, exact round trip, each vector once per shuffled epoch,
+determinism, per-image grouping, clean shutdown of the reader threads, bounded memory."""
 
+import gc
 import json
+import threading
+import tracemalloc
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from saev_core import shards
 
 
-def write_set(root, n_images=10, n_tokens=5, d=6, dtype="float16", per_group=3, per_file=4):
-    """A tiny shard set with a manifest, the way extract writes one."""
+def write_set(
+    root, n_images=10, n_tokens=5, d=6, dtype="float16", per_group=3, per_file=4, n_train=7
+):
+    """A tiny shard set with a manifest, the way extract writes one (train, then val images)."""
     rng = np.random.default_rng(0)
     acts = rng.normal(size=(n_images, n_tokens, d)).astype(dtype)
     files = []
-    for split, ids in (("train", np.arange(0, 7)), ("val", np.arange(7, n_images))):
+    for split, ids in (("train", np.arange(0, n_train)), ("val", np.arange(n_train, n_images))):
         w = shards.ShardWriter(root, 0, split, d, np.dtype(dtype), n_tokens, per_group, per_file)
         for start in range(0, len(ids), 2):  # odd batch sizes vs groups and files
             sel = ids[start : start + 2]
@@ -36,6 +44,13 @@ def write_set(root, n_images=10, n_tokens=5, d=6, dtype="float16", per_group=3, 
         "n_images": n_images,
         "files": files,
     }
+    images = pa.table(
+        {
+            "image_id": pa.array(np.arange(n_images), pa.int64()),
+            "split": ["train"] * 7 + ["val"] * (n_images - 7),
+        }
+    )
+    pq.write_table(images, root / shards.IMAGES)
     (root / shards.MANIFEST).write_text(json.dumps(manifest))
     return acts
 
@@ -120,3 +135,230 @@ def test_width_mismatch_refused(tmp_path):
     table = pq.read_table(tmp_path / "layer=0/train-00000.parquet")
     with pytest.raises(ValueError, match="width"):
         shards.arrow_to_acts(table.column("act"), np.dtype("float32"), 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# shuffled loader
+
+
+def rows_sorted(a):
+    """The rows of `a` in lexicographic order: compares two sets of vectors as multisets."""
+    return a[np.lexsort(a.T[::-1])]
+
+
+def reader_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith("saev-")]
+
+
+def shuffled(root, **kw):
+    kw = {"batch_size": 8, "seed": 0, "buffer_groups": 2, **kw}
+    return np.concatenate(list(shards.iter_shuffled(root, 0, **kw)))
+
+
+@pytest.mark.parametrize("tokens", ["all", "patches", "prefix"])
+@pytest.mark.parametrize("dtype", ["float32", None])
+def test_shuffled_each_vector_once_with_token_filters(tmp_path, tokens, dtype):
+    acts = write_set(tmp_path, n_images=20, n_train=20, per_group=2, per_file=6)
+    keep = {"all": slice(None), "patches": slice(1, None), "prefix": slice(0, 1)}[tokens]
+    want = acts[:, keep].reshape(-1, 6)
+    got = shuffled(tmp_path, tokens=tokens, dtype=dtype)
+    assert got.dtype == (np.float32 if dtype else np.float16)
+    np.testing.assert_array_equal(rows_sorted(got), rows_sorted(want.astype(got.dtype)))
+
+
+def test_shuffled_drop_last_and_batch_sizes(tmp_path):
+    write_set(tmp_path, n_images=20, n_train=20, per_group=2, per_file=6)  # 100 rows
+    sizes = [len(b) for b in shards.iter_shuffled(tmp_path, 0, 16, seed=3, buffer_groups=3)]
+    assert sizes == [16] * 6 + [4]
+    sizes = [
+        len(b)
+        for b in shards.iter_shuffled(tmp_path, 0, 16, seed=3, buffer_groups=3, drop_last=True)
+    ]
+    assert sizes == [16] * 6
+
+
+def test_shuffled_order_depends_on_the_seed_alone(tmp_path):
+    write_set(tmp_path, n_images=24, n_train=24, per_group=2, per_file=6)
+    first = shuffled(tmp_path, seed=5)
+    # the threads' timing (how far ahead they run) must not change the order
+    for kw in ({"prefetch_groups": 1, "prefetch_batches": 1}, {"prefetch_groups": 12}):
+        np.testing.assert_array_equal(shuffled(tmp_path, seed=5, **kw), first)
+    # another seed (the next epoch passes seed + 1) is another order of the same vectors
+    other = shuffled(tmp_path, seed=6)
+    assert not np.array_equal(other, first)
+    np.testing.assert_array_equal(rows_sorted(other), rows_sorted(first))
+
+
+def test_shuffled_mixes_row_groups_within_a_batch(tmp_path):
+    acts = write_set(tmp_path, n_images=24, n_train=24, n_tokens=4, per_group=1, per_file=6)
+    image_of = {acts[i, t].tobytes(): i for i in range(24) for t in range(4)}
+    batches = list(shards.iter_shuffled(tmp_path, 0, 16, seed=0, buffer_groups=8, dtype=None))
+    # one image per row group: a batch drawn from a window of 8 groups holds several images
+    n_images = [len({image_of[row.tobytes()] for row in b}) for b in batches[:-1]]
+    assert min(n_images) >= 4
+
+
+def test_kept_batches_are_never_overwritten(tmp_path):
+    """Batch buffers are reused only once the caller has let go of them."""
+    write_set(tmp_path, n_images=40, n_train=40, per_group=2, per_file=10)
+    kept = list(shards.iter_shuffled(tmp_path, 0, 8, seed=1, buffer_groups=2))
+    copied = [b.copy() for b in shards.iter_shuffled(tmp_path, 0, 8, seed=1, buffer_groups=2)]
+    assert len(kept) == 25
+    for a, b in zip(kept, copied, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # a caller that drops each batch gets the same few buffers back
+    bases = {id(b.base) for b in shards.iter_shuffled(tmp_path, 0, 8, seed=1, prefetch_batches=2)}
+    assert len(bases) <= 2 + 3
+
+
+@pytest.mark.parametrize("how", ["close", "break", "raise", "collected"])
+def test_stopping_early_leaves_no_reader_thread(tmp_path, how):
+    write_set(tmp_path, n_images=40, n_train=40, per_group=2, per_file=10)
+    assert reader_threads() == []
+    it = shards.iter_shuffled(tmp_path, 0, 4, seed=0, buffer_groups=2, prefetch_batches=1)
+    if how == "close":
+        next(it)
+        assert reader_threads()  # they run while the caller holds the generator
+        it.close()
+    elif how == "break":
+        for _ in it:
+            break
+        it.close()
+    elif how == "raise":
+        with pytest.raises(RuntimeError, match="consumer"):
+            for _ in it:
+                raise RuntimeError("consumer failed")
+        del it
+    else:
+        next(it)
+        del it
+        gc.collect()
+    assert reader_threads() == []
+
+
+def test_missing_file_is_named(tmp_path):
+    write_set(tmp_path)
+    (tmp_path / "layer=0/train-00001.parquet").unlink()
+    for read in (
+        lambda: next(shards.iter_shuffled(tmp_path, 0, 4, seed=0)),
+        lambda: next(shards.iter_ordered(tmp_path, 0)),
+    ):
+        with pytest.raises(FileNotFoundError, match="train-00001.parquet"):
+            read()
+    assert reader_threads() == []
+
+
+def test_error_in_the_reader_thread_reaches_the_caller(tmp_path):
+    write_set(tmp_path, n_images=40, n_train=40, per_group=1, per_file=10)
+    it = shards.iter_shuffled(
+        tmp_path, 0, 5, seed=0, buffer_groups=1, prefetch_groups=1, prefetch_batches=1
+    )
+    next(it)  # threads running, at most 3 of the 40 row groups read
+    for path in (tmp_path / "layer=0").glob("*.parquet"):
+        path.unlink()  # replaced, not truncated: the way files change (rename, dvc checkout)
+        path.write_bytes(b"not parquet" * 100)
+    with pytest.raises(OSError, match=r"train-0000\d\.parquet"):
+        for _ in it:
+            pass
+    assert reader_threads() == []
+
+
+def test_changed_file_is_refused(tmp_path):
+    write_set(tmp_path)
+    m = shards.read_manifest(tmp_path)
+    m.data["files"][0]["rows"] += 5  # as if the file were rewritten after the manifest
+    (tmp_path / shards.MANIFEST).write_text(json.dumps(m.data))
+    with pytest.raises(ValueError, match="train-00000.parquet has 20 rows"):
+        next(shards.iter_shuffled(tmp_path, 0, 4, seed=0))
+
+
+def arrow_and_numpy_peak(root, **kw):
+    """Peak bytes held while iterating: pyarrow's pool (sampled per batch) and numpy (traced)."""
+    gc.collect()
+    arrow_base = pa.total_allocated_bytes()
+    arrow_peak = 0
+    tracemalloc.start()
+    try:
+        for _ in shards.iter_shuffled(root, 0, **kw):
+            arrow_peak = max(arrow_peak, pa.total_allocated_bytes() - arrow_base)
+        numpy_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return arrow_peak, numpy_peak
+
+
+def test_memory_is_bounded_whatever_the_dataset_size(tmp_path):
+    d, n_tokens, per_group = 128, 16, 2  # a row group: 32 rows x 256 bytes = 8 KiB
+    kw = {"batch_size": 32, "seed": 0, "buffer_groups": 2, "prefetch_groups": 2}
+    peaks = {}
+    for n_images in (40, 400):  # 20 and 200 row groups
+        root = tmp_path / str(n_images)
+        write_set(root, n_images, n_tokens, d, per_group=per_group, per_file=100, n_train=n_images)
+        peaks[n_images] = arrow_and_numpy_peak(root, **kw)
+    group_bytes = per_group * n_tokens * d * 2
+    data_bytes = 400 * n_tokens * d * 2  # 1.6 MB
+    arrow_small, numpy_small = peaks[40]
+    arrow_large, numpy_large = peaks[400]
+    # row groups held: the window (2) + the prefetched (2) + the one being read + hand-overs
+    assert arrow_large <= (2 + 2 + 3) * group_bytes * 1.5
+    assert arrow_large < data_bytes / 10
+    # numpy: the batch buffers, the carried-over rows, gather temporaries; independent of size
+    assert numpy_large < data_bytes / 5
+    assert numpy_large <= numpy_small * 1.5 + 64 * 1024
+    assert arrow_large <= arrow_small * 1.5 + 64 * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# ordered and per-image readers
+
+
+def test_ordered_prefetch_and_native_dtype(tmp_path):
+    acts = write_set(tmp_path)
+    inline = list(shards.iter_ordered(tmp_path, 0, prefetch_groups=0, dtype=None))
+    ahead = list(shards.iter_ordered(tmp_path, 0, prefetch_groups=2, dtype=None))
+    for one, other in zip(inline, ahead, strict=True):
+        for a, b in zip(one, other, strict=True):
+            np.testing.assert_array_equal(a, b)
+    a0 = inline[0][2]
+    assert a0.dtype == np.float16
+    ids, toks = np.concatenate([b[0] for b in ahead]), np.concatenate([b[1] for b in ahead])
+    np.testing.assert_array_equal(np.concatenate([b[2] for b in ahead]), acts[ids, toks])
+
+
+@pytest.mark.parametrize("tokens", ["all", "patches", "prefix"])
+def test_iter_images_groups_every_token_of_an_image(tmp_path, tokens):
+    acts = write_set(tmp_path)
+    want_tokens = {"all": [0, 1, 2, 3, 4], "patches": [1, 2, 3, 4], "prefix": [0]}[tokens]
+    seen = []
+    for image_id, toks, x in shards.iter_images(tmp_path, 0, tokens=tokens):
+        seen.append(image_id)
+        assert toks.tolist() == want_tokens
+        np.testing.assert_array_equal(x, acts[image_id, want_tokens].astype(np.float32))
+    assert seen == list(range(10))  # each image once, in file order
+    val = [i for i, _, _ in shards.iter_images(tmp_path, 0, splits=["val"])]
+    assert val == [7, 8, 9]
+
+
+def test_image_batches_feed_compute_stats(tmp_path):
+    from saev_core.sae import SAE, SAEConfig
+    from saev_core.stats import StatsConfig, compute_stats
+
+    write_set(tmp_path, n_images=12, n_train=12, per_group=5, per_file=12)
+    sizes = [len(np.unique(i)) for i, _, _ in shards.iter_image_batches(tmp_path, 0, 4)]
+    assert sizes == [4, 4, 4]  # whole images, across row-group boundaries (groups of 5)
+    with pytest.raises(ValueError, match="images_per_batch"):
+        next(shards.iter_image_batches(tmp_path, 0, 0))
+
+    sae = SAE(
+        SAEConfig(arch="topk", d_model=6, d_sae=8, k=2), generator=torch.Generator().manual_seed(0)
+    )
+    cfg = StatsConfig(n_top=3, splits=("train",))
+
+    def stats(batches):
+        return compute_stats(sae, batches, None, None, 1, cfg, run="t", progress=False)
+
+    a = stats(shards.iter_image_batches(tmp_path, 0, 4))
+    b = stats(shards.iter_ordered(tmp_path, 0))
+    assert a.n_tokens == b.n_tokens == 60 and a.n_images == 12
+    np.testing.assert_array_equal(a.n_fires, b.n_fires)
+    np.testing.assert_array_equal(a.top_image, b.top_image)
