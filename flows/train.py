@@ -1,8 +1,20 @@
-"""Flow `train`: train an SAE on the validated shards, log it to MLflow, write DVC metrics."""
+"""Flow `train`: train the SAE (and its sweep, on one pass of the data), log to MLflow, write DVC metrics.
+
+MLflow: the main SAE is the run; each sweep member is a nested run under it, each with its
+training curves, final L0/FVU/dead/dense, feature-density histogram, checkpoint artifact and the
+git-commit and shard-manifest tags. DVC: `metrics/train.json` (the main SAE) and
+`metrics/train_sweep.json`, one row per SAE, which `dvc plots show` draws as L0 against FVU.
+
+The sweep runs inside this one flow (members share the data pass), so `saev deploy`
+(flows/deploy.py) sends it whole to the `gpu` work pool when that pool exists, else to the local
+one; run here, it trains in this process.
+"""
 
 from __future__ import annotations
 
 import sys
+import time
+from typing import Any
 
 from prefect import flow, task
 
@@ -11,38 +23,105 @@ from saev_core.config import load_section
 from saev_core.stages import TrainStage, scalars, train_stage
 
 METRICS = "metrics/train.json"
+SWEEP_METRICS = "metrics/train_sweep.json"
 
 
-@task  # no cache and no retries: training is the expensive, non-idempotent part
-def train_task(io: TrainStage) -> dict:
-    import mlflow
+def _log_final(client: Any, run_id: str, metrics: dict, sae_dir: str) -> None:
+    """Final metrics, density histogram and the checkpoint, into run `run_id`."""
+    import matplotlib.pyplot as plt
+    from mlflow.entities import Metric
 
     from saev_core.plots import density_histogram
 
+    now = int(time.time() * 1000)
+    final = [Metric(k, v, now, 0) for k, v in scalars(metrics).items()]
+    client.log_batch(run_id, metrics=final)
+    fig = density_histogram(metrics["freq"])
+    client.log_figure(run_id, fig, "feature_density.png")
+    plt.close(fig)
+    client.log_artifacts(run_id, sae_dir, artifact_path="sae")
+
+
+@task  # no cache and no retries: training is the expensive, non-idempotent part
+def train_task(io: TrainStage) -> tuple[dict, list[dict]]:
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from saev_core.config import from_dict
+    from saev_core.training import TrainConfig
+
     manifest = f"{io.shard_dir}/manifest.json"
-    with mlflow_run(
-        "train",
-        run_name=io.out_dir.rstrip("/").split("/")[-1],
-        tags={"shard_manifest_sha256": file_sha256(manifest), "stage": "train"},
-    ):
+    tags = {"shard_manifest_sha256": file_sha256(manifest), "stage": "train"}
+    out = io.out_dir.rstrip("/")
+    with mlflow_run("train", run_name=out.split("/")[-1], tags=tags) as parent:
+        client = MlflowClient()
         mlflow.log_params({"layer": io.layer, "tokens": io.tokens, **io.sae})
-        metrics = train_stage(io, log=mlflow_logger("train/"))
-        final = scalars(metrics)
-        mlflow.log_metrics(final)
-        mlflow.log_figure(density_histogram(metrics["freq"]), "feature_density.png")
-        mlflow.log_artifacts(io.out_dir, artifact_path="sae")
-    return final
+        mlflow.set_tag("sweep_members", ",".join(io.sweep) or "none")
+        children = {}
+        for name, overrides in io.sweep.items():
+            child = client.create_run(
+                parent.info.experiment_id,
+                run_name=name,
+                tags={
+                    **{k: v for k, v in parent.data.tags.items() if not k.startswith("mlflow.")},
+                    "mlflow.parentRunId": parent.info.run_id,
+                    "member": name,
+                },
+            )
+            for key, value in {**io.sae, **overrides}.items():
+                client.log_param(child.info.run_id, key, value)
+            children[name] = child.info.run_id
+
+        def member_log(name: str):
+            def log(metrics: dict[str, float], step: int) -> None:
+                now = int(time.time() * 1000)
+                batch = [Metric(f"train/{k}", float(v), now, step) for k, v in metrics.items()]
+                client.log_batch(children[name], metrics=batch)
+
+            return log
+
+        metrics = train_stage(io, log=mlflow_logger("train/"), member_log=member_log)
+        sweep = metrics.pop("sweep")
+        _log_final(client, parent.info.run_id, metrics, out)
+        for name, m in sweep.items():
+            _log_final(client, children[name], m, f"{out}/sweep/{name}")
+            client.set_terminated(children[name])
+
+    rows = []
+    for name, m, cfg in [("main", metrics, io.sae)] + [
+        (n, sweep[n], {**io.sae, **io.sweep[n]}) for n in io.sweep
+    ]:
+        c = from_dict(TrainConfig, cfg)
+        rows.append(
+            {
+                "name": name,
+                "arch": c.arch,
+                "k": c.k,
+                "l1_coeff": c.l1_coeff,
+                "lr": c.lr,
+                **{
+                    k: v
+                    for k, v in scalars(m).items()
+                    if k in ("l0", "fvu", "dead_frac", "dense_frac")
+                },
+            }
+        )
+    return scalars(metrics), sorted(rows, key=lambda r: r["l0"])
 
 
 @flow(name="train", log_prints=True)
 def train_flow(params: str = "params.yaml") -> dict:
     io = load_section(params, "train", TrainStage)
-    metrics = train_task(io)
+    metrics, rows = train_task(io)
     write_metrics(METRICS, metrics)
+    write_metrics(SWEEP_METRICS, rows)
     print(
         f"SAE in {io.out_dir}: L0 {metrics['l0']:.1f}, FVU {metrics['fvu']:.3f}, "
         f"dead {metrics['dead_frac']:.1%}, dense {metrics['dense_frac']:.1%}"
     )
+    for r in rows:
+        print(f"  {r['name']:>8}: L0 {r['l0']:7.1f}  FVU {r['fvu']:.3f}  dead {r['dead_frac']:.1%}")
     return metrics
 
 

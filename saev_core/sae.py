@@ -1,10 +1,29 @@
-"""A sparse autoencoder over ViT activations: TopK (with AuxK) or ReLU + L1, one `nn.Module`.
+"""A sparse autoencoder over ViT activations, one `nn.Module` for every architecture researchers use.
+
+Architectures (`SAEConfig.arch`), which differ only in the activation and the sparsity term:
+
+- `relu`: ReLU + L1 (the paper). With `decoder_norm="unit"` the decoder rows are kept at unit norm
+  and the gradient parallel to each row is removed (Bricken et al. 2023); with `"free"` the rows
+  are unconstrained and the L1 term weights each latent by its decoder norm (Anthropic, "April
+  2024 update": `sum_j f_j ||W_dec_j||`).
+- `topk`: keep the k largest pre-activations per token (Gao et al. 2024).
+- `batchtopk`: keep the `k x batch` largest over the whole batch while training (Bussmann et al.
+  2024); inference is a JumpReLU at a threshold learned as a running average of the smallest
+  kept activation, so a token's code does not depend on its batch.
+- `jumprelu`: `f = h * H(h - theta)` with a learned per-latent threshold, trained with the
+  straight-through estimator of Rajamanoharan et al. 2024 and an L0 penalty.
+- `matryoshka`: BatchTopK whose loss sums the reconstruction error of nested prefixes of the
+  dictionary (Bussmann et al. 2025), so early latents learn general features.
+
+The k-sparse ones (`topk`, `batchtopk`, `matryoshka`) get the AuxK loss for dead latents (Gao et
+al. 2024, A.2), dead meaning "no firing for `dead_after_tokens` tokens".
 
 Shapes: `x_bd` is [batch, d_model], `f_bs` is [batch, d_sae]. The SAE owns its input
 normalisation (paper: "inputs are mean-centred and scaled so the average norm is sqrt(d)"):
 `encode` normalises and `decode` un-normalises, so `decode(encode(x))` compares with `x` directly
 and a loaded checkpoint needs no hidden constants (the paper's code lost them; see PAPER.md).
-All loss terms are computed in the normalised space.
+All loss terms are computed in the normalised space. `encode` is always the inference path
+(batch-independent); only `forward` in training mode uses the batch-coupled training activation.
 
 A checkpoint is a directory with `sae.safetensors` (every parameter and buffer) and `cfg.json`
 (the `SAEConfig`, the normalisation constants and any `extra` the caller records). No pickle.
@@ -27,46 +46,82 @@ from saev_core.config import from_dict, to_dict
 WEIGHTS_NAME = "sae.safetensors"
 CFG_NAME = "cfg.json"
 FORMAT_VERSION = 1
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
+K_SPARSE = ("topk", "batchtopk", "matryoshka")
 
 
 @dataclass(frozen=True)
 class SAEConfig:
     """Architecture and loss hyperparameters of one SAE."""
 
-    arch: Literal["topk", "relu"]
-    "Activation: 'topk' keeps the k largest ReLU pre-activations; 'relu' is ReLU with an L1 penalty."
+    arch: Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
+    "Activation and sparsity mechanism (see the module docstring)."
     d_model: int
     "Width of the input activations."
     d_sae: int
     "Number of latents (features)."
     k: int = 32
-    "Active latents per token for 'topk' (paper's later versions: 32); unused by 'relu'."
+    "Active latents per token for the k-sparse archs (paper's later versions: 32); else unused."
     l1_coeff: float = 0.05
-    "L1 coefficient lambda for 'relu', against the per-element MSE below; unused by 'topk'."
+    "L1 coefficient lambda for 'relu', against the per-element MSE below; else unused."
+    l0_coeff: float = 1e-3
+    "L0 coefficient for 'jumprelu', against the per-element MSE; else unused."
     aux_k: int = 512
     "Dead latents used by the AuxK loss (Gao et al. 2024, A.2: 512)."
     aux_alpha: float = 1 / 32
     "Weight of the AuxK loss (Gao et al. 2024, A.2: 1/32); 0 turns AuxK off."
     dead_after_tokens: int = 10_000_000
     "Tokens without firing after which a latent counts as dead for AuxK (Gao et al.: 10M)."
-    decoder_norm: Literal["unit"] = "unit"
-    "Decoder constraint: 'unit' keeps every row of W_dec at unit L2 norm."
+    decoder_norm: Literal["unit", "free"] = "unit"
+    "'unit': W_dec rows at unit norm, parallel gradient removed; 'free' ('relu' only): L1 x ||W_dec_j||."
+    jumprelu_bandwidth: float = 1e-3
+    "Width epsilon of the rectangle kernel in the JumpReLU straight-through estimator (Rajamanoharan et al. 2024: 0.001)."
+    jumprelu_init_threshold: float = 1e-3
+    "Initial JumpReLU threshold theta (Rajamanoharan et al. 2024: 0.001)."
+    threshold_momentum: float = 0.1
+    "BatchTopK/Matryoshka: weight of each batch's smallest kept activation in the threshold's running average (saev: 0.1)."
+    matryoshka_prefixes: tuple[int, ...] = ()
+    "Matryoshka: increasing prefix sizes ending at d_sae; () = (d_sae/16, d_sae/4, d_sae)."
 
     def __post_init__(self) -> None:
-        if self.arch not in ("topk", "relu"):
-            raise ValueError(f"arch must be 'topk' or 'relu', got {self.arch!r}")
-        if self.decoder_norm != "unit":
-            raise ValueError(f"decoder_norm must be 'unit', got {self.decoder_norm!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.decoder_norm not in ("unit", "free"):
+            raise ValueError(f"decoder_norm must be 'unit' or 'free', got {self.decoder_norm!r}")
+        if self.decoder_norm == "free" and self.arch != "relu":
+            raise ValueError(
+                f"decoder_norm='free' (L1 scaled by decoder norm) is for arch 'relu', not {self.arch!r}"
+            )
         for name in ("d_model", "d_sae", "k", "aux_k", "dead_after_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.arch == "topk" and self.k > self.d_sae:
+        if self.arch in K_SPARSE and self.k > self.d_sae:
             raise ValueError(f"k={self.k} must be <= d_sae={self.d_sae}")
-        for name in ("l1_coeff", "aux_alpha"):
+        for name in ("l1_coeff", "l0_coeff", "aux_alpha"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not 0 < self.threshold_momentum <= 1:
+            raise ValueError(f"threshold_momentum must be in (0, 1], got {self.threshold_momentum}")
+        if self.matryoshka_prefixes:
+            p = list(self.matryoshka_prefixes)
+            if self.arch != "matryoshka":
+                raise ValueError("matryoshka_prefixes is only used by arch 'matryoshka'")
+            if any(not isinstance(v, int) or v < 1 for v in p) or p != sorted(set(p)):
+                raise ValueError(f"matryoshka_prefixes must be increasing positive ints, got {p}")
+            if p[-1] != self.d_sae:
+                raise ValueError(f"matryoshka_prefixes must end at d_sae={self.d_sae}, got {p}")
+
+    def prefixes(self) -> list[int]:
+        """Matryoshka prefix sizes, resolved (distinct, increasing, ending at d_sae)."""
+        if self.matryoshka_prefixes:
+            return list(self.matryoshka_prefixes)
+        return sorted({max(1, self.d_sae // 16), max(1, self.d_sae // 4), self.d_sae})
 
 
 class SAEOutput(NamedTuple):
@@ -75,15 +130,61 @@ class SAEOutput(NamedTuple):
     x_hat: Tensor
     "Reconstruction [batch, d_model] in the input space."
     f: Tensor
-    "Latent activations [batch, d_sae]."
+    "Latent activations [batch, d_sae] (the training activation in training mode)."
     loss: Tensor
-    "mse + l1_coeff * l1 ('relu') or mse + aux_alpha * aux ('topk')."
+    "recon + coeff * sparsity + aux_alpha * aux."
     mse: Tensor
-    "Mean over batch and d_model of the squared error (about the FVU, since inputs have unit variance per dim)."
+    "Mean over batch and d_model of the squared error of the full reconstruction (about the FVU)."
     l1: Tensor
-    "Mean over batch of sum_j f_j (reported for both archs)."
+    "Mean over batch of sum_j f_j (reported for every arch)."
     aux: Tensor
-    "AuxK loss before aux_alpha: ||e - e_hat||^2 / ||e - mean(e)||^2; 0 for 'relu' or when none is dead."
+    "AuxK loss before aux_alpha: ||e - e_hat||^2 / ||e - mean(e)||^2; 0 unless k-sparse with dead latents."
+    sparsity: Tensor
+    "The penalised sparsity term before its coefficient: L1 ('relu'), L0 ('jumprelu'), else 0."
+    recon: Tensor
+    "The reconstruction term of the loss: mse, or for 'matryoshka' the mean of the prefixes' mse."
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """`h * H(h - theta)`; d/dh = H(h - theta), d/dtheta = -(theta/eps) K((h - theta)/eps).
+
+    Rajamanoharan et al. 2024 ("Jumping Ahead"), eq. 11 with the rectangle kernel K.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(h, theta)
+        ctx.eps = eps
+        return h * (h > theta).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        h, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_h = (h > theta).to(grad.dtype) * grad
+        grad_theta = -(theta / eps) * _rectangle((h - theta) / eps) * grad
+        return grad_h, grad_theta.reshape(-1, theta.shape[-1]).sum(dim=0), None
+
+
+class _Step(torch.autograd.Function):
+    """`H(h - theta)`; d/dh = 0, d/dtheta = -(1/eps) K((h - theta)/eps) (Rajamanoharan et al. 2024, eq. 12)."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(h, theta)
+        ctx.eps = eps
+        return (h > theta).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
+        h, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_theta = -(1.0 / eps) * _rectangle((h - theta) / eps) * grad
+        return None, grad_theta.reshape(-1, theta.shape[-1]).sum(dim=0), None
 
 
 class SAE(nn.Module):
@@ -100,8 +201,16 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(W_dec.T.clone())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(W_dec)
-        # b_dec = 0 is the mean of the inputs once they are mean-centred.
+        # b_dec = 0 is the mean of the inputs once they are mean-centred; the trainer moves it to
+        # the geometric median of a sample (Bricken et al. 2023).
         self.b_dec = nn.Parameter(torch.zeros(d_model))
+        if cfg.arch == "jumprelu":
+            # theta = exp(log_threshold) stays positive (Rajamanoharan et al. 2024, section 4).
+            init = math.log(cfg.jumprelu_init_threshold)
+            self.log_threshold = nn.Parameter(torch.full((d_sae,), init))
+        if cfg.arch in ("batchtopk", "matryoshka"):
+            # Inference threshold; 0 = not yet estimated (then inference is plain ReLU).
+            self.register_buffer("threshold", torch.tensor(0.0))
         self.register_buffer("norm_mean", torch.zeros(d_model))
         self.register_buffer("norm_scale", torch.tensor(1.0))
         # Tokens seen since each latent last fired; AuxK treats >= dead_after_tokens as dead.
@@ -137,13 +246,35 @@ class SAE(nn.Module):
         """Pre-activations `h = (x_n - b_dec) W_enc + b_enc` of already normalised inputs."""
         return (x_n_bd - self.b_dec) @ self.W_enc + self.b_enc
 
+    def jump_threshold(self) -> Tensor:
+        """The inference threshold: per latent [d_sae] ('jumprelu') or one scalar (BatchTopK kinds)."""
+        if self.cfg.arch == "jumprelu":
+            return self.log_threshold.exp()
+        return self.threshold
+
     def activate(self, h_bs: Tensor) -> Tensor:
-        """ReLU; for 'topk' then keep the k largest per row (zeros elsewhere)."""
+        """The inference activation: per token, independent of the rest of the batch."""
+        arch = self.cfg.arch
         f_bs = torch.relu(h_bs)
-        if self.cfg.arch == "topk":
+        if arch == "topk":
             vals, idx = f_bs.topk(self.cfg.k, dim=-1, sorted=False)
             f_bs = torch.zeros_like(f_bs).scatter(-1, idx, vals)
+        elif arch != "relu":
+            # JumpReLU at the learned threshold (BatchTopK: Bussmann et al. 2024, section 3).
+            f_bs = f_bs * (h_bs > self.jump_threshold()).to(f_bs.dtype)
         return f_bs
+
+    def train_activate(self, h_bs: Tensor) -> Tensor:
+        """The training activation: batch-level top-k for BatchTopK kinds, JumpReLU with its STE."""
+        arch = self.cfg.arch
+        if arch == "jumprelu":
+            return _JumpReLU.apply(h_bs, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth)
+        if arch in ("batchtopk", "matryoshka"):
+            f_flat = torch.relu(h_bs).flatten()
+            n_keep = min(self.cfg.k * h_bs.shape[0], f_flat.numel())
+            vals, idx = f_flat.topk(n_keep, sorted=False)
+            return torch.zeros_like(f_flat).scatter(-1, idx, vals).reshape(h_bs.shape)
+        return self.activate(h_bs)
 
     def encode(self, x_bd: Tensor) -> Tensor:
         """Latents `f_bs` of raw (input-space) activations `x_bd`."""
@@ -156,30 +287,71 @@ class SAE(nn.Module):
     # -- loss ----------------------------------------------------------------------------------
 
     def forward(
-        self, x_bd: Tensor, dead_mask: Tensor | None = None, l1_coeff: float | None = None
+        self, x_bd: Tensor, dead_mask: Tensor | None = None, sparsity_coeff: float | None = None
     ) -> SAEOutput:
         """Encode, decode and compute the loss terms.
 
-        `dead_mask` [d_sae] marks latents for AuxK; by default those whose `tokens_since_fired`
-        reached `cfg.dead_after_tokens`. `l1_coeff` overrides `cfg.l1_coeff` (sparsity warm-up).
+        In training mode the training activation is used (and BatchTopK's threshold estimate is
+        updated); in eval mode the inference one. `dead_mask` [d_sae] marks latents for AuxK; by
+        default those whose `tokens_since_fired` reached `cfg.dead_after_tokens`.
+        `sparsity_coeff` overrides `cfg.l1_coeff` / `cfg.l0_coeff` (the sparsity warm-up).
         """
+        cfg = self.cfg
         x_n = self.normalise(x_bd)
         h = self.pre_acts(x_n)
-        f = self.activate(h)
+        f = self.train_activate(h) if self.training else self.activate(h)
         x_hat_n = f @ self.W_dec + self.b_dec
         mse = (x_hat_n - x_n).pow(2).mean()
         l1 = f.sum(dim=-1).mean()
-        aux = x_n.new_zeros(())
-        if self.cfg.arch == "relu":
-            coeff = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
-            loss = mse + coeff * l1
+        zero = x_n.new_zeros(())
+        recon, sparsity, aux, coeff = mse, zero, zero, 0.0
+        if cfg.arch == "relu":
+            coeff = cfg.l1_coeff if sparsity_coeff is None else sparsity_coeff
+            if cfg.decoder_norm == "free":
+                sparsity = (f * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
+            else:
+                sparsity = l1
+        elif cfg.arch == "jumprelu":
+            coeff = cfg.l0_coeff if sparsity_coeff is None else sparsity_coeff
+            theta = self.log_threshold.exp()
+            sparsity = _Step.apply(h, theta, cfg.jumprelu_bandwidth).sum(dim=-1).mean()
         else:
-            if self.cfg.aux_alpha > 0:
+            if cfg.arch == "matryoshka":
+                recon = self._matryoshka_recon(f, x_n)
+            if cfg.aux_alpha > 0:
                 if dead_mask is None:
                     dead_mask = self.dead_mask()
                 aux = self.aux_loss(h, x_n - x_hat_n, dead_mask)
-            loss = mse + self.cfg.aux_alpha * aux
-        return SAEOutput(self.unnormalise(x_hat_n), f, loss, mse, l1, aux)
+            if self.training and cfg.arch in ("batchtopk", "matryoshka"):
+                self._update_threshold(f)
+        loss = recon + coeff * sparsity + cfg.aux_alpha * aux
+        return SAEOutput(self.unnormalise(x_hat_n), f, loss, mse, l1, aux, sparsity, recon)
+
+    def _matryoshka_recon(self, f_bs: Tensor, x_n_bd: Tensor) -> Tensor:
+        """Mean over nested prefixes m of mse(f[:, :m] W_dec[:m] + b_dec, x_n) (Bussmann et al. 2025)."""
+        x_hat = self.b_dec.expand_as(x_n_bd)
+        total = x_n_bd.new_zeros(())
+        start = 0
+        prefixes = self.cfg.prefixes()
+        for end in prefixes:
+            # Cumulative: each block adds its latents' contribution to the previous prefix.
+            x_hat = x_hat + f_bs[:, start:end] @ self.W_dec[start:end]
+            total = total + (x_hat - x_n_bd).pow(2).mean()
+            start = end
+        return total / len(prefixes)
+
+    @torch.no_grad()
+    def _update_threshold(self, f_bs: Tensor) -> None:
+        """Running average of the smallest activation BatchTopK kept (Bussmann et al. 2024, section 3)."""
+        pos = f_bs[f_bs > 0]
+        if pos.numel() == 0:
+            return
+        smallest = pos.min().float()
+        if self.threshold <= 0:  # first estimate: take it as is, not averaged with 0
+            self.threshold.copy_(smallest)
+        else:
+            m = self.cfg.threshold_momentum
+            self.threshold.mul_(1 - m).add_(m * smallest)
 
     def aux_loss(self, h_bs: Tensor, e_bd: Tensor, dead_mask: Tensor) -> Tensor:
         """AuxK (Gao et al. 2024, A.2): reconstruct the residual `e` from the top `aux_k` dead latents.
@@ -225,7 +397,7 @@ class SAE(nn.Module):
     @torch.no_grad()
     def remove_parallel_grads(self) -> None:
         """Drop the part of each `W_dec` row's gradient parallel to the row (call before the step)."""
-        if self.W_dec.grad is None:
+        if self.W_dec.grad is None or self.cfg.decoder_norm != "unit":
             return
         w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
         g = self.W_dec.grad
@@ -233,8 +405,9 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:
-        """Rescale every `W_dec` row to unit L2 norm (call after the step)."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        """Rescale every `W_dec` row to unit L2 norm (call after the step); no-op for a free decoder."""
+        if self.cfg.decoder_norm == "unit":
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -265,9 +438,27 @@ class SAE(nn.Module):
         os.replace(cfg_tmp, out_dir / CFG_NAME)
         return out_dir
 
+    def load_tensors(self, tensors: dict[str, Tensor], where: str) -> None:
+        """Load a state dict, refusing missing, unexpected or mis-shaped tensors with a clear error."""
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{where}: tensors do not match the config: missing {missing}, unexpected {unexpected}"
+            )
+        for name, want in expected.items():
+            got = tensors[name]
+            if got.shape != want.shape:
+                raise ValueError(
+                    f"{where}: {name} has shape {tuple(got.shape)}, but cfg.json "
+                    f"(d_model={self.cfg.d_model}, d_sae={self.cfg.d_sae}) needs {tuple(want.shape)}"
+                )
+        self.load_state_dict(tensors)
+
     @classmethod
     def load(cls, sae_dir: str | Path, device: str | torch.device = "cpu") -> SAE:
-        """Read a directory written by `save`, refusing files whose shapes disagree with cfg.json."""
+        """Read a directory written by `save` (in eval mode), refusing shapes that disagree with cfg.json."""
         from safetensors.torch import load_file
 
         sae_dir = Path(sae_dir)
@@ -283,22 +474,7 @@ class SAE(nn.Module):
             raise ValueError(f"{cfg_path}: no 'sae' section; not an SAE checkpoint")
         cfg = from_dict(SAEConfig, meta["sae"], where=str(cfg_path))
         sae = cls(cfg)
-        tensors = load_file(str(weights_path))
-        expected = sae.state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{weights_path}: tensors do not match cfg.json: missing {missing}, unexpected {unexpected}"
-            )
-        for name, want in expected.items():
-            got = tensors[name]
-            if got.shape != want.shape:
-                raise ValueError(
-                    f"{weights_path}: {name} has shape {tuple(got.shape)}, but cfg.json "
-                    f"(d_model={cfg.d_model}, d_sae={cfg.d_sae}) needs {tuple(want.shape)}"
-                )
-        sae.load_state_dict(tensors)
+        sae.load_tensors(load_file(str(weights_path)), str(weights_path))
         # cfg.json repeats the normalisation for readers without safetensors; they must agree.
         if "norm_mean" in meta and "norm_scale" in meta:
             json_mean = torch.tensor(meta["norm_mean"], dtype=torch.float32)
@@ -310,4 +486,4 @@ class SAE(nn.Module):
                     f"{sae_dir}: norm_mean/norm_scale in {CFG_NAME} disagree with {WEIGHTS_NAME}"
                 )
         sae.extra = dict(meta.get("extra") or {})
-        return sae.to(device)
+        return sae.to(device).eval()

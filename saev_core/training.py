@@ -1,16 +1,26 @@
-"""The train stage's library part: fit the input normalisation, train an SAE, evaluate it.
+"""The train stage's library part: fit the input normalisation, train one SAE or a sweep, evaluate.
 
-Data arrives as iterables of float32 tensors `x_bd` [batch, d_model]; the caller builds them
-(shard loader, shuffling) and passes `make_batches(epoch)`, so nothing here reads files.
+Data arrives as iterables of tensors `x_bd` [batch, d_model] (any float dtype; cast on the
+device); the caller builds them (shard loader, shuffling) and passes `make_batches(epoch)`, so
+nothing here reads files. A sweep (`train_saes`) trains many SAEs in lock-step on the same
+batches, so the data is read once for all of them. Runs checkpoint every `checkpoint_every`
+steps (weights, Adam state, step, dead-latent counters, loader position) and resume from the
+last checkpoint: `make_batches(epoch)` must give the same batches for the same epoch (the shard
+loader does, per seed), so resuming skips the batches of the epoch already trained on.
 Tracking reaches this module only through `log(metrics, step)`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -18,9 +28,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saev_core.sae import SAE, SAEConfig
+from saev_core.config import from_dict, to_dict
+from saev_core.sae import ARCHS, K_SPARSE, SAE, SAEConfig
 
 LogFn = Callable[[dict[str, float], int], None]
+
+# Fields every member of a sweep must share: they describe the one pass over the data.
+SHARED_FIELDS = ("batch_size", "n_epochs", "norm_max_tokens", "device", "precision")
 
 
 def noop_log(metrics: dict[str, float], step: int) -> None:
@@ -29,20 +43,32 @@ def noop_log(metrics: dict[str, float], step: int) -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """`params.yaml` section `train`: one SAE's architecture and optimisation."""
+    """`params.yaml` section `train.sae`: one SAE's architecture and optimisation."""
 
-    arch: Literal["topk", "relu"] = "topk"
-    "SAE activation: 'topk' (with AuxK) or 'relu' (with an L1 penalty)."
+    arch: Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"] = "topk"
+    "SAE architecture (see saev_core/sae.py): 'relu' (+L1), 'topk', 'batchtopk', 'jumprelu', 'matryoshka'."
     expansion: int = 8
     "d_sae = expansion * d_model, unless d_sae is given."
     d_sae: int | None = None
     "Number of latents; overrides expansion when set."
     k: int = 32
-    "Active latents per token for 'topk' (paper's later versions: 32)."
+    "Active latents per token for the k-sparse archs (paper's later versions: 32)."
     l1_coeff: float = 0.05
-    "L1 coefficient for 'relu' (on the per-element MSE); 0.05 measured to give L0 ~ 20 at d_sae 1024."
-    l1_warmup_steps: int = 0
-    "Steps over which the L1 coefficient ramps linearly from 0 to l1_coeff; 0 = no warm-up."
+    "L1 coefficient for 'relu' (against the per-element MSE of normalised inputs)."
+    l0_coeff: float = 1e-3
+    "L0 coefficient for 'jumprelu' (against the per-element MSE of normalised inputs)."
+    sparsity_warmup_steps: int = 0
+    "Steps over which the sparsity coefficient (l1_coeff or l0_coeff) ramps linearly from 0; 0 = no warm-up."
+    decoder_norm: Literal["unit", "free"] = "unit"
+    "'unit': unit-norm decoder rows with the parallel gradient removed; 'free' ('relu'): L1 scaled by ||W_dec_j||."
+    jumprelu_bandwidth: float = 1e-3
+    "JumpReLU straight-through estimator bandwidth (Rajamanoharan et al. 2024: 0.001)."
+    jumprelu_init_threshold: float = 1e-3
+    "Initial JumpReLU threshold (Rajamanoharan et al. 2024: 0.001)."
+    threshold_momentum: float = 0.1
+    "BatchTopK/Matryoshka: running-average weight of each batch's smallest kept activation."
+    matryoshka_prefixes: tuple[int, ...] = ()
+    "Matryoshka prefix sizes ending at d_sae; () = (d_sae/16, d_sae/4, d_sae)."
     lr: float = 2e-3
     "Peak Adam learning rate; 2e-3 measured best for d_sae 1024 in ~200 steps (paper: 4e-4 at 24,576)."
     warmup_steps: int = 50
@@ -64,9 +90,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     "Clip the global gradient norm to this value; 0 disables clipping."
     norm_max_tokens: int = 100_000
-    "Tokens (from epoch 0's batches) used to fit the input mean and scale."
+    "Tokens (from epoch 0's batches) used to fit the input mean and scale and b_dec."
+    b_dec_init: Literal["geometric_median", "zero"] = "geometric_median"
+    "b_dec at the geometric median of the normalisation sample (Bricken et al. 2023), or 0 (= the mean)."
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    "bf16 autocast for the forward pass: 'auto' = on CUDA with bf16 support, else fp32. Weights stay fp32."
+    checkpoint_every: int = 500
+    "Write a resumable checkpoint every this many steps (needs a checkpoint directory); 0 = never."
     seed: int = 0
-    "Seed for the SAE's initial weights."
+    "Seed for the SAE's initial weights (and, in the train stage, the data order: seed + epoch)."
     device: str = "auto"
     "'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'."
     dense_threshold: float = 0.01
@@ -75,25 +107,30 @@ class TrainConfig:
     "Call log(...) every this many steps (and at the last step)."
 
     def __post_init__(self) -> None:
-        if self.arch not in ("topk", "relu"):
-            raise ValueError(f"arch must be 'topk' or 'relu', got {self.arch!r}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(
-                f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}"
-            )
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        choices = {
+            "lr_schedule": ("cosine", "constant"),
+            "decoder_norm": ("unit", "free"),
+            "b_dec_init": ("geometric_median", "zero"),
+            "precision": ("auto", "fp32", "bf16"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         positive_ints = ["expansion", "k", "batch_size", "n_epochs", "aux_k"]
         positive_ints += ["dead_after_tokens", "norm_max_tokens", "log_every"]
         for name in positive_ints:
             _check_int(name, getattr(self, name), low=1)
-        for name in ("warmup_steps", "l1_warmup_steps", "seed"):
+        for name in ("warmup_steps", "sparsity_warmup_steps", "seed", "checkpoint_every"):
             _check_int(name, getattr(self, name), low=0)
         if self.d_sae is not None:
             _check_int("d_sae", self.d_sae, low=1)
-            if self.arch == "topk" and self.k > self.d_sae:
+            if self.arch in K_SPARSE and self.k > self.d_sae:
                 raise ValueError(f"k={self.k} must be <= d_sae={self.d_sae}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        for name in ("l1_coeff", "aux_alpha", "grad_clip"):
+        for name in ("l1_coeff", "l0_coeff", "aux_alpha", "grad_clip"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -109,6 +146,8 @@ class TrainConfig:
             raise ValueError(
                 f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}"
             )
+        if self.d_sae is not None:
+            self.sae_config(1)  # architecture checks that need no d_model fail here, not later
 
     def sae_config(self, d_model: int) -> SAEConfig:
         """The `SAEConfig` for inputs of width `d_model` (raises ValueError naming k if k > d_sae)."""
@@ -119,9 +158,15 @@ class TrainConfig:
             d_sae=d_sae,
             k=self.k,
             l1_coeff=self.l1_coeff,
+            l0_coeff=self.l0_coeff,
             aux_k=self.aux_k,
             aux_alpha=self.aux_alpha,
             dead_after_tokens=self.dead_after_tokens,
+            decoder_norm=self.decoder_norm,
+            jumprelu_bandwidth=self.jumprelu_bandwidth,
+            jumprelu_init_threshold=self.jumprelu_init_threshold,
+            threshold_momentum=self.threshold_momentum,
+            matryoshka_prefixes=tuple(self.matryoshka_prefixes),
         )
 
 
@@ -130,11 +175,50 @@ def _check_int(name: str, value: Any, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def sweep_configs(
+    base: dict[str, Any], members: dict[str, dict[str, Any]]
+) -> dict[str, TrainConfig]:
+    """`{name: TrainConfig}` for a sweep: each member's overrides on top of `base`.
+
+    Refuses members that disagree on `SHARED_FIELDS` (they share one pass over the data).
+    """
+    cfgs = {}
+    for name, overrides in members.items():
+        if not isinstance(overrides, dict):
+            raise ValueError(
+                f"sweep member {name!r}: expected a mapping of overrides, got {overrides!r}"
+            )
+        cfgs[name] = from_dict(TrainConfig, {**base, **overrides}, where=f"sweep member {name!r}")
+    check_shared(list(cfgs.values()), list(cfgs))
+    return cfgs
+
+
+def check_shared(cfgs: Sequence[TrainConfig], names: Sequence[str] | None = None) -> None:
+    """Raise ValueError if the configs of one sweep differ in a field of `SHARED_FIELDS`."""
+    names = list(names) if names is not None else [str(i) for i in range(len(cfgs))]
+    for field_name in SHARED_FIELDS:
+        values = {getattr(c, field_name) for c in cfgs}
+        if len(values) > 1:
+            per = {n: getattr(c, field_name) for n, c in zip(names, cfgs, strict=True)}
+            raise ValueError(
+                f"sweep members must share {field_name} (they train on one pass of the data): {per}"
+            )
+
+
 def resolve_device(device: str) -> torch.device:
     """'auto' -> CUDA when available, else CPU; anything else as given."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether to autocast to bf16: asked for, or 'auto' on a CUDA device that supports it."""
+    if precision == "bf16":
+        return True
+    if precision == "auto" and device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return False
 
 
 def lr_at(step: int, n_steps: int, cfg: TrainConfig) -> float:
@@ -149,26 +233,23 @@ def lr_at(step: int, n_steps: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.lr_end_frac + (1 - cfg.lr_end_frac) * cosine)
 
 
-def l1_coeff_at(step: int, cfg: TrainConfig) -> float:
-    """Sparsity warm-up: the L1 coefficient ramps linearly from 0 at step 0 to `l1_coeff`."""
-    if cfg.l1_warmup_steps == 0:
-        return cfg.l1_coeff
-    return cfg.l1_coeff * min(step / cfg.l1_warmup_steps, 1.0)
+def sparsity_coeff_at(step: int, cfg: TrainConfig) -> float:
+    """Sparsity warm-up: `l1_coeff` ('relu') or `l0_coeff` ('jumprelu') ramps linearly from 0 at step 0."""
+    full = {"relu": cfg.l1_coeff, "jumprelu": cfg.l0_coeff}.get(cfg.arch, 0.0)
+    if cfg.sparsity_warmup_steps == 0:
+        return full
+    return full * min(step / cfg.sparsity_warmup_steps, 1.0)
 
 
 def _checked(x_bd: Any, d_model: int, device: torch.device) -> Tensor:
     x_bd = torch.as_tensor(x_bd)
     if x_bd.ndim != 2 or x_bd.shape[1] != d_model:
         raise ValueError(f"batches must have shape [batch, {d_model}], got {tuple(x_bd.shape)}")
-    return x_bd.to(device=device, dtype=torch.float32)
+    return x_bd.to(device=device, dtype=torch.float32, non_blocking=True)
 
 
-def fit_normalisation(batches: Iterable[Tensor], max_tokens: int) -> tuple[Tensor, float]:
-    """Mean `mean_d` and scalar `scale` with mean ||(x - mean_d) * scale|| = sqrt(d_model).
-
-    Reads batches until `max_tokens` tokens are in hand (the last batch is cut), so it is cheap
-    on large data; statistics are accumulated in float64.
-    """
+def take_tokens(batches: Iterable[Tensor], max_tokens: int) -> Tensor:
+    """The first `max_tokens` tokens of `batches` as one float64 CPU tensor (the last batch is cut)."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     chunks: list[Tensor] = []
@@ -185,16 +266,302 @@ def fit_normalisation(batches: Iterable[Tensor], max_tokens: int) -> tuple[Tenso
         if n >= max_tokens:
             break
     if n == 0:
-        raise ValueError("fit_normalisation got no tokens")
+        raise ValueError("got no tokens")
     x = torch.cat(chunks)
     if not torch.isfinite(x).all():
-        raise ValueError("fit_normalisation: activations contain NaN or inf")
+        raise ValueError("activations contain NaN or inf")
+    return x
+
+
+def fit_normalisation(batches: Iterable[Tensor], max_tokens: int) -> tuple[Tensor, float]:
+    """Mean `mean_d` and scalar `scale` with mean ||(x - mean_d) * scale|| = sqrt(d_model).
+
+    Reads batches until `max_tokens` tokens are in hand (the last batch is cut), so it is cheap
+    on large data; statistics are accumulated in float64.
+    """
+    try:
+        x = take_tokens(batches, max_tokens)
+    except ValueError as e:
+        raise ValueError(f"fit_normalisation: {e}") from e
+    return _normalisation_of(x)
+
+
+def _normalisation_of(x: Tensor) -> tuple[Tensor, float]:
     mean_d = x.mean(dim=0)
     mean_norm = (x - mean_d).norm(dim=1).mean().item()
     if mean_norm <= 0:
         raise ValueError("fit_normalisation: every token is identical; cannot scale")
-    scale = math.sqrt(x.shape[1]) / mean_norm
-    return mean_d.float(), scale
+    return mean_d.float(), math.sqrt(x.shape[1]) / mean_norm
+
+
+def geometric_median(x_nd: Tensor, n_iter: int = 200, tol: float = 1e-9) -> Tensor:
+    """The point minimising the sum of Euclidean distances to the rows of `x_nd` (Weiszfeld).
+
+    Bricken et al. 2023 initialise b_dec here: unlike the mean it ignores outlying tokens.
+    """
+    x = x_nd.double()
+    y = x.mean(dim=0)
+    for _ in range(n_iter):
+        # A zero distance (y on a data point) would divide by zero; a floor keeps it finite.
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-12)
+        y_next = (w[:, None] * x).sum(dim=0) / w.sum()
+        done = (y_next - y).norm() <= tol * max(1.0, float(y.norm()))
+        y = y_next
+        if done:
+            break
+    return y.to(x_nd.dtype)
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+STATE_NAME = "state.json"
+
+
+def _write_checkpoint(ckpt_dir: Path, members: list[_Member], state: dict[str, Any]) -> None:
+    """Write one resumable checkpoint atomically: a fresh folder renamed over the old one."""
+    from safetensors.torch import save_file
+
+    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_dir.parent / f".{ckpt_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for i, m in enumerate(members):
+        tensors = {k: v.detach().cpu().contiguous() for k, v in m.sae.state_dict().items()}
+        save_file(tensors, str(tmp / f"sae-{i}.safetensors"))
+        # Adam's state is tensors and numbers only, so `weights_only=True` reads it back.
+        torch.save(m.opt.state_dict(), tmp / f"optim-{i}.pt")
+    state = {**state, "running": [m.running.state() for m in members]}
+    (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n")
+    old = ckpt_dir.parent / f".{ckpt_dir.name}.old-{os.getpid()}"
+    if ckpt_dir.exists():
+        os.replace(ckpt_dir, old)
+    os.replace(tmp, ckpt_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def read_checkpoint_state(ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """The `state.json` of a checkpoint folder, or None if there is none."""
+    path = Path(ckpt_dir) / STATE_NAME
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _restore(ckpt_dir: Path, members: list[_Member], device: torch.device) -> None:
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt_dir / STATE_NAME).read_text())
+    for i, m in enumerate(members):
+        m.sae.load_tensors(
+            load_file(str(ckpt_dir / f"sae-{i}.safetensors"), device=str(device)), str(ckpt_dir)
+        )
+        opt_state = torch.load(ckpt_dir / f"optim-{i}.pt", weights_only=True, map_location=device)
+        m.opt.load_state_dict(opt_state)
+        m.running.load(state["running"][i])
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+class _Member:
+    """One SAE of a sweep with its optimizer and running metrics."""
+
+    def __init__(self, cfg: TrainConfig, sae: SAE, log: LogFn):
+        self.cfg, self.sae, self.log = cfg, sae, log
+        self.opt: torch.optim.Adam  # made once the SAE is on its device
+        self.running = _Running()
+        self.logged = -1
+        self.metrics: dict[str, Tensor] = {}
+
+
+def train_saes(
+    make_batches: Callable[[int], Iterable[Tensor]],
+    d_model: int,
+    cfgs: Sequence[TrainConfig],
+    logs: Sequence[LogFn] | None = None,
+    progress: bool = True,
+    n_steps: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool | Literal["auto"] = "auto",
+) -> list[tuple[SAE, dict[str, Any]]]:
+    """Train one SAE per config in lock-step on one pass of `make_batches`; returns (SAE, summary) each.
+
+    `make_batches(epoch)` must return a fresh iterable of `x_bd` for that epoch, shuffled by the
+    caller, the same batches for the same epoch. Epoch 0's iterable is read once first to fit
+    the normalisation and b_dec (up to `norm_max_tokens` tokens). The cosine schedule needs the
+    total step count: pass `n_steps`, or it is taken as n_epochs x len(epoch 0's iterable).
+    Every step, for every SAE: forward (bf16 autocast if enabled), backward, drop the gradient
+    parallel to decoder rows, clip, Adam step, renormalise decoder rows, update the
+    tokens-since-fired counters that define dead latents.
+
+    With `checkpoint_dir`, a checkpoint is written every `checkpoint_every` steps; `resume`
+    True continues from it (error if it is missing or from other configs), 'auto' continues
+    when one from the same configs exists, False starts afresh.
+    """
+    cfgs = list(cfgs)
+    if not cfgs:
+        raise ValueError("train_saes needs at least one TrainConfig")
+    check_shared(cfgs)
+    logs = list(logs) if logs is not None else [noop_log] * len(cfgs)
+    if len(logs) != len(cfgs):
+        raise ValueError(f"got {len(logs)} log callbacks for {len(cfgs)} configs")
+    lead = cfgs[0]
+    device = resolve_device(lead.device)
+    bf16 = use_bf16(lead.precision, device)
+    # Impossible configs (k > d_sae, bad prefixes) fail here, before any data is read.
+    sae_cfgs = [c.sae_config(d_model) for c in cfgs]
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    fingerprint = {"d_model": d_model, "configs": [to_dict(c) for c in cfgs]}
+    state = read_checkpoint_state(ckpt_dir) if ckpt_dir is not None and resume else None
+    if state is not None and state.get("fingerprint") != fingerprint:
+        if resume is True:
+            raise ValueError(
+                f"checkpoint {ckpt_dir} was written for other configs or d_model; "
+                "delete it or pass resume=False"
+            )
+        state = None
+    if resume is True and state is None:
+        raise ValueError(f"resume=True but there is no checkpoint in {checkpoint_dir}")
+
+    members = []
+    for cfg, sae_cfg, log in zip(cfgs, sae_cfgs, logs, strict=True):
+        sae = SAE(sae_cfg, generator=torch.Generator().manual_seed(cfg.seed))
+        members.append(_Member(cfg, sae, log))
+
+    first: Iterable[Tensor] | None = None
+    if state is None:
+        sample = take_tokens(make_batches(0), lead.norm_max_tokens)
+        if sample.shape[1] != d_model:
+            raise ValueError(f"batches have width {sample.shape[1]}, but d_model={d_model}")
+        mean_d, scale = _normalisation_of(sample)
+        b_dec = None
+        if any(c.b_dec_init == "geometric_median" for c in cfgs):
+            # Weiszfeld is O(n) per iteration: 16k tokens pin the median well enough.
+            b_dec = geometric_median(((sample[:16384] - mean_d.double()) * scale).float())
+        for m in members:
+            m.sae.set_normalisation(mean_d, scale)
+            if m.cfg.b_dec_init == "geometric_median":
+                with torch.no_grad():
+                    m.sae.b_dec.copy_(b_dec)
+        first = make_batches(0)
+        if n_steps is None:
+            try:
+                per_epoch = len(first)  # type: ignore[arg-type]
+            except TypeError:  # a generator: count one epoch, then ask for a fresh one
+                per_epoch, first = sum(1 for _ in first), make_batches(0)
+            n_steps = per_epoch * lead.n_epochs
+        step, epoch0, skip, n_tokens = 0, 0, 0, 0
+    else:
+        if n_steps is not None and n_steps != state["n_steps"]:
+            raise ValueError(f"n_steps={n_steps} but the checkpoint has {state['n_steps']}")
+        n_steps = int(state["n_steps"])
+        step, epoch0, skip = int(state["step"]), int(state["epoch"]), int(state["batch"])
+        n_tokens = int(state["n_tokens"])
+    if n_steps < 1:
+        raise ValueError("make_batches produced no batches")
+    for m in members:
+        m.sae.to(device).train()
+        # Adam's state must sit with the parameters; rebuild after the move.
+        m.opt = torch.optim.Adam(m.sae.parameters(), lr=lr_at(0, n_steps, m.cfg))
+    if state is not None:
+        _restore(ckpt_dir, members, device)  # type: ignore[arg-type]
+    resumed_from, tokens_before = step, n_tokens
+
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if bf16
+        else contextlib.nullcontext()
+    )
+    t0 = time.perf_counter()
+    bar = tqdm(total=n_steps, initial=step, desc="train SAE", disable=not progress, unit="step")
+    for epoch in range(epoch0, lead.n_epochs):
+        batches = first if (epoch == 0 and first is not None) else make_batches(epoch)
+        for m in members:
+            if epoch != epoch0 or skip == 0:
+                m.running = _Running()
+        for i_batch, x_bd in enumerate(batches):
+            if epoch == epoch0 and i_batch < skip:
+                continue  # trained on before the checkpoint: same order, so skip it
+            x_bd = _checked(x_bd, d_model, device)
+            for m in members:
+                _train_step(m, x_bd, step, n_steps, autocast)
+            n_tokens += x_bd.shape[0]
+            for m in members:
+                if step % m.cfg.log_every == 0 or step == n_steps - 1:
+                    _report(m, step)
+            bar.update(1)
+            step += 1
+            if ckpt_dir is not None and lead.checkpoint_every and step % lead.checkpoint_every == 0:
+                position = {"step": step, "epoch": epoch, "batch": i_batch + 1}
+                _write_checkpoint(
+                    ckpt_dir,
+                    members,
+                    {
+                        "fingerprint": fingerprint,
+                        "n_steps": n_steps,
+                        "n_tokens": n_tokens,
+                        **position,
+                    },
+                )
+        skip = 0
+    bar.close()
+    if step == 0:
+        raise ValueError("make_batches produced no batches")
+    seconds = time.perf_counter() - t0
+    results = []
+    for m in members:
+        if m.logged != step - 1 and m.metrics:
+            _report(m, step - 1)
+        m.sae.eval()
+        summary: dict[str, Any] = {
+            "n_steps": step,
+            "n_tokens": n_tokens,
+            "d_model": d_model,
+            "d_sae": m.sae.cfg.d_sae,
+            "norm_scale": float(m.sae.norm_scale),
+            "dead_frac": float(m.sae.dead_mask().float().mean()),
+            "resumed_from_step": resumed_from,
+            "train_seconds": seconds,
+            "tokens_per_s": (n_tokens - tokens_before) / seconds if seconds > 0 else float("nan"),
+            "bf16": bf16,
+            **{f"last_epoch_{k}": v for k, v in m.running.means().items()},
+        }
+        results.append((m.sae, summary))
+    return results
+
+
+def _train_step(
+    m: _Member, x_bd: Tensor, step: int, n_steps: int, autocast: contextlib.AbstractContextManager
+) -> None:
+    cfg, sae, opt = m.cfg, m.sae, m.opt
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, n_steps, cfg)
+    with autocast:
+        out = sae(x_bd, sparsity_coeff=sparsity_coeff_at(step, cfg))
+    opt.zero_grad(set_to_none=True)
+    out.loss.float().backward()
+    sae.remove_parallel_grads()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    opt.step()
+    sae.normalise_decoder()
+    sae.update_firing(out.f)
+    with torch.no_grad():
+        m.metrics = _batch_metrics(x_bd, out)
+    m.running.add(m.metrics, x_bd.shape[0])
+
+
+def _report(m: _Member, step: int) -> None:
+    values = {k: float(v) for k, v in m.metrics.items()}
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(f"training loss is {values['loss']} at step {step}")
+    values["dead_frac"] = float(m.sae.dead_mask().float().mean())
+    values["lr"] = m.opt.param_groups[0]["lr"]
+    values["sparsity_coeff"] = sparsity_coeff_at(step, m.cfg)
+    m.log(values, step)
+    m.logged = step
 
 
 def train_sae(
@@ -204,114 +571,34 @@ def train_sae(
     log: LogFn = noop_log,
     progress: bool = True,
     n_steps: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool | Literal["auto"] = "auto",
 ) -> tuple[SAE, dict[str, Any]]:
-    """Train an SAE with Adam; returns it (in eval mode, on `cfg.device`) and a summary dict.
-
-    `make_batches(epoch)` must return a fresh iterable of `x_bd` for that epoch, shuffled by the
-    caller. Epoch 0's iterable is read once first to fit the normalisation (up to
-    `cfg.norm_max_tokens` tokens). The cosine schedule needs the total step count: pass `n_steps`,
-    or it is taken as n_epochs x len(epoch 0's iterable), counting epoch 0 once if it has no len.
-    Every step: forward, backward, drop gradient parallel to decoder rows, clip, Adam step,
-    renormalise decoder rows, update the tokens-since-fired counters that define dead latents.
-    """
-    device = resolve_device(cfg.device)
-    sae_cfg = cfg.sae_config(d_model)
-    mean_d, scale = fit_normalisation(make_batches(0), cfg.norm_max_tokens)
-    if mean_d.shape != (d_model,):
-        raise ValueError(f"batches have width {mean_d.shape[0]}, but d_model={d_model}")
-    first = make_batches(0)
-    if n_steps is None:
-        try:
-            per_epoch = len(first)  # type: ignore[arg-type]
-        except TypeError:  # a generator: count one epoch, then ask for a fresh one
-            per_epoch, first = sum(1 for _ in first), make_batches(0)
-        n_steps = per_epoch * cfg.n_epochs
-    if n_steps < 1:
-        raise ValueError("make_batches produced no batches")
-
-    sae = SAE(sae_cfg, generator=torch.Generator().manual_seed(cfg.seed))
-    sae.set_normalisation(mean_d, scale)
-    sae.to(device).train()
-    opt = torch.optim.Adam(sae.parameters(), lr=lr_at(0, n_steps, cfg))
-
-    step, n_tokens, logged = 0, 0, -1
-    last = _Running()  # last epoch's token-weighted training metrics
-
-    def report(metrics: dict[str, Tensor], step: int) -> None:
-        nonlocal logged
-        values = {k: float(v) for k, v in metrics.items()}
-        if not math.isfinite(values["loss"]):
-            raise FloatingPointError(f"training loss is {values['loss']} at step {step}")
-        values["dead_frac"] = float(sae.dead_mask().float().mean())
-        values["lr"] = opt.param_groups[0]["lr"]
-        values["l1_coeff"] = l1_coeff_at(step, cfg)
-        log(values, step)
-        bar.set_postfix(fvu=f"{values['fvu']:.3f}", l0=f"{values['l0']:.1f}")
-        logged = step
-
-    t0 = time.perf_counter()
-    bar = tqdm(total=n_steps, desc="train SAE", disable=not progress, unit="step")
-    for epoch in range(cfg.n_epochs):
-        last = _Running()
-        for x_bd in first if epoch == 0 else make_batches(epoch):
-            x_bd = _checked(x_bd, d_model, device)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, n_steps, cfg)
-            out = sae(x_bd, l1_coeff=l1_coeff_at(step, cfg))
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            sae.remove_parallel_grads()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-            opt.step()
-            sae.normalise_decoder()
-            sae.update_firing(out.f)
-
-            with torch.no_grad():
-                metrics = _batch_metrics(x_bd, out)
-            last.add(metrics, x_bd.shape[0])
-            n_tokens += x_bd.shape[0]
-            if step % cfg.log_every == 0 or step == n_steps - 1:
-                report(metrics, step)
-            bar.update(1)
-            step += 1
-    bar.close()
-    if step == 0:
-        raise ValueError("make_batches produced no batches")
-    if logged != step - 1:
-        report(metrics, step - 1)
-    seconds = time.perf_counter() - t0
-    sae.eval()
-    summary: dict[str, Any] = {
-        "n_steps": step,
-        "n_tokens": n_tokens,
-        "d_model": d_model,
-        "d_sae": sae_cfg.d_sae,
-        "norm_scale": scale,
-        "dead_frac": float(sae.dead_mask().float().mean()),
-        "train_seconds": seconds,
-        "tokens_per_s": n_tokens / seconds if seconds > 0 else float("nan"),
-        **{f"last_epoch_{k}": v for k, v in last.means().items()},
-    }
+    """Train one SAE (a sweep of one; see `train_saes`); returns it in eval mode and a summary."""
+    [(sae, summary)] = train_saes(
+        make_batches, d_model, [cfg], [log], progress, n_steps, checkpoint_dir, resume
+    )
     return sae, summary
 
 
 def _batch_metrics(x_bd: Tensor, out: Any) -> dict[str, Tensor]:
     """Training-batch metrics; FVU against the batch mean (scale-free, so any space gives it)."""
-    err = (x_bd - out.x_hat).pow(2).sum()
+    x_hat = out.x_hat.float()
+    err = (x_bd - x_hat).pow(2).sum()
     var = (x_bd - x_bd.mean(dim=0)).pow(2).sum()
     return {
-        "loss": out.loss.detach(),
-        "mse": out.mse.detach(),
-        "l1": out.l1.detach(),
-        "aux": out.aux.detach(),
+        "loss": out.loss.detach().float(),
+        "mse": out.mse.detach().float(),
+        "l1": out.l1.detach().float(),
+        "aux": out.aux.detach().float(),
+        "sparsity": out.sparsity.detach().float(),
         "l0": (out.f > 0).sum(dim=-1).float().mean(),
         "fvu": err / var.clamp_min(1e-12),
     }
 
 
 class _Running:
-    """Token-weighted means of per-batch metrics."""
+    """Token-weighted means of per-batch metrics (state kept as floats across a resume)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, Tensor | float] = {}
@@ -325,6 +612,13 @@ class _Running:
 
     def means(self) -> dict[str, float]:
         return {k: float(v) / self.n for k, v in self.sums.items()} if self.n else {}
+
+    def state(self) -> dict[str, Any]:
+        return {"n": self.n, "sums": {k: float(v) for k, v in self.sums.items()}}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.n = int(state["n"])
+        self.sums = {k: float(v) for k, v in state["sums"].items()}
 
 
 @torch.no_grad()

@@ -1,4 +1,6 @@
-"""The SAE module: hand-set encode/decode, AuxK, the unit-norm decoder, checkpoints, config checks."""
+"""The SAE module: hand-set encode/decode for every architecture, the JumpReLU straight-through
+estimator, BatchTopK's threshold, Matryoshka prefixes, AuxK, the unit-norm decoder, checkpoints,
+config checks."""
 
 from __future__ import annotations
 
@@ -8,11 +10,9 @@ import math
 import pytest
 import torch
 
-from saev_core.sae import SAE, SAEConfig
+from saev_core.sae import ARCHS, SAE, SAEConfig
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-ARCHS = ["topk", "relu"]
 
 
 def hand_sae(arch: str) -> SAE:
@@ -87,6 +87,9 @@ def test_save_load_round_trip(tmp_path, arch):
             p.add_(0.1 * torch.randn_like(p))
     sae.set_normalisation(torch.arange(8.0), 0.25)
     sae.update_firing(torch.zeros(5, 16))
+    if arch in ("batchtopk", "matryoshka"):
+        sae.threshold.fill_(0.3)  # the learned inference threshold must travel too
+    sae.eval()
     sae.save(tmp_path / "sae", extra={"layer": 2, "manifest_sha256": "abc"})
 
     assert sorted(p.name for p in (tmp_path / "sae").iterdir()) == ["cfg.json", "sae.safetensors"]
@@ -222,7 +225,7 @@ def test_config_checks():
     with pytest.raises(ValueError, match="d_model"):
         SAEConfig(arch="topk", d_model=0, d_sae=6, k=2)
     with pytest.raises(ValueError, match="arch"):
-        SAEConfig(arch="jumprelu", d_model=4, d_sae=6)
+        SAEConfig(arch="gated", d_model=4, d_sae=6)
     with pytest.raises(ValueError, match="aux_alpha"):
         SAEConfig(arch="topk", d_model=4, d_sae=6, k=2, aux_alpha=-1.0)
     with pytest.raises(ValueError, match="l1_coeff"):
@@ -242,3 +245,107 @@ def test_init_unit_decoder_tied_encoder_and_bad_normalisation():
         sae.set_normalisation(torch.zeros(8), 0.0)
     with pytest.raises(ValueError, match=r"shape \(8,\)"):
         sae.set_normalisation(torch.zeros(7), 1.0)
+
+
+# -- the newer architectures, by hand -----------------------------------------------------------
+
+
+def identity_sae(arch: str, d: int = 4, **kw) -> SAE:
+    """W_enc = W_dec = I, zero biases, identity normalisation: h = x exactly."""
+    sae = SAE(SAEConfig(arch=arch, d_model=d, d_sae=d, **kw))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(d))
+        sae.W_dec.copy_(torch.eye(d))
+    return sae
+
+
+H = torch.tensor([[3.0, -1.0, 0.5, 2.0], [0.2, 0.1, 4.0, -2.0]])
+
+
+def test_batchtopk_trains_on_the_batch_and_infers_at_its_threshold():
+    sae = identity_sae("batchtopk", k=2)
+    out = sae.train()(H)
+    # The 2 x 2 = 4 largest of the whole batch: 4.0, 3.0, 2.0, 0.5 (row 0 keeps three, row 1 one).
+    want = torch.tensor([[3.0, 0.0, 0.5, 2.0], [0.0, 0.0, 4.0, 0.0]])
+    torch.testing.assert_close(out.f, want)
+    assert sae.threshold.item() == 0.5  # first estimate: the smallest kept activation
+    sae(H * 2)  # smallest kept is now 1.0: running average with momentum 0.1
+    assert sae.threshold.item() == pytest.approx(0.9 * 0.5 + 0.1 * 1.0)
+    # Inference: JumpReLU at the threshold, per token, whatever the batch.
+    with torch.no_grad():
+        sae.threshold.fill_(0.4)
+    f = sae.encode(H)
+    torch.testing.assert_close(f, torch.tensor([[3.0, 0.0, 0.5, 2.0], [0.0, 0.0, 4.0, 0.0]]))
+    torch.testing.assert_close(sae.encode(H[1:]), f[1:])
+    assert torch.equal(sae.eval()(H).f, f)
+
+
+def test_jumprelu_forward_and_straight_through_gradients():
+    eps, theta0 = 0.5, 0.25
+    sae = identity_sae("jumprelu", jumprelu_bandwidth=eps, jumprelu_init_threshold=theta0)
+    with torch.no_grad():
+        sae.log_threshold.copy_(torch.log(torch.tensor([0.25, 0.25, 0.6, 1.0])))
+    theta = sae.log_threshold.exp().detach()
+    h = torch.tensor([[0.3, 0.1, 0.7, 2.0], [0.2, 0.6, 0.5, 1.1]], requires_grad=True)
+    f = sae.train_activate(h)
+    torch.testing.assert_close(f.detach(), h.detach() * (h.detach() > theta))
+    f.sum().backward()
+    # d/dh = H(h - theta); d/dtheta = -(theta/eps) * sum_b 1{|h - theta| < eps/2}.
+    torch.testing.assert_close(h.grad, (h.detach() > theta).float())
+    inside = ((h.detach() - theta).abs() < eps / 2).float().sum(dim=0)
+    want_theta = -(theta / eps) * inside  # [2, 1, 2, 1] rows inside the window
+    torch.testing.assert_close(
+        sae.log_threshold.grad, want_theta * theta
+    )  # chain rule: d theta/d log
+
+    # The L0 term: Step's d/dtheta = -(1/eps) * count inside, and nothing flows into h.
+    sae.zero_grad()
+    x = h.detach()  # identity SAE: h = x
+    out = sae.train()(x, sparsity_coeff=1.0)
+    assert out.sparsity.item() == pytest.approx((x > theta).float().sum(dim=1).mean().item())
+    out.sparsity.backward()
+    torch.testing.assert_close(sae.log_threshold.grad, -(1 / eps) * inside / 2 * theta)
+    # Step passes no gradient to the pre-activations (so none reaches the encoder).
+    assert sae.W_enc.grad is None or not sae.W_enc.grad.any()
+
+
+def test_matryoshka_loss_is_the_mean_of_nested_prefix_errors():
+    sae = identity_sae("matryoshka", k=4, matryoshka_prefixes=(1, 3, 4), aux_alpha=0.0)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    out = sae.train()(x)
+    # Prefix 1 reconstructs [1, 0, 0, 0], prefix 3 [1, 2, 3, 0], prefix 4 everything.
+    want = ((2**2 + 3**2 + 4**2) / 4 + 4**2 / 4 + 0.0) / 3
+    assert out.recon.item() == pytest.approx(want)
+    assert out.mse.item() == pytest.approx(0.0)
+    assert out.loss.item() == pytest.approx(want)
+    assert SAEConfig(arch="matryoshka", d_model=4, d_sae=64).prefixes() == [4, 16, 64]
+    with pytest.raises(ValueError, match="end at d_sae"):
+        SAEConfig(arch="matryoshka", d_model=4, d_sae=64, matryoshka_prefixes=(4, 16))
+
+
+def test_relu_with_free_decoder_scales_l1_by_decoder_norm():
+    sae = identity_sae("relu", decoder_norm="free")
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.tensor([[1.0], [2.0], [0.5], [3.0]]))
+    x = torch.tensor([[1.0, 1.0, 2.0, -1.0]])
+    out = sae(x)
+    assert out.sparsity.item() == pytest.approx(1 * 1 + 1 * 2 + 2 * 0.5)
+    assert out.l1.item() == pytest.approx(4.0)
+    assert out.loss.item() == pytest.approx(out.mse.item() + 0.05 * 4.0)
+    before = sae.W_dec.clone()
+    sae.normalise_decoder()  # a free decoder is left alone
+    assert torch.equal(sae.W_dec, before)
+    with pytest.raises(ValueError, match="decoder_norm='free'"):
+        SAEConfig(arch="topk", d_model=4, d_sae=4, decoder_norm="free")
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_auxk_reaches_every_k_sparse_arch(arch):
+    sae = SAE(SAEConfig(arch=arch, d_model=8, d_sae=12, k=2), torch.Generator().manual_seed(0))
+    mask = torch.zeros(12, dtype=torch.bool)
+    mask[[1, 5]] = True
+    with torch.no_grad():
+        sae.b_enc[mask] = 1.0
+    out = sae(torch.randn(16, 8), dead_mask=mask)
+    assert out.aux.item() > 0
+    torch.testing.assert_close(out.loss, out.recon + sae.cfg.aux_alpha * out.aux)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -9,19 +10,21 @@ import pytest
 import torch
 
 from saev_core.config import load_section
-from saev_core.sae import SAE, SAEConfig
+from saev_core.sae import ARCHS, SAE, SAEConfig
 from saev_core.training import (
     TrainConfig,
     evaluate,
     fit_normalisation,
-    l1_coeff_at,
+    geometric_median,
     lr_at,
+    sparsity_coeff_at,
+    sweep_configs,
     train_sae,
+    train_saes,
 )
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-ARCHS = ["topk", "relu"]
 D_MODEL = 16
 
 
@@ -116,33 +119,37 @@ def test_fit_normalisation_exact_and_capped():
 
 
 def test_lr_and_l1_schedules():
-    cfg = TrainConfig(lr=1.0, warmup_steps=4, lr_end_frac=0.1, l1_coeff=2.0, l1_warmup_steps=4)
+    cfg = TrainConfig(
+        arch="relu", lr=1.0, warmup_steps=4, lr_end_frac=0.1, l1_coeff=2.0, sparsity_warmup_steps=4
+    )
     assert [lr_at(s, 20, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_at(4, 20, cfg) == pytest.approx(1.0)
     assert lr_at(19, 20, cfg) == pytest.approx(0.1)
     assert 0.1 < lr_at(12, 20, cfg) < 1.0
     constant = TrainConfig(lr=1.0, warmup_steps=4, lr_schedule="constant")
     assert lr_at(19, 20, constant) == 1.0
-    assert [l1_coeff_at(s, cfg) for s in (0, 2, 4, 10)] == [0.0, 1.0, 2.0, 2.0]
-    assert l1_coeff_at(0, TrainConfig(l1_coeff=2.0)) == 2.0
+    assert [sparsity_coeff_at(s, cfg) for s in (0, 2, 4, 10)] == [0.0, 1.0, 2.0, 2.0]
+    assert sparsity_coeff_at(0, TrainConfig(arch="relu", l1_coeff=2.0)) == 2.0
 
 
 # -- training ---------------------------------------------------------------------------------
 
 
-def test_sparsity_warmup_changes_the_loss():
+@pytest.mark.parametrize("arch,coeff", [("relu", "l1_coeff"), ("jumprelu", "l0_coeff")])
+def test_sparsity_warmup_changes_the_loss(arch, coeff):
     x = sparse_data(n_tokens=1024)
     step0 = {}
     for warmup in (0, 10):
         logs: dict[int, dict[str, float]] = {}
-        cfg = tiny_cfg("relu", l1_coeff=0.05, l1_warmup_steps=warmup, n_epochs=1)
+        cfg = tiny_cfg(arch, **{coeff: 0.05}, sparsity_warmup_steps=warmup, n_epochs=1)
         log = lambda m, s, logs=logs: logs.__setitem__(s, m)  # noqa: E731
         train_sae(batches_of(x, 256), D_MODEL, cfg, log=log, progress=False)
         step0[warmup] = logs[0]
-    assert step0[10]["l1_coeff"] == 0.0 and step0[0]["l1_coeff"] == 0.05
+    assert step0[10]["sparsity_coeff"] == 0.0 and step0[0]["sparsity_coeff"] == 0.05
+    assert step0[0]["sparsity"] > 0
     assert step0[10]["loss"] < step0[0]["loss"]
-    assert step0[10]["loss"] == pytest.approx(step0[10]["mse"])  # L1 term really is off at step 0
-    assert step0[0]["loss"] == pytest.approx(step0[0]["mse"] + 0.05 * step0[0]["l1"])
+    assert step0[10]["loss"] == pytest.approx(step0[10]["mse"])  # the term really is off at step 0
+    assert step0[0]["loss"] == pytest.approx(step0[0]["mse"] + 0.05 * step0[0]["sparsity"])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -161,10 +168,14 @@ def test_train_on_tiny_sparse_data(arch):
     metrics = evaluate(sae, [x_val[:500], x_val[500:]])
 
     assert fvu_before > 0.5
-    assert metrics["fvu"] < 0.25, metrics["fvu"]
+    # BatchTopK kinds infer at a learned threshold, and Matryoshka trades error for nesting.
+    assert metrics["fvu"] < (0.25 if arch in ("topk", "relu", "jumprelu") else 0.35), metrics["fvu"]
     assert metrics["n_tokens"] == 1024
     if arch == "topk":
         assert metrics["l0"] <= 4
+    elif arch in ("batchtopk", "matryoshka"):
+        assert 2 < metrics["l0"] < 8  # a threshold, not an exact k, at inference
+        assert sae.threshold.item() > 0
     else:
         assert 1 < metrics["l0"] < 32
     assert summary["n_steps"] == 4 * 16 and summary["n_tokens"] == 4 * 4096
@@ -233,3 +244,185 @@ def test_evaluate_matches_one_shot_reference(arch):
     firing = f.sum(dim=0) / (f > 0).sum(dim=0).clamp_min(1)
     np.testing.assert_allclose(got["mean_act"], firing.double().numpy(), rtol=1e-5)
     assert got["n_tokens"] == 600
+
+
+# -- recipes: b_dec init, bf16 ------------------------------------------------------------------
+
+
+def test_geometric_median_by_hand():
+    # On a line the geometric median is the median, far from the mean (3.67) here.
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]])
+    torch.testing.assert_close(geometric_median(x), torch.tensor([1.0, 0.0]), atol=1e-4, rtol=0)
+    # Symmetric points: the centre; an outlier moves the mean but barely the median.
+    square = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]]) + 3.0
+    torch.testing.assert_close(geometric_median(square), torch.tensor([3.0, 3.0]))
+    with_outlier = torch.cat([square.repeat(5, 1), torch.tensor([[100.0, 100.0]])])
+    assert (geometric_median(with_outlier) - 3.0).norm() < 0.2
+    assert (with_outlier.mean(dim=0) - 3.0).norm() > 6
+
+
+def test_b_dec_starts_at_the_geometric_median_of_normalised_inputs():
+    x = sparse_data(n_tokens=512)
+    cfg = tiny_cfg("topk", n_epochs=1, lr=1e-12, warmup_steps=0, grad_clip=0.0)
+    sae, _ = train_sae(batches_of(x, 512), D_MODEL, cfg, progress=False)
+    want = geometric_median(sae.normalise(x))
+    torch.testing.assert_close(sae.b_dec.detach(), want, atol=1e-4, rtol=0)
+    zero, _ = train_sae(
+        batches_of(x, 512), D_MODEL, replace_cfg(cfg, b_dec_init="zero"), progress=False
+    )
+    assert zero.b_dec.abs().max() < 1e-6
+
+
+def replace_cfg(cfg: TrainConfig, **kw) -> TrainConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_bf16_autocast_trains_on_cpu():
+    x = sparse_data()
+    cfg = tiny_cfg("topk", n_epochs=2, precision="bf16")
+    sae, summary = train_sae(batches_of(x, 256), D_MODEL, cfg, progress=False)
+    assert summary["bf16"] is True
+    assert sae.W_enc.dtype == torch.float32  # autocast: weights stay fp32
+    assert evaluate(sae, [x])["fvu"] < 0.3
+    with torch.no_grad():
+        h32 = sae.pre_acts(x[:64])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h16 = sae.pre_acts(x[:64])
+    # The matmul really runs in bf16 (8-bit mantissa): close to fp32, but not equal to it.
+    assert not torch.equal(h16, h32)
+    torch.testing.assert_close(h16, h32, atol=0.1, rtol=0.02)
+    assert tiny_cfg("topk").precision == "auto"
+    from saev_core.training import use_bf16
+
+    assert not use_bf16("auto", torch.device("cpu")) and use_bf16("bf16", torch.device("cpu"))
+
+
+# -- resume -------------------------------------------------------------------------------------
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_killed_and_resumed_ends_where_an_uninterrupted_run_ends(tmp_path, arch):
+    x = sparse_data(n_tokens=1024)
+    # 2 epochs x 8 batches; AuxK live (dead after 256 tokens) so the counters must be restored.
+    cfg = tiny_cfg(arch, n_epochs=2, checkpoint_every=3, dead_after_tokens=256, log_every=1)
+    whole, whole_summary = train_sae(batches_of(x, 128), D_MODEL, cfg, progress=False)
+
+    def kill_at_step_10(metrics, step):
+        if step == 10:  # dies after 11 steps; the last checkpoint is after step 9
+            raise Killed
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Killed):
+        train_sae(
+            batches_of(x, 128),
+            D_MODEL,
+            cfg,
+            log=kill_at_step_10,
+            progress=False,
+            checkpoint_dir=ckpt,
+        )
+    state = json.loads((ckpt / "state.json").read_text())
+    assert (state["step"], state["epoch"], state["batch"]) == (9, 1, 1)
+
+    calls = []
+
+    def counting(epoch):
+        calls.append(epoch)
+        return batches_of(x, 128)(epoch)
+
+    resumed, summary = train_sae(
+        counting, D_MODEL, cfg, progress=False, checkpoint_dir=ckpt, resume=True
+    )
+    assert calls == [1]  # no refit of the normalisation, only the unfinished epoch is read
+    assert summary["resumed_from_step"] == 9
+    assert summary["n_steps"] == whole_summary["n_steps"] == 16
+    assert summary["n_tokens"] == whole_summary["n_tokens"]
+    for name, t in whole.state_dict().items():
+        assert torch.equal(t, resumed.state_dict()[name]), name
+    assert summary["last_epoch_fvu"] == pytest.approx(whole_summary["last_epoch_fvu"])
+
+    with pytest.raises(ValueError, match="other configs"):
+        train_sae(
+            batches_of(x, 128),
+            D_MODEL,
+            replace_cfg(cfg, k=3),
+            progress=False,
+            checkpoint_dir=ckpt,
+            resume=True,
+        )
+
+
+def test_impossible_configs_fail_before_any_data_is_read():
+    calls = []
+
+    def make_batches(epoch):
+        calls.append(epoch)
+        return [torch.zeros(4, D_MODEL)]
+
+    with pytest.raises(ValueError, match="k=40"):
+        train_sae(make_batches, D_MODEL, TrainConfig(arch="topk", expansion=2, k=40))
+    with pytest.raises(ValueError, match="matryoshka_prefixes"):
+        train_sae(
+            make_batches, D_MODEL, TrainConfig(arch="matryoshka", matryoshka_prefixes=(8, 64))
+        )
+    assert calls == []
+    with pytest.raises(ValueError, match="d_model=8"):
+        train_sae(batches_of(sparse_data(256), 128), 8, tiny_cfg("topk"), progress=False)
+
+
+# -- sweeps -------------------------------------------------------------------------------------
+
+
+def test_sweep_reads_the_data_once_and_matches_separate_runs():
+    x = sparse_data(n_tokens=1024)
+    cfgs = sweep_configs(
+        dict(
+            arch="topk",
+            d_sae=64,
+            k=4,
+            lr=4e-3,
+            warmup_steps=5,
+            n_epochs=2,
+            batch_size=128,
+            device="cpu",
+        ),
+        {
+            "k2": {"k": 2},
+            "k8": {"k": 8},
+            "relu": {"arch": "relu", "l1_coeff": 0.01, "lr": 1e-3},
+            "wide": {"d_sae": 96},
+        },
+    )
+    calls = []
+
+    def counting(epoch):
+        calls.append(epoch)
+        return batches_of(x, 128)(epoch)
+
+    logs = {name: [] for name in cfgs}
+    results = train_saes(
+        counting,
+        D_MODEL,
+        list(cfgs.values()),
+        [lambda m, s, n=name: logs[n].append(s) for name in cfgs],
+        progress=False,
+    )
+    assert calls == [0, 0, 1]  # normalisation sample, then one pass per epoch, for all members
+    assert all(logs[n][-1] == 15 for n in cfgs)
+    for (name, cfg), (sae, _) in zip(cfgs.items(), results, strict=True):
+        alone, _ = train_sae(batches_of(x, 128), D_MODEL, cfg, progress=False)
+        for key, t in alone.state_dict().items():
+            assert torch.equal(t, sae.state_dict()[key]), (name, key)
+    fvus = [evaluate(sae, [x])["l0"] for sae, _ in results[:2]]
+    assert fvus[0] < fvus[1]  # k=2 is sparser than k=8
+
+    with pytest.raises(ValueError, match="must share batch_size"):
+        sweep_configs({"arch": "topk"}, {"a": {"batch_size": 64}, "b": {"batch_size": 128}})
+    with pytest.raises(ValueError, match="sweep member 'a'"):
+        sweep_configs({"arch": "topk"}, {"a": {"kk": 3}})

@@ -1,0 +1,241 @@
+"""Imports from saev's `sae.pt` layouts and SAELens, exports to SAELens: each file written in the
+documented layout, and the loaded SAE's outputs checked against that project's own forward pass."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from saev_core.sae import ARCHS, SAE, SAEConfig
+from saev_core.sae_io import load_saelens, load_saev, save_saelens
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+D, S = 8, 16
+
+
+def weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "W_enc": torch.randn(D, S, generator=g) * 0.5,
+        "b_enc": torch.randn(S, generator=g) * 0.3,
+        "W_dec": torch.randn(S, D, generator=g),
+        "b_dec": torch.randn(D, generator=g),
+    }
+
+
+X = torch.randn(32, D, generator=torch.Generator().manual_seed(9)) * 2
+
+
+def reference(w, x, subtract_b_dec: bool, k: int | None = None, threshold=None):
+    """The source project's forward, written out: pre-activation, activation, decode."""
+    h = (x - w["b_dec"] if subtract_b_dec else x) @ w["W_enc"] + w["b_enc"]
+    f = torch.relu(h)
+    if k is not None:
+        vals, idx = h.topk(k, dim=-1)
+        f = torch.zeros_like(h).scatter(-1, idx, vals.relu())
+    if threshold is not None:
+        f = f * (h > threshold)
+    return f, f @ w["W_dec"] + w["b_dec"]
+
+
+def write_saev(path, header, state):
+    with open(path, "wb") as fd:
+        fd.write((json.dumps(header) + "\n").encode())
+        torch.save(state, fd)
+
+
+SAEV_LAYOUTS = {
+    # The paper's era: no schema, the header is the config (ReLU; forward encodes x - b_dec).
+    "pre-schema": (
+        {
+            "d_vit": D,
+            "exp_factor": 2,
+            "n_reinit_samples": 10,
+            "sparsity_coeff": 4e-4,
+            "ghost_grads": False,
+            "seed": 0,
+        },
+        True,
+        None,
+    ),
+    # Schema 1, the config class in `cls`.
+    "schema1-TopK": (
+        {
+            "schema": 1,
+            "cls": "TopK",
+            "cfg": {"d_vit": D, "exp_factor": 2, "top_k": 3},
+            "commit": "x",
+            "lib": "0",
+        },
+        True,
+        3,
+    ),
+    # Schemas 1B-3: activation serialised as cls + params; encode is x W_enc + b_enc.
+    "schema2-Relu": (
+        {
+            "schema": 2,
+            "cfg": {"d_vit": D, "exp_factor": 2, "activation": {"cls": "Relu", "params": {}}},
+        },
+        False,
+        None,
+    ),
+    "schema2-BatchTopK": (
+        {
+            "schema": 2,
+            "cfg": {
+                "d_vit": D,
+                "exp_factor": 2,
+                "activation": {"cls": "BatchTopK", "params": {"top_k": 4}},
+            },
+        },
+        False,
+        4,
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(SAEV_LAYOUTS))
+def test_load_saev_layouts(tmp_path, layout):
+    header, subtract, k = SAEV_LAYOUTS[layout]
+    w = weights()
+    write_saev(tmp_path / "sae.pt", header, w)
+    sae = load_saev(tmp_path / "sae.pt")
+    f_want, x_hat_want = reference(w, X, subtract, k)
+    torch.testing.assert_close(sae.encode(X), f_want)
+    torch.testing.assert_close(sae.decode(sae.encode(X)), x_hat_want)
+    assert sae.cfg.d_model == D and sae.cfg.d_sae == S
+    assert sae.extra["imported_from"] == "saev"
+
+
+def test_load_saev_schema4_batchtopk_threshold_and_normalisation(tmp_path):
+    w = weights(1)
+    header = {
+        "schema": 4,
+        "cfg": {
+            "d_model": D,
+            "d_sae": S,
+            "activation": {"cls": "BatchTopK", "params": {"top_k": 4, "momentum": 0.1}},
+        },
+    }
+    write_saev(tmp_path / "sae.pt", header, {**w, "activation.threshold": torch.tensor(0.7)})
+    sae = load_saev(tmp_path / "sae.pt")
+    assert sae.cfg.arch == "batchtopk" and sae.threshold.item() == pytest.approx(0.7)
+    f_want, x_hat_want = reference(w, X, False, threshold=0.7)
+    torch.testing.assert_close(sae.encode(X), f_want)
+    torch.testing.assert_close(sae.decode(f_want), x_hat_want)
+    # saev normalised outside the SAE and lost the constants: given them, encode applies them.
+    mean, scale = torch.full((D,), 3.0), 0.5
+    normed = load_saev(tmp_path / "sae.pt", norm_mean=mean, norm_scale=scale)
+    torch.testing.assert_close(
+        normed.encode(X), reference(w, (X - 3.0) * 0.5, False, threshold=0.7)[0]
+    )
+
+
+class NotATensor:
+    pass
+
+
+def test_load_saev_refuses_pickled_objects_and_bad_headers(tmp_path):
+    header = {
+        "schema": 2,
+        "cfg": {"d_vit": D, "exp_factor": 2, "activation": {"cls": "Relu", "params": {}}},
+    }
+    write_saev(tmp_path / "evil.pt", header, {**weights(), "x": NotATensor()})
+    with pytest.raises(ValueError, match="tensors-only"):
+        load_saev(tmp_path / "evil.pt")
+    write_saev(
+        tmp_path / "shape.pt", {**header, "cfg": {**header["cfg"], "exp_factor": 3}}, weights()
+    )
+    with pytest.raises(ValueError, match=r"W_enc has shape \(8, 16\)"):
+        load_saev(tmp_path / "shape.pt")
+    write_saev(tmp_path / "v9.pt", {"schema": 9, "cfg": {}}, weights())
+    with pytest.raises(ValueError, match="schema 9"):
+        load_saev(tmp_path / "v9.pt")
+    (tmp_path / "raw.pt").write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(ValueError, match="JSON header"):
+        load_saev(tmp_path / "raw.pt")
+
+
+def write_saelens(path, cfg, tensors):
+    path.mkdir()
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(path / "sae_weights.safetensors")
+    )
+
+
+@pytest.mark.parametrize(
+    "architecture,apply_b_dec,extra",
+    [("standard", True, {}), ("topk", True, {"k": 3}), ("jumprelu", False, {})],
+)
+def test_load_saelens(tmp_path, architecture, apply_b_dec, extra):
+    w = weights(2)
+    tensors = dict(w)
+    threshold = None
+    if architecture == "jumprelu":
+        threshold = torch.rand(S, generator=torch.Generator().manual_seed(3))
+        tensors["threshold"] = threshold
+    cfg = {
+        "architecture": architecture,
+        "d_in": D,
+        "d_sae": S,
+        "dtype": "float32",
+        "apply_b_dec_to_input": apply_b_dec,
+        "normalize_activations": "none",
+        "metadata": {"hook_name": "blocks.3.hook_resid_post"},
+        **extra,
+    }
+    write_saelens(tmp_path / "sae", cfg, tensors)
+    sae = load_saelens(tmp_path / "sae")
+    f_want, x_hat_want = reference(w, X, apply_b_dec, extra.get("k"), threshold)
+    torch.testing.assert_close(sae.encode(X), f_want)
+    torch.testing.assert_close(sae.decode(f_want), x_hat_want)
+
+
+def test_load_saelens_refuses_what_it_cannot_honour(tmp_path):
+    cfg = {"architecture": "standard", "d_in": D, "d_sae": S, "normalize_activations": "layer_norm"}
+    write_saelens(tmp_path / "ln", cfg, weights())
+    with pytest.raises(ValueError, match="per token"):
+        load_saelens(tmp_path / "ln")
+    write_saelens(
+        tmp_path / "avg", {**cfg, "normalize_activations": "expected_average_only_in"}, weights()
+    )
+    with pytest.raises(ValueError, match="pass norm_scale"):
+        load_saelens(tmp_path / "avg")
+    assert load_saelens(tmp_path / "avg", norm_scale=0.5).norm_scale.item() == 0.5
+    gated = {**cfg, "architecture": "gated", "normalize_activations": "none"}
+    write_saelens(tmp_path / "gated", gated, weights())
+    with pytest.raises(ValueError, match="'gated' is not supported"):
+        load_saelens(tmp_path / "gated")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_to_saelens_round_trip(tmp_path, arch):
+    torch.manual_seed(5)
+    sae = SAE(SAEConfig(arch=arch, d_model=D, d_sae=S, k=3))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+        if arch in ("batchtopk", "matryoshka"):
+            sae.threshold.fill_(0.3)
+    sae.set_normalisation(torch.linspace(-1, 1, D), 0.4)
+    sae.eval()
+    out = save_saelens(sae, tmp_path / "lens")
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["d_in"] == D and cfg["apply_b_dec_to_input"] is True
+    assert cfg["architecture"] == {"relu": "standard", "topk": "topk"}.get(arch, "jumprelu")
+    # SAELens' own forward on raw inputs, with the exported tensors, gives our encode/decode.
+    from safetensors.torch import load_file
+
+    t = load_file(str(out / "sae_weights.safetensors"))
+    f_lens, x_hat_lens = reference(t, X, True, cfg.get("k"), t.get("threshold"))
+    with torch.no_grad():
+        f = sae.encode(X)
+        torch.testing.assert_close(f_lens, f, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x_hat_lens, sae.decode(f), atol=1e-5, rtol=1e-5)
+        back = load_saelens(out)
+        torch.testing.assert_close(back.decode(back.encode(X)), sae.decode(f), atol=1e-5, rtol=1e-5)
