@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup data demo test lint lock clean mlflow-ui
+.PHONY: setup data demo test lint lock clean mlflow-ui chromium
 
 setup: $(STAMP)
 
@@ -39,8 +39,17 @@ demo: data
 	@echo "SAE checkpoint:   artifacts/saes/demo/    shards: artifacts/activations/shapes/"
 	@echo "stats (Parquet):  artifacts/stats/demo/   interventions: artifacts/interventions/demo/"
 
-test: setup
+test: setup chromium
 	$(BIN)/pytest -q
+
+# Headless Chromium for the feature browser's test (tests/test_browser.py): Debian's package,
+# installed once (about 30 s with apt-get update); the test skips when it is missing.
+chromium:
+	@command -v chromium >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		echo "installing chromium (apt-get) for the feature browser test"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium \
+			|| echo "warning: could not install chromium; tests/test_browser.py will skip its browser test"; }
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

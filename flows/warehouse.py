@@ -13,7 +13,9 @@ from saev_core.warehouse import WarehouseConfig, build_warehouse
 
 @task(retries=1, retry_delay_seconds=2)
 def build_task(cfg: WarehouseConfig) -> dict:
-    return build_warehouse(cfg.db, root=".", sql_dir=cfg.sql_dir)
+    return build_warehouse(
+        cfg.db, root=".", sql_dir=cfg.sql_dir, n_matches=cfg.n_matches, materialize=cfg.materialize
+    )
 
 
 @flow(name="warehouse", log_prints=True)

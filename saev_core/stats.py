@@ -2,9 +2,14 @@
 
 `compute_stats` runs the SAE encoder over batches of activations (all tokens of an image in one
 batch) and keeps only running counts, sums, histograms and a top-k buffer per feature, so memory is
-bounded by one batch of codes plus O(d_sae x (n_top + n_labels x n_bins)) whatever the corpus size.
-`write_stats` writes the tables the warehouse reads (`features`, `top_examples`, `feature_labels`,
-`run`), each with a `run` column so that runs can be unioned.
+bounded by one batch of codes plus O(d_sae x (n_top + n_patches + n_labels x n_bins)) whatever
+the corpus size. Per feature it measures: frequency over tokens, images, CLS and patches; mean
+(when firing) and max; a log-spaced histogram; the top-k exemplar images (ranked by their highest
+patch); association with every label at patch and image level (AUROC, best-F1 precision and
+recall, mean inside vs outside); where on the patch grid it fires; and its nearest decoder
+neighbours. `exemplar_heatmaps` is a second pass over the exemplar images only, for the per-patch
+heat maps. `write_stats` writes the tables the warehouse reads (`features`, `top_examples`,
+`feature_labels`, `neighbors`, `heatmaps`, `run`), each with a `run` column so runs can be unioned.
 
 Shape suffixes: `n` tokens in a batch, `s` = d_sae, `d` = d_model, `i` images in a batch, `t` the
 top-k slots, `l` labels, `h` histogram bins (n_bins log bins plus bin 0, which holds exact zeros).
@@ -66,6 +71,11 @@ class StatsConfig:
     """Torch device that encodes and accumulates: "cpu", "cuda", "cuda:1", "mps" or "auto"."""
     splits: tuple[str, ...] = ("val",)
     """Image splits the caller streams (held-out by default: the paper counts dead on val)."""
+    n_neighbors: int = 8
+    """Nearest other features by decoder cosine kept per feature (0: none)."""
+    n_heatmaps: int = 8
+    """Exemplars per feature (at most n_top) whose per-patch codes are kept for heat maps, from a
+    second pass that encodes only the exemplar images; 0: none."""
 
     def __post_init__(self) -> None:
         if self.n_top < 1:
@@ -85,6 +95,10 @@ class StatsConfig:
             raise ValueError(f"stats.splits must be a non-empty list of names, got {self.splits!r}")
         if not all(isinstance(s, str) and s for s in self.splits):
             raise ValueError(f"stats.splits must hold non-empty strings, got {self.splits!r}")
+        if self.n_neighbors < 0:
+            raise ValueError(f"stats.n_neighbors must be >= 0, got {self.n_neighbors}")
+        if self.n_heatmaps < 0:
+            raise ValueError(f"stats.n_heatmaps must be >= 0, got {self.n_heatmaps}")
 
     def hist_edges(self) -> np.ndarray:
         """The n_bins + 1 log-spaced edges of the non-zero histogram bins."""
@@ -118,6 +132,24 @@ class FeatureStats:
     mean_in: np.ndarray  # [l, s] mean code on patches carrying the label
     mean_out: np.ndarray  # [l, s] mean code on the other patches
     n_pos: np.ndarray  # [l] patches carrying the label
+    # best threshold by F1 ("code >= threshold"; threshold 0 means "code > 0"), patch level
+    threshold: np.ndarray  # [l, s] NaN when no threshold finds a positive
+    precision: np.ndarray  # [l, s]
+    recall: np.ndarray  # [l, s]
+    # the same at image level, where an image's score is its highest patch code
+    image_auroc: np.ndarray  # [l, s]
+    image_mean_in: np.ndarray  # [l, s]
+    image_mean_out: np.ndarray  # [l, s]
+    image_threshold: np.ndarray  # [l, s]
+    image_precision: np.ndarray  # [l, s]
+    image_recall: np.ndarray  # [l, s]
+    image_n_pos: np.ndarray  # [l] images carrying the label
+    grid: tuple[int, int]  # patch grid (rows, cols); patch p sits at (p // cols, p % cols)
+    spatial: np.ndarray  # [s, rows * cols] firing count per patch position
+    neighbor: np.ndarray  # [s, m] nearest other features by decoder cosine, best first
+    neighbor_cos: np.ndarray  # [s, m]
+    # [s, t_h, rows * cols] codes on every patch of the first t_h exemplars (NaN: no exemplar)
+    heatmaps: np.ndarray | None = None
 
     @property
     def d_sae(self) -> int:
@@ -143,6 +175,35 @@ class FeatureStats:
         )
 
     @property
+    def spatial_summary(self) -> dict[str, np.ndarray]:
+        """Where each feature fires over the patch grid: centroid, spread and entropy.
+
+        `spatial_entropy` is the Shannon entropy of the firing positions divided by log(#positions):
+        0 when it always fires at one position, 1 when evenly everywhere; `spatial_std` is the
+        root-mean-square distance (in patches) of its firing positions from their centroid.
+        """
+        rows, cols = self.grid
+        counts = self.spatial.astype(np.float64)
+        total = counts.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            prob = counts / total[:, None]
+            r = np.arange(rows * cols) // cols
+            c = np.arange(rows * cols) % cols
+            row_mean, col_mean = prob @ r, prob @ c
+            var = prob @ (r**2) - row_mean**2 + prob @ (c**2) - col_mean**2
+            plogp = np.where(prob > 0, prob * np.log(np.where(prob > 0, prob, 1)), 0.0)
+            n_pos = rows * cols
+            entropy = -plogp.sum(1) / math.log(n_pos) if n_pos > 1 else np.zeros(len(counts))
+        none = total == 0
+        nan = np.nan
+        return {
+            "centroid_row": np.where(none, nan, row_mean),
+            "centroid_col": np.where(none, nan, col_mean),
+            "spatial_std": np.where(none, nan, np.sqrt(np.maximum(var, 0))),
+            "spatial_entropy": np.where(none, nan, entropy),
+        }
+
+    @property
     def mean_act(self) -> np.ndarray:
         """Mean code over the tokens where the feature fires; NaN for dead features."""
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -158,6 +219,9 @@ def compute_stats(
     cfg: StatsConfig,
     run: str,
     progress: bool = True,
+    *,
+    image_labels: pd.DataFrame | pa.Table | None = None,
+    patch_grid: tuple[int, int] | None = None,
 ) -> FeatureStats:
     """Stream `(image_id [n], token [n], acts [n, d_model])` batches through `sae.encode`.
 
@@ -176,6 +240,16 @@ def compute_stats(
     the error is at most sum_b pos_b * neg_b / (2 * P * N), small when bins are narrow relative
     to the spread of the codes (10 bins per decade by default, a width ratio of 1.26).
 
+    Image-level association scores each image by its highest patch code against the image's
+    labels: `image_labels` is a long table (`image_id`, `label`); None derives them from
+    `patch_labels` (an image carries every label one of its patches carries). Precision and
+    recall are reported at the histogram threshold with the best F1.
+
+    `patch_grid` (rows, cols) places patch `token - n_prefix_tokens` on the image for the spatial
+    statistics; None takes a square grid when the patch count is a square, else one row.
+    Each feature's `cfg.n_neighbors` nearest other features by decoder cosine come from
+    `sae.W_dec` ([d_sae, d_model]).
+
     The SAE is moved to `cfg.device` (in place, as `nn.Module.to` does).
     """
     if n_prefix_tokens < 0:
@@ -186,8 +260,11 @@ def compute_stats(
     d_sae = int(sae.cfg.d_sae)
     d_model = int(sae.W_dec.shape[1])
     sae = sae.to(device)
+    if label_names is None:
+        label_names = _all_label_names(patch_labels, image_labels)
     labels = _PatchLabels(patch_labels, label_names, n_prefix_tokens)
-    acc = _Accumulator(d_sae, len(labels.names), n_prefix_tokens, cfg, device)
+    img_labels = _ImageLabels(image_labels, labels)
+    acc = _Accumulator(d_sae, len(labels.names), n_prefix_tokens, cfg, device, patch_grid)
     seen: set[int] = set()
     with torch.inference_mode():
         for batch in tqdm(batches, desc=f"stats {run}", unit="batch", disable=not progress):
@@ -208,10 +285,111 @@ def compute_stats(
                     f"sae.encode returned shape {tuple(f_ns.shape)}, expected {(len(image_id), d_sae)}"
                 )
             label_rows, label_codes = labels.lookup(image_id, token)
-            acc.update(f_ns, token, uniq, inv, label_rows, label_codes)
+            acc.update(f_ns, token, uniq, inv, label_rows, label_codes, img_labels.lookup(uniq))
+        neighbor, neighbor_cos = decoder_neighbors(sae.W_dec, cfg.n_neighbors)
     if acc.n_tokens == 0:
         raise ValueError(f"compute_stats({run!r}): the batches held no activations")
-    return acc.finish(run, labels.names, n_images=len(seen))
+    stats = acc.finish(run, labels.names, n_images=len(seen))
+    stats.neighbor, stats.neighbor_cos = neighbor, neighbor_cos
+    return stats
+
+
+def decoder_neighbors(
+    W_dec_sd: torch.Tensor, n: int, chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature's `n` nearest other features by cosine of decoder rows, best first.
+
+    Computed `chunk` rows at a time, so memory is chunk x d_sae whatever d_sae is; a zero row
+    has cosine 0 to everything. Among the kept neighbours, ties go to the lower feature index
+    (which of several features tied at the cut-off is kept is up to `torch.topk`).
+    """
+    W = W_dec_sd.detach().float()
+    s = W.shape[0]
+    n = min(n, s - 1)
+    if n <= 0:
+        return np.zeros((s, 0), np.int64), np.zeros((s, 0), np.float64)
+    unit = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    idx_out = torch.empty(s, n, dtype=torch.int64)
+    cos_out = torch.empty(s, n, dtype=torch.float32)
+    for lo in range(0, s, chunk):
+        hi = min(lo + chunk, s)
+        cos = unit[lo:hi] @ unit.T
+        cos[torch.arange(hi - lo), torch.arange(lo, hi)] = -math.inf  # not its own neighbour
+        # top-n (a full sort of d_sae columns costs ~10x more), then order those by cosine
+        # and index, so that equal cosines list the lower feature first
+        val, idx = torch.topk(cos, n, dim=1)
+        by_idx = torch.argsort(idx, dim=1)
+        val, idx = val.gather(1, by_idx), idx.gather(1, by_idx)
+        by_val = torch.argsort(val, dim=1, descending=True, stable=True)
+        idx_out[lo:hi] = idx.gather(1, by_val).cpu()
+        cos_out[lo:hi] = val.gather(1, by_val).cpu()
+    return idx_out.numpy(), cos_out.numpy().astype(np.float64)
+
+
+def exemplar_heatmaps(
+    sae: torch.nn.Module,
+    batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    stats: FeatureStats,
+    n_heatmaps: int,
+    device: str = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
+    """The feature's code on every patch of its first `n_heatmaps` exemplar images.
+
+    A second pass over the same batches that encodes only the images some feature keeps as an
+    exemplar. Returns `[d_sae, n_heatmaps, n_patches]` float32, NaN where a feature has fewer
+    exemplars (or a patch was not recorded). Sets `stats.heatmaps` too.
+    """
+    dev = _resolve_device(device)
+    s, t = stats.d_sae, min(n_heatmaps, stats.top_image.shape[1])
+    n_patches = stats.grid[0] * stats.grid[1]
+    out = np.full((s, t, n_patches), np.nan, np.float32)
+    if t == 0:
+        stats.heatmaps = out
+        return out
+    feat, rank = np.nonzero(stats.top_value[:, :t] > 0)
+    pair_image = stats.top_image[feat, rank]
+    order = np.argsort(pair_image, kind="stable")
+    feat, rank, pair_image = feat[order], rank[order], pair_image[order]
+    wanted = np.unique(pair_image)
+    d_model = int(sae.W_dec.shape[1])
+    sae = sae.to(dev)
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc=f"heatmaps {stats.run}", disable=not progress):
+            image_id, token, acts = _check_batch(batch, d_model)
+            keep = np.isin(image_id, wanted) & (token >= stats.n_prefix_tokens)
+            keep &= token - stats.n_prefix_tokens < n_patches
+            if not keep.any():
+                continue
+            image_id, token, acts = image_id[keep], token[keep], acts[keep]
+            f_ns = sae.encode(torch.from_numpy(acts).to(dev, torch.float32)).float().cpu()
+            uniq, inv = np.unique(image_id, return_inverse=True)
+            # row of every (image in batch, patch position); -1 where a patch is missing
+            row_ip = np.full((len(uniq), n_patches), -1, np.int64)
+            row_ip[inv, token - stats.n_prefix_tokens] = np.arange(len(image_id))
+            lo = np.searchsorted(pair_image, uniq, side="left")
+            hi = np.searchsorted(pair_image, uniq, side="right")
+            sel = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi, strict=True)])
+            if len(sel) == 0:
+                continue
+            local = np.searchsorted(uniq, pair_image[sel])
+            rows = row_ip[local]  # [pairs, patches]
+            vals = f_ns.numpy()[np.maximum(rows, 0), feat[sel][:, None]]
+            out[feat[sel], rank[sel]] = np.where(rows >= 0, vals, np.nan)
+    stats.heatmaps = out
+    return out
+
+
+def _all_label_names(patch_labels: Any, image_labels: Any) -> list[str]:
+    names: set[str] = set()
+    for table in (patch_labels, image_labels):
+        if table is None or "label" not in (
+            table.column_names if isinstance(table, pa.Table) else table.columns
+        ):
+            continue  # _PatchLabels / _ImageLabels name the missing column
+        col = table.column("label").to_pylist() if isinstance(table, pa.Table) else table["label"]
+        names.update(str(x) for x in col if x is not None and x == x)
+    return sorted(names)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -304,6 +482,37 @@ class _PatchLabels:
         return rows, self.codes[lo[rows] + within]
 
 
+class _ImageLabels:
+    """Image-level labels as sorted (image_id, label code) pairs, for look-ups per batch."""
+
+    def __init__(self, table: pd.DataFrame | pa.Table | None, patch: _PatchLabels) -> None:
+        if table is None:
+            # an image carries every label one of its patches carries
+            ids, codes = patch.keys // patch.stride, patch.codes
+        else:
+            if isinstance(table, pa.Table):
+                table = table.to_pandas()
+            missing = {"image_id", "label"} - set(table.columns)
+            if missing:
+                raise ValueError(
+                    f"image_labels lacks column(s) {sorted(missing)}; has {list(table.columns)}"
+                )
+            codes = pd.Categorical(table["label"], categories=list(patch.names)).codes
+            keep = codes >= 0
+            ids = table["image_id"].to_numpy(dtype=np.int64)[keep]
+            codes = codes.astype(np.int64)[keep]
+        self.ids, self.codes = _unique_pairs(ids, codes)
+
+    def lookup(self, uniq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(index into `uniq`, label code) for every label of the batch's images, by index."""
+        lo = np.searchsorted(self.ids, uniq, side="left")
+        hi = np.searchsorted(self.ids, uniq, side="right")
+        counts = hi - lo
+        idx = np.repeat(np.arange(len(uniq)), counts)
+        within = np.arange(len(idx)) - np.repeat(np.cumsum(counts) - counts, counts)
+        return idx, self.codes[lo[idx] + within]
+
+
 def _unique_pairs(keys: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     order = np.lexsort((codes, keys))
     keys, codes = keys[order], codes[order]
@@ -324,8 +533,12 @@ class _Accumulator:
         n_prefix_tokens: int,
         cfg: StatsConfig,
         device: torch.device,
+        patch_grid: tuple[int, int] | None = None,
     ) -> None:
         s, h, t = d_sae, cfg.n_bins + 1, cfg.n_top
+        if patch_grid is not None and (len(patch_grid) != 2 or min(patch_grid) < 1):
+            raise ValueError(f"patch_grid must be (rows, cols) >= 1, got {patch_grid}")
+        self.patch_grid = tuple(int(x) for x in patch_grid) if patch_grid else None
         self.s, self.h, self.n_labels = s, h, n_labels
         self.n_prefix_tokens = n_prefix_tokens
         self.device = device
@@ -348,6 +561,15 @@ class _Accumulator:
         self.pos_hist_lsh = torch.zeros(n_labels, s, h, dtype=torch.int64, **z)
         self.sum_in_ls = torch.zeros(n_labels, s, dtype=self.fdtype, **z)
         self.n_pos = torch.zeros(n_labels, dtype=torch.int64, **z)
+        # image level: each image's highest patch code, as histograms like the patch ones
+        self.img_hist_sh = torch.zeros(s, h, dtype=torch.int64, **z)
+        self.img_pos_hist_lsh = torch.zeros(n_labels, s, h, dtype=torch.int64, **z)
+        self.sum_img = torch.zeros(s, dtype=self.fdtype, **z)
+        self.sum_img_in_ls = torch.zeros(n_labels, s, dtype=self.fdtype, **z)
+        self.n_pos_img = torch.zeros(n_labels, dtype=torch.int64, **z)
+        # firing counts per patch position, grown when a later batch has more patches
+        n_p = self.patch_grid[0] * self.patch_grid[1] if self.patch_grid else 0
+        self.spatial_sp = torch.zeros(s, n_p, dtype=torch.int64, **z)
         # top-k buffers are [t, s] so that merging is a sort along dim 0
         self.top_value_ts = torch.full((t, s), -1.0, dtype=torch.float32, **z)
         self.top_image_ts = torch.full((t, s), -1, dtype=torch.int64, **z)
@@ -361,6 +583,7 @@ class _Accumulator:
         inv: np.ndarray,
         label_rows: np.ndarray,
         label_codes: np.ndarray,
+        image_label_pairs: tuple[np.ndarray, np.ndarray],
     ) -> None:
         dev, s, h = self.device, self.s, self.h
         n = f_ns.shape[0]
@@ -394,6 +617,16 @@ class _Accumulator:
         self.n_fires_patches += torch.bincount(cols, minlength=s)
         self.sum_patch.index_add_(0, cols, vals)
         self.patch_hist_sh.view(-1).index_add_(0, cols * h + bins, torch.ones_like(cols))
+        if len(rows):
+            pos = token_n[rows] - self.n_prefix_tokens
+            n_p = self.spatial_sp.shape[1]
+            need = int(pos.max()) + 1
+            if need > n_p:
+                if self.patch_grid is not None:
+                    raise ValueError(f"patch {need - 1} lies outside patch_grid {self.patch_grid}")
+                self.spatial_sp = torch.nn.functional.pad(self.spatial_sp, (0, need - n_p))
+                n_p = need
+            self.spatial_sp.view(-1).index_add_(0, cols * n_p + pos, torch.ones_like(cols))
 
         # exemplars: each image's max over its patch tokens (the paper ranks images by their
         # highest patch and shows patches as a heat map)
@@ -411,8 +644,32 @@ class _Accumulator:
         cand_image = torch.from_numpy(uniq).to(dev)[:, None].expand(n_img, s)
         self._merge_top(cand_value, cand_image, cand_token)
 
+        # image level: the non-zero image maxima, binned like the codes
+        nz = torch.nonzero(img_max_is.view(-1) > 0).squeeze(1)
+        img_rows, img_cols = nz // s, nz % s
+        img_vals32 = img_max_is.view(-1)[nz]
+        img_vals = img_vals32.to(self.fdtype)
+        img_bins = 1 + torch.bucketize(img_vals, self.inner_edges, right=True)
+        self.img_hist_sh.view(-1).index_add_(0, img_cols * h + img_bins, torch.ones_like(img_cols))
+        self.sum_img.index_add_(0, img_cols, img_vals)
+
         if self.n_labels and len(label_rows):
-            self._update_labels(rows, cols, vals, bins, n, label_rows, label_codes)
+            self._update_labels(
+                (rows, cols, vals, bins),
+                n,
+                label_rows,
+                label_codes,
+                (self.pos_hist_lsh, self.sum_in_ls, self.n_pos),
+            )
+        img_label_rows, img_label_codes = image_label_pairs
+        if self.n_labels and len(img_label_rows):
+            self._update_labels(
+                (img_rows, img_cols, img_vals, img_bins),
+                n_img,
+                img_label_rows,
+                img_label_codes,
+                (self.img_pos_hist_lsh, self.sum_img_in_ls, self.n_pos_img),
+            )
 
     def _merge_top(self, value: torch.Tensor, image: torch.Tensor, token: torch.Tensor) -> None:
         t = self.top_value_ts.shape[0]
@@ -429,18 +686,23 @@ class _Accumulator:
 
     def _update_labels(
         self,
-        rows: torch.Tensor,
-        cols: torch.Tensor,
-        vals: torch.Tensor,
-        bins: torch.Tensor,
+        entries: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
         n: int,
         label_rows: np.ndarray,
         label_codes: np.ndarray,
+        into: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> None:
+        """Add non-zero `(row, col, val, bin)` entries to the histograms of their rows' labels.
+
+        Rows are tokens (patch level) or images in the batch (image level); `into` is
+        `(pos_hist_lsh, sum_in_ls, n_pos)` of that level.
+        """
+        rows, cols, vals, bins = entries
+        pos_hist_lsh, sum_in_ls, n_pos = into
         dev, s, h = self.device, self.s, self.h
         label_rows_t = torch.from_numpy(label_rows).to(dev)
         label_codes_t = torch.from_numpy(label_codes).to(dev)
-        self.n_pos += torch.bincount(label_codes_t, minlength=self.n_labels)
+        n_pos += torch.bincount(label_codes_t, minlength=self.n_labels)
         # label pairs are sorted by row: row r owns pairs starts[r] .. starts[r] + counts[r]
         counts_n = torch.bincount(label_rows_t, minlength=n)
         starts_n = torch.cumsum(counts_n, 0) - counts_n
@@ -451,10 +713,10 @@ class _Accumulator:
         within = torch.arange(len(entry), device=dev) - offset[entry]
         label = label_codes_t[starts_n[rows[entry]] + within]
         col = cols[entry]
-        self.pos_hist_lsh.view(-1).index_add_(
+        pos_hist_lsh.view(-1).index_add_(
             0, (label * s + col) * h + bins[entry], torch.ones_like(col)
         )
-        self.sum_in_ls.view(-1).index_add_(0, label * s + col, vals[entry])
+        sum_in_ls.view(-1).index_add_(0, label * s + col, vals[entry])
 
     def finish(self, run: str, label_names: tuple[str, ...], n_images: int) -> FeatureStats:
         def cpu(x: torch.Tensor) -> np.ndarray:
@@ -465,22 +727,23 @@ class _Accumulator:
         hist[:, 0] = self.n_tokens - n_fires
         patch_hist = cpu(self.patch_hist_sh)
         patch_hist[:, 0] = self.n_patches - n_fires_patches
-        n_pos = cpu(self.n_pos)
-        sum_patch = cpu(self.sum_patch).astype(np.float64)
-        sum_in = cpu(self.sum_in_ls).astype(np.float64)
-        auroc = np.full((self.n_labels, self.s), np.nan)
-        mean_in = np.full((self.n_labels, self.s), np.nan)
-        mean_out = np.full((self.n_labels, self.s), np.nan)
-        for i in range(self.n_labels):
-            n_p, n_n = int(n_pos[i]), self.n_patches - int(n_pos[i])
-            if n_p:
-                mean_in[i] = sum_in[i] / n_p
-            if n_n:
-                mean_out[i] = (sum_patch - sum_in[i]) / n_n
-            if n_p and n_n:
-                pos = cpu(self.pos_hist_lsh[i]).astype(np.float64)
-                pos[:, 0] = n_p - pos[:, 1:].sum(1)
-                auroc[i] = _auroc_from_hist(pos, patch_hist - pos)
+        img_hist = cpu(self.img_hist_sh)
+        img_hist[:, 0] = n_images - img_hist[:, 1:].sum(1)
+        patch = self._associate(
+            self.pos_hist_lsh, self.sum_in_ls, cpu(self.n_pos), patch_hist, self.sum_patch
+        )
+        image = self._associate(
+            self.img_pos_hist_lsh, self.sum_img_in_ls, cpu(self.n_pos_img), img_hist, self.sum_img
+        )
+        spatial = cpu(self.spatial_sp)
+        n_p = spatial.shape[1]
+        if self.patch_grid is not None:
+            grid = self.patch_grid
+        else:
+            side = math.isqrt(n_p)
+            grid = (side, side) if side * side == n_p and n_p else (1, max(n_p, 1))
+            if n_p == 0:
+                spatial = np.zeros((self.s, 1), np.int64)
         return FeatureStats(
             run=run,
             label_names=label_names,
@@ -500,11 +763,79 @@ class _Accumulator:
             top_value=cpu(self.top_value_ts).T.astype(np.float64),
             top_image=cpu(self.top_image_ts).T,
             top_token=cpu(self.top_token_ts).T,
-            auroc=auroc,
-            mean_in=mean_in,
-            mean_out=mean_out,
-            n_pos=n_pos,
+            auroc=patch["auroc"],
+            mean_in=patch["mean_in"],
+            mean_out=patch["mean_out"],
+            n_pos=cpu(self.n_pos),
+            threshold=patch["threshold"],
+            precision=patch["precision"],
+            recall=patch["recall"],
+            image_auroc=image["auroc"],
+            image_mean_in=image["mean_in"],
+            image_mean_out=image["mean_out"],
+            image_threshold=image["threshold"],
+            image_precision=image["precision"],
+            image_recall=image["recall"],
+            image_n_pos=cpu(self.n_pos_img),
+            grid=grid,
+            spatial=spatial,
+            neighbor=np.zeros((self.s, 0), np.int64),
+            neighbor_cos=np.zeros((self.s, 0), np.float64),
         )
+
+    def _associate(
+        self,
+        pos_hist_lsh: torch.Tensor,
+        sum_in_ls: torch.Tensor,
+        n_pos: np.ndarray,
+        all_hist_sh: np.ndarray,
+        sum_all_s: torch.Tensor,
+    ) -> dict[str, np.ndarray]:
+        """AUROC, mean in/out and the best-F1 threshold per (label, feature) at one level."""
+        n_total = int(all_hist_sh[0].sum())
+        sum_all = sum_all_s.cpu().numpy().astype(np.float64)
+        sum_in = sum_in_ls.cpu().numpy().astype(np.float64)
+        out = {
+            k: np.full((self.n_labels, self.s), np.nan)
+            for k in ("auroc", "mean_in", "mean_out", "threshold", "precision", "recall")
+        }
+        # threshold of bin b: "code > 0" for b = 1, "code >= lower edge" for b >= 2
+        thresholds = np.concatenate([[0.0], self.edges[1:-1]])
+        for i in range(self.n_labels):
+            n_p, n_n = int(n_pos[i]), n_total - int(n_pos[i])
+            if n_p:
+                out["mean_in"][i] = sum_in[i] / n_p
+            if n_n:
+                out["mean_out"][i] = (sum_all - sum_in[i]) / n_n
+            if n_p and n_n:
+                pos = pos_hist_lsh[i].cpu().numpy().astype(np.float64)
+                pos[:, 0] = n_p - pos[:, 1:].sum(1)
+                neg = all_hist_sh - pos
+                out["auroc"][i] = _auroc_from_hist(pos, neg)
+                b, prec, rec = _best_f1(pos, neg)
+                out["threshold"][i] = np.where(b > 0, thresholds[np.maximum(b, 1) - 1], np.nan)
+                out["precision"][i], out["recall"][i] = prec, rec
+        return out
+
+
+def _best_f1(pos_sh: np.ndarray, neg_sh: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, the bin b >= 1 where "predict positive iff bin >= b" has the best F1.
+
+    Returns (b, precision, recall); b = 0 (precision and recall NaN) when no positive ever fires.
+    Ties go to the lowest threshold.
+    """
+    # true / false positives when predicting bins >= b, for b = 1 .. h-1
+    tp = np.cumsum(pos_sh[:, :0:-1], axis=1)[:, ::-1]
+    fp = np.cumsum(neg_sh[:, :0:-1], axis=1)[:, ::-1]
+    n_p = pos_sh.sum(1, keepdims=True)
+    f1 = np.where(tp > 0, 2 * tp / np.maximum(tp + fp + n_p, 1), 0.0)
+    best = np.argmax(f1, axis=1)
+    r = np.arange(len(best))
+    ok = f1[r, best] > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prec = np.where(ok, tp[r, best] / (tp[r, best] + fp[r, best]), np.nan)
+        rec = np.where(ok, tp[r, best] / n_p[:, 0], np.nan)
+    return np.where(ok, best + 1, 0), prec, rec
 
 
 def _auroc_from_hist(pos_sh: np.ndarray, neg_sh: np.ndarray) -> np.ndarray:
@@ -541,7 +872,17 @@ def features_table(stats: FeatureStats) -> pa.Table:
             "log10_freq": _nullable(np.where(dead, np.nan, log10_freq)),
             "log10_mean_act": _nullable(np.where(dead, np.nan, log10_mean)),
             "hist": hist,
+            **{k: _nullable(v) for k, v in stats.spatial_summary.items()},
+            "spatial": _list_column(stats.spatial.astype(np.int64)),
         }
+    )
+
+
+def _list_column(x_sk: np.ndarray) -> pa.ListArray:
+    """A [rows, k] array as a list column with k values per row."""
+    rows, k = x_sk.shape
+    return pa.ListArray.from_arrays(
+        pa.array(np.arange(0, (rows + 1) * k, k, dtype=np.int32)), pa.array(x_sk.reshape(-1))
     )
 
 
@@ -563,6 +904,21 @@ def top_examples_table(stats: FeatureStats) -> pa.Table:
 def feature_labels_table(stats: FeatureStats) -> pa.Table:
     """One row per (feature, label): patch-level AUROC, mean code in and out, positives."""
     n_labels, s = len(stats.label_names), stats.d_sae
+    flat = {
+        name: _nullable(getattr(stats, name).reshape(-1))
+        for name in ("threshold", "precision", "recall")
+    }
+    image = {
+        name: _nullable(getattr(stats, name).reshape(-1))
+        for name in (
+            "image_auroc",
+            "image_mean_in",
+            "image_mean_out",
+            "image_threshold",
+            "image_precision",
+            "image_recall",
+        )
+    }
     return pa.table(
         {
             "run": pa.array([stats.run] * (n_labels * s), pa.string()),
@@ -572,6 +928,47 @@ def feature_labels_table(stats: FeatureStats) -> pa.Table:
             "mean_in": _nullable(stats.mean_in.reshape(-1)),
             "mean_out": _nullable(stats.mean_out.reshape(-1)),
             "n_pos": pa.array(np.repeat(stats.n_pos.astype(np.int64), s)),
+            **flat,
+            **image,
+            "image_n_pos": pa.array(np.repeat(stats.image_n_pos.astype(np.int64), s)),
+        }
+    )
+
+
+def neighbors_table(stats: FeatureStats) -> pa.Table:
+    """One row per (feature, rank): its nearest other features by decoder cosine."""
+    s, m = stats.neighbor.shape
+    return pa.table(
+        {
+            "run": pa.array([stats.run] * (s * m), pa.string()),
+            "feature": pa.array(np.repeat(np.arange(s, dtype=np.int64), m)),
+            "rank": pa.array(np.tile(np.arange(1, m + 1, dtype=np.int32), s)),
+            "neighbor": pa.array(stats.neighbor.reshape(-1).astype(np.int64)),
+            "cosine": pa.array(stats.neighbor_cos.reshape(-1), pa.float64()),
+        }
+    )
+
+
+def heatmaps_table(stats: FeatureStats) -> pa.Table:
+    """One row per (feature, rank) with a heat map: the code on every patch, row-major."""
+    assert stats.heatmaps is not None
+    has = ~np.all(np.isnan(stats.heatmaps), axis=2)
+    feature, slot = np.nonzero(has)
+    values = stats.heatmaps[feature, slot]
+    return pa.table(
+        {
+            "run": pa.array([stats.run] * len(feature), pa.string()),
+            "feature": pa.array(feature.astype(np.int64)),
+            "rank": pa.array((slot + 1).astype(np.int32)),
+            "image_id": pa.array(stats.top_image[feature, slot].astype(np.int64)),
+            "values": pa.ListArray.from_arrays(
+                pa.array(
+                    np.arange(
+                        0, (len(feature) + 1) * values.shape[1], values.shape[1], dtype=np.int32
+                    )
+                ),
+                pa.array(values.reshape(-1), pa.float32(), mask=np.isnan(values.reshape(-1))),
+            ),
         }
     )
 
@@ -603,16 +1000,20 @@ def run_table(stats: FeatureStats, run_info: dict[str, Any]) -> pa.Table:
     columns["n_images"] = pa.array([stats.n_images], pa.int64())
     columns["n_prefix_tokens"] = pa.array([stats.n_prefix_tokens], pa.int64())
     columns["hist_edges"] = pa.array([stats.hist_edges.tolist()], pa.list_(pa.float64()))
+    columns["grid_rows"] = pa.array([stats.grid[0]], pa.int64())
+    columns["grid_cols"] = pa.array([stats.grid[1]], pa.int64())
     return pa.table(columns)
 
 
 def write_stats(
     stats: FeatureStats, out_dir: str | Path, run_info: dict[str, Any]
 ) -> dict[str, Path]:
-    """Write features/top_examples/feature_labels/run.parquet into `out_dir`, each atomically.
+    """Write the stats tables into `out_dir` as `<table>.parquet`, each atomically.
 
-    All four are written to `*.tmp` first and renamed only when every one succeeded, with
-    `run.parquet` renamed last, so a directory with a `run.parquet` is a complete set.
+    Tables: features, top_examples, feature_labels, neighbors, heatmaps (when
+    `exemplar_heatmaps` filled `stats.heatmaps`) and run. All are written to `*.tmp` first and
+    renamed only when every one succeeded, with `run.parquet` renamed last, so a directory with a
+    `run.parquet` is a complete set.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -620,8 +1021,11 @@ def write_stats(
         "features": features_table(stats),
         "top_examples": top_examples_table(stats),
         "feature_labels": feature_labels_table(stats),
-        "run": run_table(stats, run_info),
+        "neighbors": neighbors_table(stats),
     }
+    if stats.heatmaps is not None:
+        tables["heatmaps"] = heatmaps_table(stats)
+    tables["run"] = run_table(stats, run_info)
     paths = {name: out_dir / f"{name}.parquet" for name in tables}
     tmps = {name: path.with_name(path.name + ".tmp") for name, path in paths.items()}
     try:

@@ -16,9 +16,15 @@ Everything the warehouse holds is defined by files in `sql/`:
 Paths stay relative to the project root inside the database, so it keeps working when the
 project moves. DuckDB resolves a relative path against `file_search_path` when set, else the
 working directory: `build_warehouse` and `run_query` set it to the root, and the duckdb CLI works
-as it is when started in the root (`duckdb warehouse/saev.duckdb`). Views read the Parquet files
-at query time, so the database is small; rebuild it when a source gains its first file (an empty
-source is frozen into its view) or when `sql/` changes.
+as it is when started in the root (`duckdb warehouse/saev.duckdb`).
+
+By default (`materialize=True`) every source and every file in `views/` becomes a table holding
+its rows, sorted by (run, feature, ...) where it has those columns, so that a query reads DuckDB's
+own storage rather than re-scanning Parquet (at 24,576 features x 100 labels that is the
+difference between milliseconds and seconds); the database then reflects the files as of the
+build, so rebuild after the stats change (the `warehouse` stage does). `materialize=False`
+creates views that read the Parquet at query time instead (a small file that follows the
+Parquet, slower queries; an empty source is still frozen until the next build).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import math
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -62,6 +69,15 @@ class WarehouseConfig:
     """The DuckDB file (rebuilt whole, atomically)."""
     sql_dir: str = "sql"
     """Views (`views/`), named queries (`queries/`) and source schemas (`sources.yaml`)."""
+    n_matches: int = 3
+    """`feature_matches`: partners kept per feature and other run, by each of decoder cosine and
+    exemplar overlap (0: no matching)."""
+    materialize: bool = True
+    """Store every relation as a table (fast queries) instead of views over the Parquet."""
+
+    def __post_init__(self) -> None:
+        if self.n_matches < 0:
+            raise ValueError(f"warehouse.n_matches must be >= 0, got {self.n_matches}")
 
 
 @dataclass(frozen=True)
@@ -112,16 +128,34 @@ def load_sources(sql_dir: str | Path) -> list[Source]:
     return sources
 
 
-def _source_sql(src: Source, has_files: bool) -> str:
+def _source_sql(src: Source, has_files: bool, present: set[str] | None = None) -> str:
+    """The `src_<name>` view: declared columns cast to their types; a declared column that no
+    file has yet (written by an older version of its stage) is a typed null."""
     if has_files:
-        cols = ",\n".join(f"    cast({c} as {t}) as {c}" for c, t in src.columns.items())
-        path = src.path.replace("'", "''")
+        cols = ",\n".join(
+            f"    cast({c} as {t}) as {c}"
+            if present is None or c in present
+            else f"    cast(null as {t}) as {c}"
+            for c, t in src.columns.items()
+        )
         return (
             f"select\n{cols},\n    filename\n"
-            f"from read_parquet('{path}', union_by_name = true, filename = true)"
+            f"from read_parquet({_parquet_glob(src)}, union_by_name = true, filename = true)"
         )
     cols = ",\n".join(f"    cast(null as {t}) as {c}" for c, t in src.columns.items())
     return f"select\n{cols},\n    cast(null as varchar) as filename\nlimit 0"
+
+
+def _parquet_glob(src: Source) -> str:
+    return "'" + src.path.replace("'", "''") + "'"
+
+
+def _columns_present(con: duckdb.DuckDBPyConnection, src: Source) -> set[str]:
+    """The columns the source's files hold (their union)."""
+    rows = con.execute(
+        f"describe select * from read_parquet({_parquet_glob(src)}, union_by_name = true)"
+    ).fetchall()
+    return {r[0] for r in rows}
 
 
 def _view_files(sql_dir: Path) -> list[tuple[str, Path]]:
@@ -146,7 +180,11 @@ def _read_sql(path: Path) -> str:
 
 
 def build_warehouse(
-    db_path: str | Path = DEFAULT_DB, root: str | Path = ".", sql_dir: str | Path = "sql"
+    db_path: str | Path = DEFAULT_DB,
+    root: str | Path = ".",
+    sql_dir: str | Path = "sql",
+    n_matches: int = 3,
+    materialize: bool = True,
 ) -> dict[str, Any]:
     """(Re)build the warehouse from scratch; returns a report of sources, views and row counts.
 
@@ -154,6 +192,9 @@ def build_warehouse(
     relative to `root`. The database is built in `<db_path>.tmp` and renamed over `db_path` only
     when complete, so a failed build leaves the previous database untouched; building twice from
     the same files gives the same views with the same rows.
+
+    `feature_matches` is the one table computed in Python (`saev_core.matches`) and stored in
+    the database: `n_matches` partners per feature for every ordered pair of runs.
     """
     root = Path(root).resolve()
     if not root.is_dir():
@@ -172,15 +213,25 @@ def build_warehouse(
         con = duckdb.connect(str(tmp))
         try:
             con.execute("set file_search_path = $root", {"root": str(root)})
-            empty = []
+            empty, seconds = [], {}
             for src in sources:
+                t = time.perf_counter()
                 n_files = len(glob.glob(str(root / src.path), recursive=True))
                 if not n_files:
                     empty.append(src.name)
-                _create_view(con, f"src_{src.name}", _source_sql(src, n_files > 0), "sources.yaml")
+                present = _columns_present(con, src) if n_files else None
+                sql = _source_sql(src, n_files > 0, present)
+                _create_relation(con, f"src_{src.name}", sql, "sources.yaml", materialize)
+                seconds[f"src_{src.name}"] = round(time.perf_counter() - t, 3)
                 report["sources"][src.name] = {"path": src.path, "files": n_files}
             for name, path in views:
-                _create_view(con, name, _read_sql(path), str(path))
+                t = time.perf_counter()
+                _create_relation(con, name, _read_sql(path), str(path), materialize)
+                seconds[name] = round(time.perf_counter() - t, 3)
+            t = time.perf_counter()
+            _create_feature_matches(con, root, n_matches)
+            seconds["feature_matches"] = round(time.perf_counter() - t, 3)
+            report["seconds"] = seconds
             con.execute(
                 "create table warehouse_info as "
                 "select * from (values ('root', $root), ('sql_dir', $sql_dir), "
@@ -190,6 +241,7 @@ def build_warehouse(
             for src in sources:
                 report["sources"][src.name]["rows"] = _count(con, f"src_{src.name}")
             report["views"] = {name: _count(con, name) for name, _ in views}
+            report["views"]["feature_matches"] = _count(con, "feature_matches")
             report["empty_sources"] = empty
             if any(name == "runs" for name, _ in views):
                 dup = con.execute(
@@ -208,11 +260,74 @@ def build_warehouse(
     return report
 
 
-def _create_view(con: duckdb.DuckDBPyConnection, name: str, sql: str, where: str) -> None:
+def _create_feature_matches(con: duckdb.DuckDBPyConnection, root: Path, n_matches: int) -> None:
+    """The `feature_matches` table: every ordered pair of runs, matched in Python."""
+    import pyarrow as pa
+
+    from saev_core.matches import MATCH_SCHEMA, load_decoder, match_runs
+
+    runs = con.execute("select run, sae_dir, d_sae from src_runs order by run").fetchall()
+    tables = [MATCH_SCHEMA.empty_table()]
+    if n_matches > 0 and len(runs) > 1:
+        top = con.sql(
+            "select run, feature, image_id from src_top_examples order by run, feature, rank"
+        ).to_arrow_table()
+        run_col = top.column("run").to_numpy(zero_copy_only=False)
+        feats = top.column("feature").to_numpy()
+        ids = top.column("image_id").to_numpy()
+        exemplars = {r: (feats[run_col == r], ids[run_col == r]) for r, _, _ in runs}
+        decoders = {}
+        for run, sae_dir, _ in runs:
+            path = (
+                Path(sae_dir) if sae_dir and Path(sae_dir).is_absolute() else root / (sae_dir or "")
+            )
+            decoders[run] = load_decoder(path) if sae_dir else None
+        sizes = {
+            run: int(d_sae) if d_sae is not None else int(exemplars[run][0].max(initial=-1)) + 1
+            for run, _, d_sae in runs
+        }
+        for a, _, _ in runs:
+            for b, _, _ in runs:
+                if a != b:
+                    tables.append(
+                        match_runs(
+                            a, b, decoders[a], decoders[b], exemplars[a], exemplars[b],
+                            sizes[a], sizes[b], n_matches,
+                        )
+                    )  # fmt: skip
+    matches = pa.concat_tables(tables)
+    con.register("feature_matches_arrow", matches)
+    try:
+        con.execute(
+            "create table feature_matches as select * from feature_matches_arrow "
+            "order by run_a, run_b, feature_a, feature_b"
+        )
+    finally:
+        con.unregister("feature_matches_arrow")
+
+
+# leading columns a materialised table is sorted by, when it has them: look-ups of one run's
+# label or feature then touch few row groups (DuckDB keeps min/max per row group)
+SORT_KEYS = ("run", "run_a", "run_b", "label", "feature", "feature_a", "rank")
+
+
+def _create_relation(
+    con: duckdb.DuckDBPyConnection, name: str, sql: str, where: str, materialize: bool
+) -> None:
+    """`name` as a view over `sql`, or (materialize) as a table of its rows in key order."""
     try:
         con.execute(f"create or replace view {name} as\n{sql}")
+        if not materialize:
+            return
+        columns = [r[0] for r in con.execute(f"describe {name}").fetchall()]
+        keys = [k for k in SORT_KEYS if k in columns]
+        order = f" order by {', '.join(keys)}" if keys else ""
+        con.execute(f"create table {name}__rows as select * from {name}{order}")
+        con.execute(f"drop view {name}")
+        con.execute(f"alter table {name}__rows rename to {name}")
     except duckdb.Error as e:
-        raise ValueError(f"{where}: cannot create view {name}: {e}") from e
+        kind = "table" if materialize else "view"
+        raise ValueError(f"{where}: cannot create {kind} {name}: {e}") from e
 
 
 def _count(con: duckdb.DuckDBPyConnection, relation: str) -> int:
@@ -308,6 +423,37 @@ def _bind(spec: QuerySpec, params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _is_run_param(name: str) -> bool:
+    return name == "run" or name.startswith("run_") or name.endswith("_run")
+
+
+def _check_runs(con: duckdb.DuckDBPyConnection, spec: QuerySpec, bound: dict[str, Any]) -> None:
+    """Refuse a run name the warehouse does not hold (a parameter `run`, `run_*` or `*_run`),
+    instead of answering with no rows."""
+    wanted = {n: v for n, v in bound.items() if _is_run_param(n) and v is not None}
+    if not wanted:
+        return
+    # stats runs, and the run names intervention results carry (their queries take those)
+    found: set[str] = set()
+    checked = False
+    for relation in ("runs", "interventions"):
+        with contextlib.suppress(duckdb.Error):
+            rows = con.execute(f"select distinct run from {relation}").fetchall()
+            found.update(r[0] for r in rows)
+            checked = True
+    if not checked:
+        return  # a warehouse without these relations: the query itself says what is missing
+    known = sorted(x for x in found if x is not None)
+    for name, value in wanted.items():
+        if value not in known:
+            close = difflib.get_close_matches(str(value), known, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(
+                f"query {spec.name}: unknown run {value!r} (parameter {name}){hint} "
+                f"(the warehouse has: {', '.join(known) or 'no runs'})"
+            )
+
+
 def _recorded(con: duckdb.DuckDBPyConnection, key: str) -> Path | None:
     """A directory recorded in warehouse_info at build time, if it still exists."""
     with contextlib.suppress(duckdb.Error):
@@ -370,6 +516,7 @@ def run_query(
                 raise ValueError(f"unknown query {text!r} in {qdir}{hint} (known: {known})")
             spec = parse_query(path)
             sql, bound, label = path.read_text(), _bind(spec, params), text
+            _check_runs(con, spec, bound)
         else:
             used = set(_params_used(text))
             unknown, missing = sorted(set(params) - used), sorted(used - set(params))
@@ -392,10 +539,15 @@ def run_query(
 
 def format_rows(columns: Sequence[str], rows: Sequence[tuple], fmt: str) -> str:
     """Rows as an aligned text table, CSV (header first) or JSON records."""
-    import pandas as pd
-
     if fmt == "json":
-        return json.dumps([dict(zip(columns, map(_jsonable, r), strict=True)) for r in rows])
+        records = [dict(zip(columns, r, strict=True)) for r in rows]
+        try:
+            # fast path: plain values; NaN/inf make it raise and take the careful one
+            return json.dumps(records, allow_nan=False, default=_jsonable_default)
+        except ValueError:
+            return json.dumps([dict(zip(columns, map(_jsonable, r), strict=True)) for r in rows])
+    import pandas as pd  # only for CSV and tables: a JSON answer starts faster without it
+
     df = pd.DataFrame([list(r) for r in rows], columns=list(columns), dtype=object)
     if fmt == "csv":
         return df.to_csv(index=False)
@@ -403,6 +555,14 @@ def format_rows(columns: Sequence[str], rows: Sequence[tuple], fmt: str) -> str:
         return "  ".join(columns) + "\n(0 rows)"
     with pd.option_context("display.max_colwidth", 80, "display.width", 1000):
         return df.to_string(index=False)
+
+
+def _jsonable_default(value: Any) -> Any:
+    """What json.dumps cannot write by itself (decimals, dates, bytes, ...)."""
+    out = _jsonable(value)
+    if out is value:
+        raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    return out
 
 
 def _jsonable(value: Any) -> Any:
@@ -461,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"saev sql: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `saev sql ... | head`: the reader has what it wanted
+        sys.stderr.close()
+        return 0
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,7 +14,13 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from saev_core.config import from_dict
-from saev_core.stats import StatsConfig, compute_stats, write_stats
+from saev_core.stats import (
+    StatsConfig,
+    compute_stats,
+    decoder_neighbors,
+    exemplar_heatmaps,
+    write_stats,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
@@ -276,14 +283,17 @@ def test_write_stats_tables(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "feature_labels.parquet",
         "features.parquet",
+        "neighbors.parquet",
         "run.parquet",
         "top_examples.parquet",
     ]
     feats = pq.read_table(paths["features"]).to_pandas()
     assert list(feats.columns) == [
         "run", "feature", "freq", "freq_images", "freq_cls", "freq_patches", "n_fires",
-        "mean_act", "max_act", "log10_freq", "log10_mean_act", "hist",
+        "mean_act", "max_act", "log10_freq", "log10_mean_act", "hist", "centroid_row",
+        "centroid_col", "spatial_std", "spatial_entropy", "spatial",
     ]  # fmt: skip
+    assert list(feats.spatial[0]) == [0, 2] and pd.isna(feats.spatial_entropy[2])
     assert (feats.run == "run-a").all()
     assert feats.log10_freq[0] == pytest.approx(np.log10(0.5))
     assert pd.isna(feats.mean_act[2]) and pd.isna(feats.log10_freq[2])
@@ -296,7 +306,11 @@ def test_write_stats_tables(tmp_path):
     fl = pq.read_table(paths["feature_labels"]).to_pandas()
     assert len(fl) == 6
     assert fl.set_index(["label", "feature"]).loc[("red", 0), "auroc"] == 1.0
+    assert fl.set_index(["label", "feature"]).loc[("circle", 0), "image_auroc"] == 1.0
+    nb = pq.read_table(paths["neighbors"]).to_pandas()
+    assert len(nb) == 3 * 2 and nb[nb.feature == 0].neighbor.tolist() == [1, 2]
     run = pq.read_table(paths["run"]).to_pandas()
+    assert (run.grid_rows[0], run.grid_cols[0]) == (1, 2)
     assert len(run) == 1 and run.arch[0] == "relu" and run.cfg_json[0] == '{"x": 1}'
     assert pd.isna(run.fvu[0]) and run.n_tokens[0] == 6 and len(run.hist_edges[0]) == 61
     with pytest.raises(ValueError, match="unknown key"):
@@ -333,3 +347,180 @@ def test_token_layouts_without_cls_and_with_registers(n_prefix_tokens):
     assert st.n_pos[0] == 1 and st.mean_out[0, 0] == pytest.approx(
         np.mean(token[n_prefix_tokens:4])
     )
+
+
+def test_image_level_association_precision_recall_and_spread():
+    image_id, token, acts, labels = hand_data()
+    sae = LinearReluSAE(torch.eye(3))
+    st = compute_stats(
+        sae, [(image_id, token, acts)], labels, ["red", "circle"], 1, StatsConfig(), "r", False
+    )
+    red, circle = 0, 1
+    # image scores = highest patch code: f0 (3, 5), f1 (2, 1), f2 (0, 0); labels from patches
+    np.testing.assert_array_equal(st.image_n_pos, [2, 1])
+    assert np.isnan(st.image_auroc[red]).all()  # every image is red: no negatives
+    np.testing.assert_allclose(st.image_auroc[circle], [1.0, 0.0, 0.5])
+    np.testing.assert_allclose(st.image_mean_in[circle], [5, 1, 0])
+    np.testing.assert_allclose(st.image_mean_out[circle], [3, 2, 0])
+    # image level: a threshold between 3 and 5 separates circle perfectly
+    assert 3 < st.image_threshold[circle, 0] <= 5
+    assert (st.image_precision[circle, 0], st.image_recall[circle, 0]) == (1.0, 1.0)
+    # patch level: f0 > 0 exactly on red patches; f1 is 1 on one red patch and 2 on another
+    assert (st.threshold[red, 0], st.precision[red, 0], st.recall[red, 0]) == (0.0, 1.0, 1.0)
+    assert (st.precision[red, 1], st.recall[red, 1]) == (0.5, 0.5)
+    assert np.isnan(st.threshold[red, 2]) and np.isnan(st.precision[red, 2])  # never fires
+    # explicit image labels replace the derived ones
+    st2 = compute_stats(
+        sae, [(image_id, token, acts)], labels, ["red", "circle"], 1, StatsConfig(), "r", False,
+        image_labels=pd.DataFrame({"image_id": [0], "label": ["circle"]}),
+    )  # fmt: skip
+    np.testing.assert_allclose(st2.image_auroc[circle], [0.0, 1.0, 0.5])
+    np.testing.assert_array_equal(st2.auroc, st.auroc)  # patch level unchanged
+    # spatial: 2 patches -> a 1 x 2 grid; f0 fires at patch 2 twice, f1 once at each
+    assert st.grid == (1, 2)
+    np.testing.assert_array_equal(st.spatial, [[0, 2], [1, 1], [0, 0]])
+    sp = st.spatial_summary
+    np.testing.assert_allclose(sp["spatial_entropy"][:2], [0.0, 1.0])
+    np.testing.assert_allclose(sp["centroid_col"][:2], [1.0, 0.5])
+    np.testing.assert_allclose(sp["spatial_std"][:2], [0.0, 0.5])
+    assert np.isnan(sp["centroid_row"][2])
+
+
+def test_association_matches_sklearn_at_both_levels():
+    rng = np.random.default_rng(5)
+    n_img, n_tok, d = 60, 10, 3
+    image_id = np.repeat(np.arange(n_img), n_tok)
+    token = np.tile(np.arange(n_tok), n_img).astype(np.int32)
+    has = rng.random(n_img) < 0.4  # image label "a" on 40% of the images
+    acts = rng.normal(0, 1, (len(token), d)).astype(np.float32)
+    acts[:, 0] += 1.2 * has[image_id]
+    img_labels = pd.DataFrame({"image_id": np.flatnonzero(has), "label": "a"})
+    st = compute_stats(
+        LinearReluSAE(torch.eye(d)), per_image_batches(image_id, token, acts, 9), None, ["a"], 1,
+        StatsConfig(n_bins=600), "r", False, image_labels=img_labels, patch_grid=(3, 3),
+    )  # fmt: skip
+    score = np.maximum(acts, 0).reshape(n_img, n_tok, d)[:, 1:].max(1)
+    for f in range(d):
+        assert abs(st.image_auroc[0, f] - roc_auc_score(has, score[:, f])) < 0.01
+        # precision / recall at the reported threshold, recomputed from the raw scores
+        pred = (
+            score[:, f] >= st.image_threshold[0, f]
+            if st.image_threshold[0, f] > 0
+            else (score[:, f] > 0)
+        )
+        tp = (pred & has).sum()
+        assert st.image_precision[0, f] == pytest.approx(tp / pred.sum())
+        assert st.image_recall[0, f] == pytest.approx(tp / has.sum())
+    assert st.image_auroc[0, 0] > 0.8 and st.grid == (3, 3)
+    with pytest.raises(ValueError, match="patch_grid"):
+        compute_stats(
+            LinearReluSAE(torch.eye(d)), [(image_id, token, acts)], None, [], 1, StatsConfig(),
+            "r", False, patch_grid=(2, 2),
+        )  # fmt: skip
+
+
+def test_decoder_neighbors_by_cosine():
+    W = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0], [0.0, 0.0]])
+    idx, cos = decoder_neighbors(W, 3)
+    np.testing.assert_array_equal(idx[0], [1, 2, 4])  # 2 and 4 tie at cosine 0: lower first
+    np.testing.assert_allclose(cos[0], [0.9 / np.hypot(0.9, 0.1), 0.0, 0.0], atol=1e-6)
+    assert idx[3, 0] == 2 and cos[3, -1] == pytest.approx(-np.cos(np.arctan(0.1 / 0.9)))
+    # chunking changes nothing, and matches a brute-force reference
+    rng = np.random.default_rng(0)
+    R = torch.from_numpy(rng.normal(size=(50, 8)).astype(np.float32))
+    a, ca = decoder_neighbors(R, 5, chunk=7)
+    b, cb = decoder_neighbors(R, 5)
+    np.testing.assert_array_equal(a, b)
+    unit = R.numpy() / np.linalg.norm(R.numpy(), axis=1, keepdims=True)
+    full = unit @ unit.T
+    np.fill_diagonal(full, -np.inf)
+    np.testing.assert_array_equal(a, np.argsort(-full, axis=1, kind="stable")[:, :5])
+    np.testing.assert_allclose(ca, np.take_along_axis(full, a, 1), atol=1e-5)
+    assert decoder_neighbors(R[:1], 5)[0].shape == (1, 0)
+
+
+def test_heatmaps_hold_the_codes_of_every_exemplar_patch():
+    rng = np.random.default_rng(3)
+    n_img, n_tok, d = 12, 5, 4
+    image_id = np.repeat(np.arange(100, 100 + n_img), n_tok)
+    token = np.tile(np.arange(n_tok), n_img).astype(np.int32)
+    acts = rng.normal(0, 1, (len(token), d)).astype(np.float32)
+    acts[:, 3] = -1.0  # feature 3 never fires: no exemplar, no heat map
+    sae = LinearReluSAE(torch.eye(d))
+    cfg = StatsConfig(n_top=4)
+    st = compute_stats(
+        sae, per_image_batches(image_id, token, acts, 5), None, [], 1, cfg, "r", False
+    )
+    hm = exemplar_heatmaps(sae, per_image_batches(image_id, token, acts, 3), st, 3, progress=False)
+    assert hm.shape == (d, 3, 4) and st.heatmaps is hm
+    codes = np.maximum(acts, 0).reshape(n_img, n_tok, d)
+    for f in range(3):
+        for r in range(3):
+            want = codes[st.top_image[f, r] - 100, 1:, f]
+            np.testing.assert_allclose(hm[f, r], want)
+            assert hm[f, r].max() == pytest.approx(st.top_value[f, r])
+    assert np.isnan(hm[3]).all()
+
+
+def test_stats_stage_on_real_shards_writes_tables_heatmaps_and_pictures(tmp_path, monkeypatch):
+    """The stage over a real two-split shard set and a saved SAE, as the flow runs it."""
+    import json
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from saev_core import shards
+    from saev_core.sae import SAE, SAEConfig
+    from saev_core.stages import StatsStage, stats_stage
+
+    monkeypatch.chdir(tmp_path)
+    n_img, n_tok, d = 8, 5, 6  # CLS + a 2 x 2 patch grid
+    rng = np.random.default_rng(0)
+    acts = rng.normal(size=(n_img, n_tok, d)).astype(np.float16)
+    root = Path("acts")
+    files = []
+    for split, ids in (("train", np.arange(0, 5)), ("val", np.arange(5, n_img))):
+        w = shards.ShardWriter(root, 0, split, d, np.dtype("float16"), n_tok, 2, 4)
+        w.add(ids, np.arange(n_tok, dtype=np.int32), acts[ids])
+        files += w.close()
+    tokens = {"policy": "all", "n_prefix_tokens": 1, "n_patches": 4, "grid": [2, 2],
+              "written": list(range(n_tok)), "n_tokens_written": n_tok}  # fmt: skip
+    manifest = {"schema": shards.SCHEMA_VERSION, "model": {"name": "tiny", "weights_sha256": "x"},
+                "layers": [0], "tokens": tokens, "dtype": "float16", "d_model": d,
+                "n_images": n_img, "files": files}  # fmt: skip
+    (root / shards.MANIFEST).write_text(json.dumps(manifest))
+    Path("img").mkdir()
+    for i in range(n_img):
+        Image.fromarray(np.full((8, 8, 3), 30 * i, np.uint8)).save(f"img/{i}.png")
+    labels = [["odd"] if i % 2 else ["even"] for i in range(n_img)]
+    pq.write_table(
+        pa.table({"image_id": pa.array(np.arange(n_img), pa.int64()),
+                  "split": ["train"] * 5 + ["val"] * 3,
+                  "path": [f"img/{i}.png" for i in range(n_img)],
+                  "labels": pa.array(labels, pa.list_(pa.string()))}),
+        root / shards.IMAGES,
+    )  # fmt: skip
+    sae = SAE(
+        SAEConfig(arch="topk", d_model=d, d_sae=8, k=2), generator=torch.Generator().manual_seed(0)
+    )
+    sae.save("sae", extra={"layer": 0, "metrics": {"l0": 2.0}})
+    io = StatsStage(sae_dir="sae", shard_dir="acts", out_dir="stats/t", run="t",
+                    options={"n_top": 3, "n_heatmaps": 2, "splits": ["train", "val"], "batch_images": 3})  # fmt: skip
+    summary = stats_stage(io, progress=False)
+    out = Path("stats/t")
+    assert summary["n_images"] == n_img and summary["labels"] == ["even", "odd"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "browser.html", "exemplars.png", "feature_labels.parquet", "features.parquet",
+        "heatmaps.parquet", "neighbors.parquet", "run.parquet", "top_examples.parquet",
+    ]  # fmt: skip
+    run = pq.read_table(out / "run.parquet").to_pandas()
+    assert (run.grid_rows[0], run.grid_cols[0], run.n_tokens[0]) == (2, 2, n_img * n_tok)
+    fl = pq.read_table(out / "feature_labels.parquet").to_pandas()
+    assert set(fl.image_n_pos) == {4} and fl.n_pos.eq(0).all()  # image labels, no patch labels
+    hm = pq.read_table(out / "heatmaps.parquet").to_pandas()
+    top = pq.read_table(out / "top_examples.parquet").to_pandas()
+    assert len(hm) == int((top["rank"] <= 2).sum()) and all(len(v) == 4 for v in hm["values"])
+    # a heat map's largest patch code is the exemplar's value
+    merged = hm.merge(top, on=["feature", "rank", "image_id"])
+    np.testing.assert_allclose([max(v) for v in merged["values"]], merged.value, rtol=1e-5)
+    assert "feature" in (out / "browser.html").read_text()[:2000].lower()

@@ -31,7 +31,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
 SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
-REQUIRED = ("runs", "images", "features", "top_examples", "feature_labels", "interventions")
+REQUIRED = (
+    "runs",
+    "images",
+    "features",
+    "top_examples",
+    "feature_labels",
+    "feature_matches",
+    "feature_neighbors",
+    "feature_breadth",
+    "interventions",
+)
 N_IMG, N_TOK, D_SAE = 6, 5, 4  # tokens: CLS + 4 patches
 
 
@@ -58,8 +68,17 @@ def encoder(perm: list[int]) -> LinearReluSAE:
     return LinearReluSAE(W, b)
 
 
-def make_project(root: Path, with_interventions: bool = True) -> dict:
-    """A project tree with one activation set, two stats runs and (optionally) interventions."""
+def save_decoder(sae_dir: Path, sae: LinearReluSAE) -> None:
+    """The part of a checkpoint the warehouse reads: W_dec in sae.safetensors."""
+    from safetensors.torch import save_file
+
+    sae_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"W_dec": sae.W_dec.detach().contiguous()}, str(sae_dir / "sae.safetensors"))
+
+
+def toy_data():
+    """CLS + 4 patches per image; dim 0 is on exactly on red patches, dim 1 on circle patches,
+    dim 2 is noise."""
     rng = np.random.default_rng(0)
     image_id = np.repeat(np.arange(N_IMG), N_TOK)
     token = np.tile(np.arange(N_TOK), N_IMG).astype(np.int32)
@@ -67,7 +86,6 @@ def make_project(root: Path, with_interventions: bool = True) -> dict:
     red = patch & (rng.random(len(token)) < 0.4)
     circle = patch & (rng.random(len(token)) < 0.3)
     red[1], circle[2] = True, True  # both labels present
-    # dim 0 is on exactly on red patches, dim 1 on circle patches, dim 2 is noise
     acts = np.stack(
         [
             np.where(red, rng.uniform(1, 3, len(token)), -1.0),
@@ -76,6 +94,12 @@ def make_project(root: Path, with_interventions: bool = True) -> dict:
         ],
         axis=1,
     ).astype(np.float32)
+    return image_id, token, red, circle, acts
+
+
+def make_project(root: Path, with_interventions: bool = True) -> dict:
+    """A project tree with one activation set, two stats runs and (optionally) interventions."""
+    image_id, token, red, circle, acts = toy_data()
     rows = [(i, t, "red") for i, t in zip(image_id[red], token[red], strict=True)]
     rows += [(i, t, "circle") for i, t in zip(image_id[circle], token[circle], strict=True)]
     labels = pd.DataFrame(rows, columns=["image_id", "token", "label"])
@@ -123,6 +147,7 @@ def make_project(root: Path, with_interventions: bool = True) -> dict:
             "cfg_json": {"perm": perm},
         }
         write_stats(st, root / "artifacts" / "stats" / run, info)
+        save_decoder(root / info["sae_dir"], encoder(perm))
         stats[run] = st
     if with_interventions:
         inter_dir = root / "artifacts" / "interventions" / "relu_a"
@@ -179,12 +204,13 @@ def dump(db: Path, root: Path) -> dict:
     con = duckdb.connect(str(db), read_only=True)
     try:
         con.execute("set file_search_path = $root", {"root": str(root)})
-        views = con.execute(
-            "select view_name, sql from duckdb_views() where not internal order by view_name"
+        relations = con.execute(
+            "select view_name, sql from duckdb_views() where not internal "
+            "union all select table_name, sql from duckdb_tables() order by 1"
         ).fetchall()
         return {
             name: (sql, con.execute(f"select * from {name} order by all").fetchall())
-            for name, sql in views
+            for name, sql in relations
         }
     finally:
         con.close()
@@ -215,9 +241,11 @@ def test_rebuild_is_idempotent(project, tmp_path):
     db = tmp_path / "w.duckdb"
     first = build_warehouse(db, root=project.root, sql_dir=SQL_DIR)
     before = dump(db, project.root)
+    matches = q(project, "select * from feature_matches order by all")
     second = build_warehouse(db, root=project.root, sql_dir=SQL_DIR)
-    assert first["views"] == second["views"]
+    assert first["views"] == second["views"] and first["views"]["feature_matches"] > 0
     assert dump(db, project.root) == before
+    assert q(project, "select * from feature_matches order by all") == matches
     assert before["features"][1] and sorted(os.listdir(tmp_path)) == ["w.duckdb"]
 
 
@@ -389,6 +417,25 @@ def test_undocumented_parameter_is_refused(tmp_path):
         parse_query(path)
 
 
+def test_views_mode_reads_the_parquet_at_query_time(project, tmp_path):
+    db = tmp_path / "v.duckdb"
+    build_warehouse(db, root=project.root, sql_dir=SQL_DIR, materialize=False)
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        kinds = dict(
+            con.execute(
+                "select view_name, 'view' from duckdb_views() where not internal "
+                "union all select table_name, 'table' from duckdb_tables()"
+            ).fetchall()
+        )
+    finally:
+        con.close()
+    assert kinds["features"] == kinds["top_examples"] == "view"
+    assert kinds["feature_matches"] == "table"  # computed in Python, always stored
+    got = run_query(db, "best_feature_per_concept", {}, "json", project.root, SQL_DIR)
+    assert json.loads(got) == q(project, "best_feature_per_concept")
+
+
 def test_views_work_from_duckdb_started_in_root(project, monkeypatch):
     monkeypatch.chdir(project.root)
     con = duckdb.connect(str(project.db.relative_to(project.root)), read_only=True)
@@ -440,3 +487,89 @@ def test_cli(project, capsys, tmp_path):
         == 0
     )
     assert "features" in capsys.readouterr().out and (tmp_path / "x.duckdb").exists()
+
+
+def test_feature_matches_pair_features_by_decoder_and_exemplars(project):
+    # relu_a's features read dims (0, 1, 2), relu_b's (2, 0, 1): a0 = b1, a1 = b2, a2 = b0
+    rows = q(
+        project,
+        "select feature_a, feature_b, decoder_cos, exemplar_jaccard from feature_matches "
+        "where run_a = 'relu_a' and run_b = 'relu_b' and decoder_rank = 1 order by feature_a",
+    )
+    got = {r["feature_a"]: r["feature_b"] for r in rows}
+    assert [got[0], got[1], got[2]] == [1, 2, 0]
+    for r in rows[:3]:
+        # same direction, same codes, so the same exemplar images
+        assert r["decoder_cos"] == pytest.approx(1.0) and r["exemplar_jaccard"] == 1.0
+    assert rows[3]["decoder_cos"] == 0.0  # the dead feature has a zero decoder
+    # both directions are there, and a named query lists one feature's partners
+    back = q(project, "feature_matches", run="relu_b", feature="1")
+    assert back[0]["run_b"] == "relu_a" and back[0]["feature_b"] == 0
+    assert back[0]["decoder_rank"] == 1 and back[0]["exemplar_rank"] == 1
+
+
+def test_features_without_counterpart(project, tmp_path):
+    # a third run whose features read (1, 1, 2): nothing reads dim 0, the red dimension
+    root = tmp_path / "p"
+    shutil.copytree(project.root, root)
+    ref = project.stats["relu_a"]
+    from saev_core.stats import write_stats as write
+
+    image_id, token, _, _, acts = toy_data()
+    st = compute_stats(
+        encoder([1, 1, 2]), [(image_id, token, acts)], None, [], 1, StatsConfig(n_top=3),
+        "relu_c", progress=False,
+    )  # fmt: skip
+    write(
+        st, root / "artifacts" / "stats" / "relu_c", {"run": "relu_c", "sae_dir": "c", "d_sae": 4}
+    )
+    save_decoder(root / "c", encoder([1, 1, 2]))
+    db = root / "w.duckdb"
+    build_warehouse(db, root=root, sql_dir=SQL_DIR)
+
+    def ask(**params):
+        out = run_query(db, "features_without_counterpart", params, "json", root, SQL_DIR)
+        return json.loads(out)
+
+    assert ref.auroc[ref.label_names.index("red"), 0] == 1.0
+    # in relu_b the red detector (a0) has its twin b1
+    assert ask(run="relu_a", other_run="relu_b", label="red") == []
+    lone = ask(run="relu_a", other_run="relu_c", label="red", max_overlap="1.01")
+    assert [r["feature"] for r in lone] == [0]
+    assert lone[0]["best_decoder_cos"] == pytest.approx(0.0, abs=1e-6)
+    # circle (a1 reads dim 1) has counterparts c0 and c1
+    assert ask(run="relu_a", other_run="relu_c", label="circle", max_overlap="1.01") == []
+    with pytest.raises(ValueError, match="unknown run 'relu_d'.*did you mean"):
+        ask(run="relu_a", other_run="relu_d", label="red")
+
+
+def test_semantic_breadth_and_neighbors(project):
+    images = pd.read_parquet(project.root / "artifacts/activations/toy/images.parquet")
+    labels_of = dict(zip(images.image_id, images["labels"].map(list), strict=True))
+    st = project.stats["relu_a"]
+    rows = q(project, "semantic_breadth", run="relu_a", min_exemplars="1")
+    assert {r["feature"] for r in rows} == {0, 1, 2}  # the dead feature has no exemplars
+    for r in rows:
+        ex = [labels_of[i] for i in st.top_image[r["feature"]] if i >= 0]
+        spanned = {x for labels in ex for x in labels}
+        assert r["n_labels_spanned"] == len(spanned) and r["n_exemplars"] == len(ex)
+        top = max(sorted(spanned), key=lambda x: sum(x in labels for labels in ex))
+        assert r["top_label"] == top
+        assert r["top_label_share"] == pytest.approx(sum(top in e for e in ex) / len(ex))
+    spans = [r["n_labels_spanned"] for r in rows]
+    assert spans == sorted(spans, reverse=True)
+    nb = q(project, "feature_neighbors", run="relu_a", feature="0")
+    assert [r["rank"] for r in nb] == list(range(1, len(nb) + 1)) and nb
+    assert nb[0]["best_label"] in ("red", "circle") and nb[0]["cosine"] == 0.0
+
+
+def test_image_level_ranking_and_bad_parameters(project):
+    rows = q(project, "top_features_for_label", label="red", run="relu_a", level="image")
+    aurocs = [r["image_auroc"] for r in rows if r["image_auroc"] is not None]
+    assert aurocs == sorted(aurocs, reverse=True) and "precision" in rows[0]
+    with pytest.raises(ValueError, match="level must be patch or image"):
+        q(project, "top_features_for_label", label="red", level="pixel")
+    with pytest.raises(ValueError, match="unknown run 'relu_x'.*relu_a, relu_b"):
+        q(project, "feature_exemplars", run="relu_x", feature="0")
+    with pytest.raises(ValueError, match="parameter feature: expected integer"):
+        q(project, "feature_exemplars", run="relu_a", feature="1.5")

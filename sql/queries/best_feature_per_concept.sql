@@ -1,46 +1,31 @@
--- For every concept and run, the single feature with the highest patch-level AUROC: the
--- candidate to inspect and to edit for that concept.
+-- For every concept and run, the single feature with the highest patch-level AUROC (ties: the
+-- lower feature index): the candidate to inspect and to edit for that concept.
 -- param run: stats run name; every run when omitted (default null)
-with ranked as (
-    select
-        run,
-        label,
-        feature,
-        auroc,
-        mean_in,
-        mean_out,
-        n_pos,
-        row_number() over (
-            partition by run, label
-            order by auroc desc nulls last, feature
-        ) as auroc_rank
-    from feature_labels
-    where $run is null or run = $run
-),
-
-best as (
-    select * from ranked
-    where auroc_rank = 1
+with leaders as (
+    select * from label_leaders
+    where ($run is null or run = $run)
+        and feature is not null
 ),
 
 final as (
     select
-        best.run,
-        best.label,
-        best.feature,
-        best.auroc,
-        best.mean_in,
-        best.mean_out,
-        best.n_pos,
+        leaders.run,
+        leaders.label,
+        leaders.feature,
+        leaders.auroc,
+        leaders.feature_image_auroc as image_auroc,
+        leaders.mean_in,
+        leaders.mean_out,
+        leaders.n_pos,
         features.freq,
         features.max_act
-    from best
+    from leaders
     left join features
-        on best.run = features.run
-        and best.feature = features.feature
+        on leaders.run = features.run
+        and leaders.feature = features.feature
     order by
-        best.run,
-        best.label
+        leaders.run,
+        leaders.label
 )
 
 select * from final

@@ -4,11 +4,8 @@ with best as (
     select
         run,
         label,
-        max(auroc) as best_auroc
-    from feature_labels
-    group by
-        run,
-        label
+        auroc as best_auroc
+    from label_leaders
 ),
 
 concept_scores as (

@@ -31,6 +31,9 @@ final as (
         n_prefix_tokens,
         -- edges of the non-zero bins of features.hist (bin 0 of hist counts exact zeros)
         hist_edges,
+        -- the patch grid: patch p sits at row p // grid_cols, column p % grid_cols
+        grid_rows,
+        grid_cols,
         cfg_json
     from source
 )

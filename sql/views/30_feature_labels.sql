@@ -1,6 +1,8 @@
--- One row per (run, feature, label): how well the feature's code scores "this patch carries the
--- label" (AUROC over patch tokens, from histograms: see saev_core.stats), and its mean code on
--- patches with and without the label.
+-- One row per (run, feature, label): how well the feature's code tells what carries the label,
+-- at patch level (the code on a patch vs the patch's labels) and at image level (the image's
+-- highest patch code vs the image's labels). AUROC comes from histograms (see saev_core.stats);
+-- precision and recall are at the histogram threshold with the best F1, where "code >= threshold"
+-- predicts the label (threshold 0: "code > 0").
 with source as (
     select * from src_feature_labels
 ),
@@ -14,7 +16,20 @@ final as (
         mean_in,
         mean_out,
         mean_in - mean_out as mean_diff,
-        n_pos
+        n_pos,
+        threshold,
+        precision,
+        recall,
+        2 * precision * recall / nullif(precision + recall, 0) as f1,
+        image_auroc,
+        image_mean_in,
+        image_mean_out,
+        image_mean_in - image_mean_out as image_mean_diff,
+        image_n_pos,
+        image_threshold,
+        image_precision,
+        image_recall,
+        2 * image_precision * image_recall / nullif(image_precision + image_recall, 0) as image_f1
     from source
 )
 

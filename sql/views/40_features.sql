@@ -19,7 +19,15 @@ final as (
         n_fires = 0 as is_dead,
         -- dense: fires on more than 1% of tokens (the paper's definition; see PAPER.md, metrics)
         freq > 0.01 as is_dense,
-        hist
+        hist,
+        -- where it fires on the patch grid (patch units): mean position, rms distance from it,
+        -- and entropy of the positions / log(#positions) (0 = one place, 1 = everywhere alike)
+        centroid_row,
+        centroid_col,
+        spatial_std,
+        spatial_entropy,
+        -- firing count per patch position, row-major
+        spatial
     from source
 )
 

@@ -1,0 +1,288 @@
+"""A static, self-contained HTML feature browser for one stats run, and PNG exemplar grids.
+
+`build_browser` reads a stats directory (`saev_core.stats.write_stats`) and the images its shard
+set lists, and writes one HTML file holding everything: the data as JSON, the exemplar thumbnails
+as JPEG data URIs, and the page's CSS and JavaScript (`browser.html` next to this module). Opening
+the file needs no server and no network. The page lists every feature with search (a feature id,
+or a label its best association or exemplars carry) and sorting (frequency, AUROC, breadth), and
+shows one feature at a time: its top exemplar images with the patch activations as a heat map,
+its activation histogram, label associations and decoder neighbours. `#feature=12` in the URL
+opens feature 12.
+
+`exemplar_grid` renders the same exemplars and heat maps as one PNG (features as rows), the
+picture the stats flow logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+TEMPLATE = Path(__file__).with_name("browser.html")
+
+
+@dataclass(frozen=True)
+class BrowserConfig:
+    """`stats.browser` in params.yaml: whether to write the browser, and how much it embeds."""
+
+    enabled: bool = True
+    """Write `browser.html` and `exemplars.png` next to the stats tables."""
+    n_exemplars: int = 6
+    """Exemplar images shown per feature (at most the stats' n_top)."""
+    thumb_px: int = 64
+    """Longest side of each embedded thumbnail, in pixels."""
+    max_features: int | None = None
+    """Embed only the most frequent features (None: all)."""
+    n_labels: int = 5
+    """Label associations listed per feature (best AUROC first)."""
+
+    def __post_init__(self) -> None:
+        if self.n_exemplars < 1:
+            raise ValueError(f"browser.n_exemplars must be >= 1, got {self.n_exemplars}")
+        if self.thumb_px < 8:
+            raise ValueError(f"browser.thumb_px must be >= 8, got {self.thumb_px}")
+        if self.max_features is not None and self.max_features < 1:
+            raise ValueError(f"browser.max_features must be >= 1 or null, got {self.max_features}")
+        if self.n_labels < 0:
+            raise ValueError(f"browser.n_labels must be >= 0, got {self.n_labels}")
+
+
+def _read(stats_dir: Path, name: str) -> pd.DataFrame | None:
+    path = stats_dir / f"{name}.parquet"
+    return pd.read_parquet(path) if path.exists() else None
+
+
+def _images(run: pd.Series, root: Path) -> pd.DataFrame:
+    """The shard set's image table (image_id, path, labels), or an empty one."""
+    shard_dir = Path(str(run.get("shard_dir") or ""))
+    path = (shard_dir if shard_dir.is_absolute() else root / shard_dir) / "images.parquet"
+    if not shard_dir.parts or not path.exists():
+        return pd.DataFrame({"image_id": [], "path": [], "labels": []})
+    return pd.read_parquet(path, columns=["image_id", "path", "labels"])
+
+
+def _thumb(path: Path, px: int):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((px, px))
+        return im.copy()
+
+
+def _data_uri(im) -> str:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def browser_data(stats_dir: str | Path, root: str | Path = ".", cfg: BrowserConfig | None = None):
+    """Everything the page shows, as one JSON-able dict (see browser.html for its use)."""
+    cfg = cfg or BrowserConfig()
+    stats_dir, root = Path(stats_dir), Path(root)
+    run = _read(stats_dir, "run")
+    features = _read(stats_dir, "features")
+    if run is None or features is None:
+        raise FileNotFoundError(f"{stats_dir}: not a stats directory (no run/features.parquet)")
+    run_row = run.iloc[0]
+    top = _read(stats_dir, "top_examples")
+    labels = _read(stats_dir, "feature_labels")
+    neighbors = _read(stats_dir, "neighbors")
+    heatmaps = _read(stats_dir, "heatmaps")
+    features = features.sort_values("feature")
+    if cfg.max_features is not None and cfg.max_features < len(features):
+        keep = features.nlargest(cfg.max_features, "freq", keep="first")["feature"]
+        features = features[features.feature.isin(keep)]
+    keep_ids = set(features.feature.tolist())
+
+    images = _images(run_row, root)
+    labels_of = dict(zip(images.image_id, images["labels"].map(_as_list), strict=True))
+    path_of = dict(zip(images.image_id, images.path, strict=True))
+    heat_of: dict[tuple[int, int], np.ndarray] = {}
+    if heatmaps is not None:
+        for f, r, v in zip(heatmaps.feature, heatmaps["rank"], heatmaps["values"], strict=True):
+            heat_of[(int(f), int(r))] = np.asarray(v, dtype=np.float64)
+
+    ex_by: dict[int, list[dict]] = {}
+    if top is not None:
+        top = top[(top["rank"] <= cfg.n_exemplars) & top.feature.isin(keep_ids)]
+        for row in top.sort_values(["feature", "rank"]).itertuples(index=False):
+            ex_by.setdefault(int(row.feature), []).append(
+                {"image": int(row.image_id), "rank": int(row.rank), "value": float(row.value),
+                 "token": int(row.token)}
+            )  # fmt: skip
+    assoc_by: dict[int, list[list]] = {}
+    if labels is not None and len(labels):
+        labels = labels[labels.feature.isin(keep_ids)]
+        ranked = labels.sort_values(["feature", "auroc", "label"], ascending=[True, False, True])
+        for f, group in ranked.groupby("feature", sort=False):
+            assoc_by[int(f)] = [
+                [str(r.label), _num(r.auroc), _num(getattr(r, "image_auroc", None)),
+                 _num(getattr(r, "precision", None)), _num(getattr(r, "recall", None)),
+                 _num(r.mean_in), _num(r.mean_out)]
+                for r in group.head(cfg.n_labels).itertuples(index=False)
+            ]  # fmt: skip
+    nb_by: dict[int, list[list]] = {}
+    if neighbors is not None:
+        for f, n, c in zip(neighbors.feature, neighbors.neighbor, neighbors.cosine, strict=True):
+            nb_by.setdefault(int(f), []).append([int(n), round(float(c), 3)])
+
+    n_prefix = int(run_row.get("n_prefix_tokens") or 0)
+    rows = []
+    used_images: set[int] = set()
+    for feat in features.itertuples(index=False):
+        f = int(feat.feature)
+        ex = ex_by.get(f, [])
+        mx = float(feat.max_act) if feat.max_act and feat.max_act > 0 else 1.0
+        for e in ex:
+            used_images.add(e["image"])
+            heat = heat_of.get((f, e["rank"]))
+            if heat is not None:
+                # the feature's code on each patch as 0..255 of its largest value
+                q = np.nan_to_num(np.clip(heat / mx, 0, 1) * 255).round().astype(np.uint8)
+                e["heat"] = base64.b64encode(q.tobytes()).decode()
+            e["patch"] = e.pop("token") - n_prefix
+        ex_labels = [labels_of.get(e["image"], []) for e in ex]
+        spanned = sorted({x for ls in ex_labels for x in ls})
+        top_label = (
+            max(spanned, key=lambda x: sum(x in ls for ls in ex_labels)) if spanned else None
+        )
+        assoc = assoc_by.get(f, [])
+        rows.append(
+            {
+                "id": f,
+                "freq": _num(feat.freq),
+                "freq_images": _num(feat.freq_images),
+                "freq_cls": _num(feat.freq_cls),
+                "freq_patches": _num(feat.freq_patches),
+                "mean": _num(feat.mean_act),
+                "max": _num(feat.max_act),
+                "hist": [int(x) for x in feat.hist],
+                "spread": _num(getattr(feat, "spatial_entropy", None)),
+                "best": assoc[0][0] if assoc and assoc[0][1] is not None else None,
+                "auroc": assoc[0][1] if assoc else None,
+                "breadth": len(spanned),
+                "ex_label": top_label,
+                "labels": assoc,
+                "neighbors": nb_by.get(f, []),
+                "ex": ex,
+            }
+        )
+    thumbs = {}
+    for image_id in sorted(used_images):
+        path = path_of.get(image_id)
+        if path is None:
+            continue
+        p = Path(path) if Path(path).is_absolute() else root / path
+        if p.exists():
+            thumbs[str(image_id)] = _data_uri(_thumb(p, cfg.thumb_px))
+    grid = [int(run_row.get("grid_rows") or 0), int(run_row.get("grid_cols") or 0)]
+    return {
+        "run": str(run_row["run"]),
+        "backbone": str(run_row.get("backbone") or ""),
+        "layer": None if pd.isna(run_row.get("layer")) else int(run_row["layer"]),
+        "d_sae": int(run_row.get("d_sae") or len(features)),
+        "n_tokens": int(run_row.get("n_tokens") or 0),
+        "n_images": int(run_row.get("n_images") or 0),
+        "grid": grid,
+        "hist_edges": [float(x) for x in run_row["hist_edges"]],
+        "features": rows,
+        "images": thumbs,
+        "image_labels": {str(i): labels_of.get(i, []) for i in sorted(used_images)},
+    }
+
+
+def build_browser(
+    stats_dir: str | Path,
+    out_path: str | Path,
+    root: str | Path = ".",
+    cfg: BrowserConfig | None = None,
+) -> Path:
+    """Write the self-contained HTML browser of one stats run to `out_path` (atomically)."""
+    data = browser_data(stats_dir, root, cfg)
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    # the JSON sits inside a <script> element: "</" must not close it early
+    payload = payload.replace("</", "<\\/")
+    html = TEMPLATE.read_text().replace("/*__DATA__*/{}", payload)
+    html = html.replace("__TITLE__", f"saev features: {data['run']}")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text(html)
+    tmp.replace(out_path)
+    return out_path
+
+
+def exemplar_grid(
+    stats_dir: str | Path,
+    features: list[int],
+    out_path: str | Path,
+    root: str | Path = ".",
+    n_exemplars: int = 6,
+    tile_px: int = 96,
+) -> Path:
+    """A PNG with one row per feature: its top exemplars, each with the heat map laid over it."""
+    from PIL import Image, ImageDraw
+
+    cfg = BrowserConfig(n_exemplars=n_exemplars, thumb_px=tile_px)
+    data = browser_data(stats_dir, root, cfg)
+    by_id = {f["id"]: f for f in data["features"]}
+    rows_, cols = data["grid"]
+    label_w = 150
+    canvas = Image.new(
+        "RGB",
+        (label_w + n_exemplars * (tile_px + 4), max(len(features), 1) * (tile_px + 4)),
+        "white",
+    )
+    draw = ImageDraw.Draw(canvas)
+    for i, f in enumerate(features):
+        feat = by_id.get(int(f))
+        y = i * (tile_px + 4)
+        if feat is None:
+            continue
+        best = f"{feat['best']} {feat['auroc']:.2f}" if feat["best"] else ""
+        draw.text((4, y + 4), f"feature {f}", fill="black")
+        draw.text((4, y + 20), best, fill="black")
+        draw.text((4, y + 36), f"freq {feat['freq']:.3g}", fill="black")
+        for j, e in enumerate(feat["ex"][:n_exemplars]):
+            x = label_w + j * (tile_px + 4)
+            uri = data["images"].get(str(e["image"]))
+            if uri:
+                raw = base64.b64decode(uri.split(",", 1)[1])
+                tile = Image.open(io.BytesIO(raw)).convert("RGB").resize((tile_px, tile_px))
+            else:
+                tile = Image.new("RGB", (tile_px, tile_px), (200, 200, 200))
+            if "heat" in e and rows_ * cols:
+                q = np.frombuffer(base64.b64decode(e["heat"]), np.uint8)[: rows_ * cols]
+                alpha = Image.fromarray(q.reshape(rows_, cols)).resize(
+                    (tile_px, tile_px), Image.NEAREST
+                )
+                red = Image.new("RGB", (tile_px, tile_px), (255, 0, 0))
+                tile = Image.composite(red, tile, alpha.point(lambda v: int(v * 0.6)))
+            canvas.paste(tile, (x, y))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out_path, format="PNG")
+    return out_path
+
+
+def _as_list(x: Any) -> list[str]:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return []
+    return [str(v) for v in x]
+
+
+def _num(x: Any) -> float | None:
+    """A finite float rounded for the page, or None (JSON null) for NaN and missing."""
+    if x is None:
+        return None
+    x = float(x)
+    return round(x, 6) if math.isfinite(x) else None

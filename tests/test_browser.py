@@ -1,0 +1,296 @@
+"""Tests for saev_core.browser: the data it embeds, and the page itself in headless Chromium.
+
+The Chromium test drives Debian's `chromium` over the DevTools protocol (a websocket, through the
+`websockets` package prefect already installs): it loads the file from disk, types into the
+search box, clicks a feature, clicks a neighbour, and reads the console. It skips when no
+Chromium is installed (`make test` installs it). The screenshot is kept as a test artifact: in
+`$SAEV_TEST_ARTIFACTS` when set, else next to the test's temporary files.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from saev_core.browser import BrowserConfig, browser_data, build_browser, exemplar_grid
+from saev_core.stats import StatsConfig, compute_stats, exemplar_heatmaps, write_stats
+
+torch.set_num_threads(1)
+N_IMG, GRID, D = 12, 2, 4  # images of CLS + 2 x 2 patches; 4 features
+
+
+class LinearReluSAE(torch.nn.Module):
+    """A real linear + ReLU encoder with hand-set weights."""
+
+    def __init__(self, W_enc: torch.Tensor) -> None:
+        super().__init__()
+        self.W_enc = torch.nn.Parameter(W_enc)
+        self.W_dec = torch.nn.Parameter(W_enc.T.clone())
+        self.cfg = SimpleNamespace(d_sae=W_enc.shape[1])
+
+    def encode(self, x_bd: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x_bd @ self.W_enc)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A project with 12 PNG images, their shards' images.parquet, and one stats run."""
+    root = tmp_path_factory.mktemp("browser")
+    rng = np.random.default_rng(0)
+    n_tok = 1 + GRID * GRID
+    image_id = np.repeat(np.arange(N_IMG), n_tok)
+    token = np.tile(np.arange(n_tok), N_IMG)
+    acts = rng.normal(0, 0.3, (len(token), 3)).astype(np.float32)
+    rows, image_rows = [], []
+    (root / "images").mkdir()
+    for i in range(N_IMG):
+        colour = "red" if i % 2 == 0 else "blue"
+        patch = 1 + i % 4  # the object's patch
+        acts[i * n_tok + patch, 0 if colour == "red" else 1] += 2.0 + i / 10
+        rows.append((i, patch, colour))
+        img = np.full((16, 16, 3), 128, np.uint8)
+        r, c = divmod(patch - 1, GRID)
+        img[r * 8 : r * 8 + 8, c * 8 : c * 8 + 8] = (
+            (220, 30, 30) if colour == "red" else (30, 30, 220)
+        )
+        Image.fromarray(img).save(root / "images" / f"{i}.png")
+        image_rows.append((i, "val", f"images/{i}.png", [colour]))
+    labels = pd.DataFrame(rows, columns=["image_id", "token", "label"])
+    act_dir = root / "acts"
+    act_dir.mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                "image_id": pa.array([r[0] for r in image_rows], pa.int64()),
+                "split": [r[1] for r in image_rows],
+                "path": [r[2] for r in image_rows],
+                "labels": pa.array([r[3] for r in image_rows], pa.list_(pa.string())),
+            }
+        ),
+        act_dir / "images.parquet",
+    )
+    W = torch.tensor([[1.0, 0, 0, 0.7], [0, 1.0, 0, 0.7], [0, 0, 1.0, 0]])
+    sae = LinearReluSAE(W)
+    batches = [(image_id, token, acts)]
+    st = compute_stats(sae, batches, labels, None, 1, StatsConfig(n_top=4), "toy", False)
+    exemplar_heatmaps(sae, batches, st, 4, progress=False)
+    info = {"run": "toy", "shard_dir": "acts", "backbone": "tiny", "layer": 1, "d_sae": D}
+    out = root / "stats" / "toy"
+    write_stats(st, out, info)
+    return SimpleNamespace(root=root, stats_dir=out, stats=st)
+
+
+def test_browser_data_embeds_features_exemplars_and_heat_maps(run_dir):
+    data = browser_data(run_dir.stats_dir, run_dir.root, BrowserConfig(n_exemplars=3))
+    st = run_dir.stats
+    assert data["run"] == "toy" and data["grid"] == [GRID, GRID] and len(data["features"]) == D
+    red = next(f for f in data["features"] if f["id"] == 0)
+    assert red["best"] == "red" and red["auroc"] == 1.0 and red["breadth"] == 1
+    assert [e["image"] for e in red["ex"]] == st.top_image[0, :3].tolist()
+    assert [n for n, _ in red["neighbors"]][:1] == [3]  # feature 3 reads red and blue
+    for e in red["ex"]:
+        heat = np.frombuffer(base64.b64decode(e["heat"]), np.uint8)
+        # the patch where it peaks is the brightest, and the exemplar's value is the max there
+        assert heat.argmax() == e["patch"] and heat.max() == round(255 * e["value"] / st.max_act[0])
+        assert data["images"][str(e["image"])].startswith("data:image/jpeg;base64,")
+    assert len(red["hist"]) == StatsConfig().n_bins + 1
+    small = browser_data(run_dir.stats_dir, run_dir.root, BrowserConfig(max_features=2))
+    assert len(small["features"]) == 2
+    with pytest.raises(FileNotFoundError, match="not a stats directory"):
+        browser_data(run_dir.root, run_dir.root)
+
+
+def test_exemplar_grid_png(run_dir, tmp_path):
+    path = exemplar_grid(run_dir.stats_dir, [0, 1], tmp_path / "grid.png", run_dir.root, 3, 32)
+    im = Image.open(path)
+    assert im.size == (150 + 3 * 36, 2 * 36)
+    # the heat map tints the peak patch of feature 0's first exemplar red
+    px = np.asarray(im.convert("RGB")).astype(int)
+    tile = px[0:32, 150 : 150 + 32]
+    assert (tile[..., 0] - tile[..., 2]).max() > 100
+
+
+def test_html_is_self_contained(run_dir, tmp_path):
+    path = build_browser(run_dir.stats_dir, tmp_path / "b.html", run_dir.root)
+    html = path.read_text()
+    assert "__DATA__" not in html and "toy" in html
+    for remote in ("http://", "https://", 'src="//'):
+        assert remote not in html, remote  # nothing to fetch: the file works offline
+
+
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+class DevTools:
+    """A minimal DevTools-protocol client for one headless Chromium page."""
+
+    def __init__(self, exe: str, profile: Path) -> None:
+        from websockets.sync.client import connect
+
+        self.log = profile / "chromium.log"
+        profile.mkdir(parents=True, exist_ok=True)
+        args = [
+            exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--remote-debugging-port=0", f"--user-data-dir={profile / 'user'}",
+            "--window-size=1280,900", "about:blank",
+        ]  # fmt: skip
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen(args, stderr=err, stdout=subprocess.DEVNULL)
+        ws_url = self._wait_for_url()
+        port = ws_url.split(":")[2].split("/")[0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+            page = next(t for t in json.load(r) if t["type"] == "page")
+        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=20)
+        self.n, self.events = 0, []
+
+    def _wait_for_url(self) -> str:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            for line in self.log.read_text().splitlines():
+                if "DevTools listening on" in line:
+                    return line.split()[-1]
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"chromium exited: {self.log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        raise TimeoutError("chromium did not open its DevTools port")
+
+    def send(self, method: str, **params):
+        self.n += 1
+        self.ws.send(json.dumps({"id": self.n, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=30))
+            if msg.get("id") == self.n:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+            self.events.append(msg)
+
+    def wait_for(self, method: str, timeout: float = 30) -> None:
+        if any(e.get("method") == method for e in self.events):
+            return
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            msg = json.loads(self.ws.recv(timeout=deadline - time.time()))
+            self.events.append(msg)
+            if msg.get("method") == method:
+                return
+        raise TimeoutError(method)
+
+    def eval(self, expression: str):
+        r = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"{expression}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def click(self, selector: str) -> None:
+        """A real mouse click at the centre of the first element matching `selector`."""
+        box = self.eval(
+            f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
+            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send(
+                "Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left",
+                clickCount=1,
+            )  # fmt: skip
+
+    def errors(self) -> list:
+        out = []
+        for e in self.events:
+            m, p = e.get("method"), e.get("params", {})
+            if m == "Runtime.exceptionThrown":
+                out.append(p["exceptionDetails"])
+            elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
+                out.append(p)
+            elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
+                out.append(p["entry"])
+        return out
+
+    def close(self) -> None:
+        try:
+            self.ws.close()
+        finally:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.mark.skipif(chromium() is None, reason="no chromium installed (make test installs it)")
+def test_browser_in_headless_chromium(run_dir, tmp_path):
+    html = build_browser(run_dir.stats_dir, tmp_path / "toy.html", run_dir.root)
+    data = browser_data(run_dir.stats_dir, run_dir.root)
+    want_red = sorted(
+        f["id"] for f in data["features"]
+        if "red" in (f["best"] or "") or "red" in (f["ex_label"] or "")
+        or any("red" in lab and auc is not None and auc >= 0.7 for lab, auc, *_ in f["labels"])
+    )  # fmt: skip
+    assert 0 < len(want_red) < D
+    chrome = DevTools(chromium(), tmp_path / "chromium")
+    try:
+        for domain in ("Page", "Runtime", "Log"):
+            chrome.send(f"{domain}.enable")
+        chrome.send(
+            "Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1,
+            mobile=False,
+        )  # fmt: skip
+        chrome.send("Page.navigate", url=html.resolve().as_uri())
+        chrome.wait_for("Page.loadEventFired")
+        ids = "[...document.querySelectorAll('#rows tr')].map((r) => Number(r.dataset.id))"
+        assert sorted(chrome.eval(ids)) == list(range(D))
+        # type into the search box: the list narrows to the features about red
+        chrome.eval("document.getElementById('q').focus()")
+        chrome.send("Input.insertText", text="red")
+        assert sorted(chrome.eval(ids)) == want_red
+        assert chrome.eval("document.getElementById('count').textContent").startswith(
+            f"{len(want_red)} of {D}"
+        )
+        # sort by AUROC, then click the first row: the feature opens with its exemplars
+        chrome.eval(
+            "const s = document.getElementById('sort'); s.value = 'auroc';"
+            "s.dispatchEvent(new Event('change'))"
+        )
+        first = chrome.eval(ids)[0]
+        assert first == 0  # feature 0 reads the red dimension: AUROC 1
+        chrome.click("#rows tr[data-id]")
+        assert chrome.eval("document.getElementById('title').textContent") == "Feature 0"
+        n_ex = len(next(f for f in data["features"] if f["id"] == 0)["ex"])
+        assert chrome.eval("document.querySelectorAll('#exemplars .tile canvas').length") == n_ex
+        assert chrome.eval("document.querySelectorAll('#exemplars .tile img').length") == n_ex
+        assert chrome.eval("document.querySelectorAll('#hist rect').length") == 60
+        assert "red" in chrome.eval("document.getElementById('assoc').textContent")
+        assert chrome.eval("location.hash") == "#feature=0"
+        # a neighbour link opens that feature
+        chrome.click("#neighbors a[data-nb]")
+        nb = next(f for f in data["features"] if f["id"] == 0)["neighbors"][0][0]
+        assert chrome.eval("document.getElementById('title').textContent") == f"Feature {nb}"
+        shot = chrome.send("Page.captureScreenshot", format="png")["data"]
+        assert chrome.eval("window.saevErrors") == []
+        assert chrome.errors() == []
+    finally:
+        chrome.close()
+    out_dir = Path(os.environ.get("SAEV_TEST_ARTIFACTS", tmp_path))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = out_dir / "browser.png"
+    png.write_bytes(base64.b64decode(shot))
+    assert Image.open(png).size == (1280, 900)
