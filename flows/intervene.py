@@ -1,8 +1,10 @@
-"""Flow `intervene`: suppress concept features inside the backbone vs random-feature controls.
+"""Flow `intervene`: test feature hypotheses by editing them inside the model, against controls.
 
-Every experiment (concept x strength) is an MLflow run nested under one parent run, with its
-parameters, its effect and control intervals, and a before/after image grid; the parent holds a
-dose-response plot. The results also go to `results.parquet` for the warehouse.
+One MLflow parent run per invocation (the run is named after `intervene.out_dir`), with one
+nested run per hypothesis x strength: its parameters, its effect and the three controls with
+95% intervals, tags tying it to the SAE run, shard manifest and commit, and a before/after image
+grid with the edited region outlined. The parent holds the dose-response plot and the results
+table, which also goes to `results.parquet` for the warehouse's `interventions` table.
 """
 
 from __future__ import annotations
@@ -11,87 +13,86 @@ import sys
 
 from prefect import flow, task
 
-from flows.common import file_sha256, mlflow_run, parse_args, write_metrics
+from flows.common import mlflow_run, parse_args, write_metrics
 from saev_core.config import load_section, to_dict
-from saev_core.intervene import InterveneConfig, run_interventions, write_results
+from saev_core.intervene import InterveneConfig
 
 METRICS = "metrics/intervene.json"
+PARAM_KEYS = ("hypothesis", "concept", "task", "features", "control_features", "edit",
+              "relative", "strength", "scope", "layer")  # fmt: skip
 
 
 @task
-def intervene_task(cfg: InterveneConfig) -> list[dict]:
+def intervene_task(cfg: InterveneConfig, device: str = "cpu") -> list[dict]:
     import mlflow
 
-    from saev_core.plots import dose_response
+    from saev_core.hypotheses import (
+        Cache,
+        dose_response_figure,
+        plan,
+        provenance,
+        run_all,
+        write_results,
+    )
 
     run = cfg.out_dir.rstrip("/").split("/")[-1]
-    tags = {"stage": "intervene", "sae_cfg_sha256": file_sha256(f"{cfg.sae_dir}/cfg.json")}
-    experiments = run_interventions(cfg)
-    rows = []
+    cache = Cache(cfg.settings(device))
+    rows: list[dict] = []
+    tags = {"stage": "intervene", **provenance(cfg.sae_dir, cfg.stats_dir)}
     with mlflow_run("intervene", run_name=run, tags=tags):
-        mlflow.log_params({k: str(v) for k, v in to_dict(cfg).items()})
-        for e in experiments:
-            with mlflow_run(
-                "intervene", run_name=f"{e.concept}@{e.strength:g}", tags=tags, nested=True
-            ) as r:
-                row = e.row()
-                mlflow.log_params(
-                    {
-                        k: row[k]
-                        for k in (
-                            "concept",
-                            "features",
-                            "control_feature",
-                            "strength",
-                            "scope",
-                            "layer",
-                        )
-                    }
-                )
-                mlflow.log_metrics(
-                    {
-                        k: float(row[k])
-                        for k in (
-                            "auroc",
-                            "n_images",
-                            "p_before",
-                            "p_after",
-                            "delta",
-                            "delta_lo",
-                            "delta_hi",
-                            "control_delta",
-                            "control_lo",
-                            "control_hi",
-                            "other_abs_delta",
-                        )
-                    }
-                )
-                mlflow.set_tag("below_control", str(e.below_control))
-                mlflow.log_figure(e.figure, "before_after.png")
-                rows.append({**row, "mlflow_run_id": r.info.run_id})
-        mlflow.log_figure(dose_response(rows), "dose_response.png")
+        mlflow.log_params({k: str(v)[:500] for k, v in to_dict(cfg).items()})
+
+        def log(result) -> None:
+            h = result.hypothesis
+            h_tags = {"stage": "intervene", "parent": run, **provenance(h.sae_dir, h.stats_dir)}
+            for i, row in enumerate(result.rows):
+                with mlflow_run(
+                    "intervene", run_name=row["experiment"], tags=h_tags, nested=True
+                ) as r:
+                    mlflow.log_params({k: str(row[k]) for k in PARAM_KEYS})
+                    mlflow.log_metrics(
+                        {
+                            k: float(v)
+                            for k, v in row.items()
+                            if isinstance(v, (int, float)) and k not in PARAM_KEYS and v == v
+                        }
+                    )
+                    mlflow.set_tag("below_control", str(row["below_control"]))
+                    if i < len(result.figures):
+                        mlflow.log_figure(result.figures[i], "before_after.png")
+                    rows.append({**row, "mlflow_run_id": r.info.run_id})
+
+        run_all(plan(cfg, cache), cache, on_result=log)
+        mlflow.log_figure(dose_response_figure(rows), "dose_response.png")
+        mlflow.log_table(
+            {k: [r.get(k) for r in rows] for k in ("experiment", "delta", "control_delta")},
+            "results.json",
+        )
     write_results(rows, cfg.out_dir, run)
     return rows
 
 
 @flow(name="intervene", log_prints=True)
-def intervene_flow(params: str = "params.yaml") -> list[dict]:
+def intervene_flow(params: str = "params.yaml", device: str = "cpu") -> list[dict]:
     cfg = load_section(params, "intervene", InterveneConfig)
-    rows = intervene_task(cfg)
+    rows = intervene_task(cfg, device)
     strongest = min(cfg.strengths)
     summary = {}
     for r in rows:
-        if r["strength"] == strongest:
-            summary[r["concept"]] = {
+        if r["strength"] == strongest or r["edit"] == "suppress":
+            summary[r["hypothesis"]] = {
                 "delta": round(r["delta"], 4),
-                "control_delta": round(r["control_delta"], 4),
+                "control_delta": round(r.get("control_delta", float("nan")), 4),
+                "direction_delta": round(r.get("direction_delta", float("nan")), 4),
+                "target_change_rate": round(r["target_change_rate"], 4),
                 "below_control": bool(r["below_control"]),
             }
     write_metrics(METRICS, summary)
-    for concept, s in summary.items():
+    for name, s in summary.items():
         print(
-            f"{concept:>9}: dp {s['delta']:+.3f} vs control {s['control_delta']:+.3f}"
-            f" {'(below control)' if s['below_control'] else ''}"
+            f"{name:>12}: dp {s['delta']:+.3f} vs random feature {s['control_delta']:+.3f}, "
+            f"random direction {s['direction_delta']:+.3f}"
+            f"{' (below control)' if s['below_control'] else ''}"
         )
     return rows
 

@@ -1,121 +1,439 @@
-"""The intervene stage: edit SAE features inside the backbone and measure what changes.
+"""Splice SAEs into a backbone's forward pass and edit their features there.
 
-`splice(block, sae, edit)` replaces a block's output `x` by `decode(edit(encode(x))) + (x - x_hat)`
-(PAPER.md step 5): the SAE's error term is kept, so with no edit the model is unchanged up to
-float error. An experiment suppresses the features that best match a concept (by patch AUROC from
-the stats stage) on held-out images that contain it, and compares the change in the classifier's
-probability for that concept with the same edit on randomly chosen features (the control), with
-bootstrap 95% intervals over images.
+`splice(blocks, Splice(layer, sae, edit, tokens), ...)` is a context manager: inside it, the
+output `x` of each named block becomes `(x - x_hat) + decode(f')` (PAPER.md step 5), where
+`f = encode(x)`, `x_hat = decode(f)` and `f'` is `f` edited. The SAE's error term is kept, so
+with no edit the model is unchanged up to float error, however crude the SAE. Several SAEs at
+several layers may be spliced at once; the hooks are registered with `prepend=True` so that
+transformers' own `hidden_states` record the edited value (STACK.md, transformers 5).
+
+Because `decode` is affine, `(x - decode(f)) + decode(f') = x + (f' - f)[:, S] W_dec[S] / scale`
+where `S` are the edited features: an edit costs one encode and a decode of |S| rows, not a
+second full decode (`bench/intervene.py` measures it). The no-edit splice takes the long way
+(`x - x_hat + x_hat`) on purpose: it is the control that shows the splice itself changes nothing.
+
+Edits (`FeatureEdit`): suppress (set to 0), clamp (to a value, absolute or a multiple of each
+feature's max observed activation), scale (multiply), add (add a multiple of the feature's
+decoder direction, i.e. add to f). Scopes pick the tokens: every token, the patches, the CLS
+token, or a region (a patch mask, a pixel bounding box or a pixel mask turned into patches).
+A random-direction control replaces an edit's change of `x` by a fixed random unit vector of the
+same norm on every token (`Splice.direction`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-Edit = Callable[[torch.Tensor], torch.Tensor]
+EDIT_OPS = ("suppress", "clamp", "scale", "add")
+SCOPES = ("all", "patches", "cls", "region")
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage's configuration
 
 
 @dataclass(frozen=True)
 class InterveneConfig:
-    """params.yaml section `intervene`."""
+    """params.yaml section `intervene`: the hypotheses to test and how to measure them.
+
+    The fields from `model` to `max_images` are the defaults of every hypothesis (the fields of
+    `hypotheses.Hypothesis` of the same name); `batch` adds one hypothesis per label (its best
+    feature), `hypotheses` and `hypotheses_file` add hand-written ones.
+    """
 
     model: str = "artifacts/backbone"
-    """The classifier whose predictions are measured (a transformers image classifier dir)."""
+    """The classifier (task classifier), or the backbone the probe reads (task probe)."""
     sae_dir: str = "artifacts/saes/demo"
     """The SAE to splice in, at the layer recorded in its cfg.json."""
     stats_dir: str = "artifacts/stats/demo"
-    """Per-feature stats of that SAE (feature choice by AUROC, max activation for the dose)."""
+    """Its per-feature stats (best feature by AUROC, max activation, frequency)."""
+    warehouse: str = ""
+    """Resolve best features through this DuckDB file (read-only) instead of the stats Parquet."""
     data: str = "data/shapes"
-    """Image source for the held-out images."""
+    """Image source of the evaluation images."""
     split: str = "test"
     """Held-out split the experiments run on."""
     out_dir: str = "artifacts/interventions/demo"
-    """Where results.parquet goes."""
-    concepts: tuple[str, ...] = ()
-    """Concepts to test; empty = every label the classifier predicts."""
-    n_features: int = 1
-    """How many of the concept's best features (by patch AUROC) are edited together."""
+    """Where results.parquet goes; its name is the run's name."""
+    task: Literal["classifier", "probe"] = "classifier"
+    """What reads the model: the classifier's head or a probe."""
+    probe_dir: str = ""
+    """For task probe: a probe directory (`saev probe`)."""
+    op: Literal["suppress", "clamp", "scale", "add"] = "clamp"
+    """The edit."""
+    relative: bool = True
+    """clamp/add values are multiples of the feature's max observed activation."""
     strengths: tuple[float, ...] = (0.0, -2.0, -5.0)
-    """Dose-response: the edited features are clamped to strength x their max observed value
-    (0 = suppress; the seed paper used -2 x max for its quantitative runs)."""
-    scope: Literal["all", "patches", "cls"] = "all"
-    """Which tokens the edit touches."""
-    n_controls: int = 1
-    """Random-feature control edits per experiment (the same dose, other features)."""
+    """Dose-response: the edit's values (clamp at 0 suppresses; the paper used -2 x max)."""
+    scope: Literal["all", "patches", "cls", "region", "target"] = "all"
+    """Which tokens the edit touches (target: the target label's pixels, from the masks)."""
+    n_features: int = 1
+    """How many of a label's best features (by patch AUROC) are edited together."""
+    max_images: int = 1000
+    """At most this many evaluation images per hypothesis."""
+    batch: bool = True
+    """Test the best feature of every label in `concepts` (one hypothesis each)."""
+    concepts: tuple[str, ...] = ()
+    """Labels of the batch; empty = every label the classifier/probe predicts."""
+    hypotheses: tuple[dict[str, Any], ...] = ()
+    """More hypotheses, each a dict of `Hypothesis` fields over the defaults above."""
+    hypotheses_file: str = ""
+    """A YAML file with a list of such dicts (or {hypotheses: [...]})."""
+    controls: tuple[str, ...] = ("random_feature", "random_direction", "no_edit")
+    """Controls run next to every edit."""
     n_bootstrap: int = 2000
     """Bootstrap resamples for the 95% intervals."""
     batch_size: int = 128
     """Images per forward pass."""
-    max_images: int = 1000
-    """At most this many held-out images per concept."""
     n_grid: int = 8
-    """Images shown in the before/after grid of each experiment."""
+    """Images shown in the before/after grid of each experiment (0: none)."""
     seed: int = 0
-    """Seed for control features and bootstrap."""
+    """Seed for control features, random directions and bootstrap."""
 
-    def __post_init__(self):
-        if self.n_features < 1 or self.n_controls < 1:
-            raise ValueError("intervene.n_features and n_controls must be >= 1")
+    def __post_init__(self) -> None:
         if not self.strengths:
             raise ValueError("intervene.strengths: give at least one strength")
-        if self.scope not in ("all", "patches", "cls"):
-            raise ValueError(f"intervene.scope must be all|patches|cls, got {self.scope!r}")
+        if self.scope not in ("all", "patches", "cls", "region", "target"):
+            raise ValueError(
+                f"intervene.scope must be all|patches|cls|region|target, got {self.scope!r}"
+            )
+        if self.op not in EDIT_OPS:
+            raise ValueError(f"intervene.op must be one of {'|'.join(EDIT_OPS)}, got {self.op!r}")
+        if self.n_features < 1:
+            raise ValueError("intervene.n_features must be >= 1")
+        if not self.batch and not self.hypotheses and not self.hypotheses_file:
+            raise ValueError("intervene: nothing to test (batch is false and no hypotheses)")
+
+    DEFAULT_FIELDS = (
+        "model", "sae_dir", "stats_dir", "warehouse", "data", "split", "task", "probe_dir",
+        "op", "relative", "strengths", "scope", "n_features", "max_images",
+    )  # fmt: skip
+
+    def defaults(self) -> dict[str, Any]:
+        """The hypothesis fields every hypothesis of this run starts from."""
+        return {k: getattr(self, k) for k in self.DEFAULT_FIELDS}
+
+    def settings(self, device: str = "cpu") -> Any:
+        """How experiments are measured (`hypotheses.Settings`)."""
+        from saev_core.hypotheses import Settings
+
+        return Settings(
+            controls=self.controls,
+            n_bootstrap=self.n_bootstrap,
+            batch_size=self.batch_size,
+            n_grid=self.n_grid,
+            seed=self.seed,
+            device=device,
+        )
+
+    def extra_hypotheses(self) -> list[Any]:
+        """The hand-written hypotheses (params list, then the YAML file), defaults filled in."""
+        from saev_core.config import from_dict
+        from saev_core.hypotheses import Hypothesis
+
+        items = list(self.hypotheses)
+        if self.hypotheses_file:
+            import yaml
+
+            path = Path(self.hypotheses_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"intervene.hypotheses_file not found: {path}")
+            loaded = yaml.safe_load(path.read_text()) or []
+            loaded = loaded.get("hypotheses", []) if isinstance(loaded, dict) else loaded
+            if not isinstance(loaded, list):
+                raise ValueError(f"{path}: expected a list of hypotheses")
+            items += loaded
+        out = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ValueError(f"intervene hypothesis {i}: expected a mapping, got {item!r}")
+            out.append(from_dict(Hypothesis, {**self.defaults(), **item}, f"hypothesis {i}"))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
-# splicing and edits
+# token layout and scopes
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the tokens of a block output are: CLS (if any), registers, then patches row-major."""
+
+    n_prefix_tokens: int
+    """Tokens before the patches: CLS (if any) plus registers (0 for SigLIP)."""
+    has_cls: bool
+    """Whether token 0 is a CLS token."""
+    grid: tuple[int, int]
+    """Patches per column and per row."""
+    image_size: tuple[int, int]
+    """Height and width in px of the processed image the grid covers."""
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_prefix_tokens + self.n_patches
+
+    @classmethod
+    def of_backbone(cls, backbone: Any) -> TokenLayout:
+        """The layout `load_backbone` measured."""
+        return cls(
+            int(backbone.n_prefix_tokens),
+            bool(backbone.has_cls),
+            tuple(backbone.grid),
+            tuple(backbone.image_size),
+        )
+
+
+def measure_layout(model: Any, blocks: Any, pixel_values: torch.Tensor) -> TokenLayout:
+    """The token layout of any transformers vision model (e.g. the demo classifier) measured
+    with one forward pass, as `load_backbone` does: prefix = tokens - patches, CLS from weights."""
+    from saev_core.backbone import CLS_PARAMETER_NAMES, _patch_size, record_blocks
+
+    patch = _patch_size(model)
+    h, w = pixel_values.shape[-2:]
+    with torch.no_grad(), record_blocks(blocks, [0]) as acts:
+        model(pixel_values=pixel_values[:1])
+    grid = (int(h) // patch, int(w) // patch)
+    n_prefix = acts[0].shape[1] - grid[0] * grid[1]
+    has_cls = any(n.rsplit(".", 1)[-1] in CLS_PARAMETER_NAMES for n, _ in model.named_parameters())
+    if n_prefix < int(has_cls):
+        raise ValueError(f"{type(model).__name__}: {n_prefix} prefix tokens but a CLS parameter")
+    return TokenLayout(n_prefix, has_cls, grid, (int(h), int(w)))
+
+
+def patches_in_bbox(
+    layout: TokenLayout, bbox: Sequence[float], image_hw: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Bool [grid_h, grid_w]: patches that overlap the box (x0, y0, x1, y1) given in px of the
+    original image of size `image_hw` (default: the processed image)."""
+    x0, y0, x1, y1 = (float(v) for v in bbox)
+    if not (x1 > x0 and y1 > y0):
+        raise ValueError(f"bbox must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {bbox}")
+    ih, iw = image_hw or layout.image_size
+    gh, gw = layout.grid
+    # patch r covers rows [r, r + 1) * ih / gh of the original image
+    rows = np.arange(gh)
+    cols = np.arange(gw)
+    r_in = ((rows + 1) * ih / gh > y0) & (rows * ih / gh < y1)
+    c_in = ((cols + 1) * iw / gw > x0) & (cols * iw / gw < x1)
+    return r_in[:, None] & c_in[None, :]
+
+
+def patches_in_mask(layout: TokenLayout, mask_hw: np.ndarray, min_cover: float = 0.5) -> np.ndarray:
+    """Bool [grid_h, grid_w]: patches at least `min_cover` covered by a boolean pixel mask (any
+    size; resized to the processed image by nearest neighbour first)."""
+    from PIL import Image
+
+    h, w = layout.image_size
+    m = np.asarray(Image.fromarray(np.asarray(mask_hw, dtype=np.uint8) * 255).resize((w, h), 0))
+    gh, gw = layout.grid
+    ph, pw = h // gh, w // gw
+    cover = (m[: gh * ph, : gw * pw] > 0).reshape(gh, ph, gw, pw).mean(axis=(1, 3))
+    return cover >= min_cover
+
+
+def scope_tokens(
+    layout: TokenLayout, scope: str, patch_mask: np.ndarray | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Bool tokens an edit touches: [n_tokens], or [n_images, n_tokens] for per-image regions.
+
+    `patch_mask` ([grid_h, grid_w] or [n_images, grid_h, grid_w], or flattened patches) is needed
+    for scope "region" only.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {'|'.join(SCOPES)}, got {scope!r}")
+    t = torch.zeros(layout.n_tokens, dtype=torch.bool)
+    if scope == "all":
+        return t.fill_(True)
+    if scope == "patches":
+        t[layout.n_prefix_tokens :] = True
+        return t
+    if scope == "cls":
+        if not layout.has_cls:
+            raise ValueError("scope 'cls': this model has no CLS token (SigLIP?); use patches")
+        t[0] = True
+        return t
+    if patch_mask is None:
+        raise ValueError("scope 'region' needs a patch mask (or a bbox turned into one)")
+    pm = torch.as_tensor(np.asarray(patch_mask), dtype=torch.bool)
+    lead = pm.shape[:-2] if pm.shape[-2:] == torch.Size(layout.grid) else pm.shape[:-1]
+    pm = pm.reshape(*lead, layout.n_patches)
+    prefix = torch.zeros(*lead, layout.n_prefix_tokens, dtype=torch.bool)
+    return torch.cat([prefix, pm], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# edits
+
+
+@dataclass(frozen=True)
+class FeatureEdit:
+    """What happens to some SAE features: suppress, clamp, scale or add."""
+
+    op: Literal["suppress", "clamp", "scale", "add"]
+    """suppress: f = 0; clamp: f = v; scale: f = value * f; add: f = f + v (adds v decoder rows)."""
+    features: tuple[int, ...]
+    """The edited features."""
+    value: float = 0.0
+    """clamp/add: the value v (or its multiple, see `max_acts`); scale: the factor."""
+    max_acts: tuple[float, ...] | None = None
+    """Per-feature max observed activation: when given, clamp/add use v = value x max_act
+    (the paper's dose: a multiple of the feature's largest activation)."""
+
+    def __post_init__(self) -> None:
+        if self.op not in EDIT_OPS:
+            raise ValueError(f"edit op must be one of {'|'.join(EDIT_OPS)}, got {self.op!r}")
+        if not self.features:
+            raise ValueError("an edit needs at least one feature")
+        if self.max_acts is not None and len(self.max_acts) != len(self.features):
+            raise ValueError(
+                f"max_acts has {len(self.max_acts)} values for {len(self.features)} features"
+            )
+
+    def targets(self) -> torch.Tensor:
+        """v per feature [n_features] (value, or value x max activation)."""
+        v = torch.full((len(self.features),), float(self.value))
+        if self.max_acts is not None:
+            v = v * torch.as_tensor(self.max_acts, dtype=torch.float32)
+        return v
+
+    def apply(self, f_cols: torch.Tensor) -> torch.Tensor:
+        """The edited values of the edited features' columns `f_cols` [..., n_features]."""
+        if self.op == "suppress":
+            return torch.zeros_like(f_cols)
+        if self.op == "scale":
+            return f_cols * self.value
+        v = self.targets().to(f_cols)
+        return v.expand_as(f_cols).clone() if self.op == "clamp" else f_cols + v
+
+
+def suppress(*features: int) -> FeatureEdit:
+    """Set the features to 0."""
+    return FeatureEdit("suppress", tuple(int(f) for f in features))
+
+
+# ---------------------------------------------------------------------------------------------
+# splicing
+
+
+@dataclass
+class Splice:
+    """One SAE spliced in after one block, with an optional edit on some tokens."""
+
+    layer: int
+    """Block index (negative counts from the end)."""
+    sae: Any
+    """An `SAE` whose input is this block's output."""
+    edit: FeatureEdit | None = None
+    """None: splice only (the no-edit control)."""
+    tokens: torch.Tensor | None = None
+    """Bool [n_tokens] or [batch, n_tokens] (see `scope_tokens`); None: every token."""
+    direction: torch.Tensor | None = None
+    """Random-direction control: a [d_model] vector; each token's change of x made by `edit` is
+    replaced by this direction (unit-normalised) times that change's norm."""
+    stats: dict[str, float] = field(default_factory=dict)
+    """Filled during the forward: mean norm of the change of x on edited tokens, tokens edited."""
+
+
+def feature_values(sae: Any, x_nd: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """`sae.encode(x_nd)[:, idx]` without building all of `f` [n, d_sae]: a ReLU SAE needs only
+    the edited columns of `W_enc`; a TopK SAE needs every pre-activation (for the k-th largest)
+    but not the dense scatter of the top k."""
+    cfg = getattr(sae, "cfg", None)
+    if cfg is None or not hasattr(sae, "pre_acts"):
+        return sae.encode(x_nd)[:, idx]
+    x_n = sae.normalise(x_nd)
+    if cfg.arch == "relu":
+        return torch.relu((x_n - sae.b_dec) @ sae.W_enc[:, idx] + sae.b_enc[idx])
+    r = torch.relu(sae.pre_acts(x_n))
+    kth = r.topk(cfg.k, dim=-1, sorted=False).values.min(dim=-1, keepdim=True).values
+    cols = r[:, idx]
+    return torch.where(cols >= kth, cols, torch.zeros_like(cols))
+
+
+def _edited_output(s: Splice, x: torch.Tensor) -> torch.Tensor:
+    sae = s.sae
+    x32 = x.float()
+    lead, d = x32.shape[:-1], x32.shape[-1]
+    if s.edit is None:
+        # The no-edit control takes the long way round on purpose (see the module docstring).
+        f = sae.encode(x32.reshape(-1, d))
+        x_hat = sae.decode(f)
+        return ((x32.reshape(-1, d) - x_hat) + x_hat).reshape(x.shape).to(x.dtype)
+    idx = torch.as_tensor(s.edit.features, dtype=torch.long, device=x.device)
+    f_cols = feature_values(sae, x32.reshape(-1, d), idx)
+    df = s.edit.apply(f_cols) - f_cols  # [batch * tokens, n_edited]
+    if s.tokens is not None:
+        keep = s.tokens.to(x.device)
+        if keep.dim() == 1:
+            keep = keep.expand(*lead)
+        df = df * keep.reshape(-1, 1).to(df)
+    # decode(f + df) - decode(f) = df W_dec / scale (the affine parts cancel)
+    dx = (df @ sae.W_dec[idx]) / sae.norm_scale
+    if s.direction is not None:
+        u = s.direction.to(dx) / s.direction.norm().clamp_min(1e-12)
+        dx = dx.norm(dim=-1, keepdim=True) * u
+    norms = dx.norm(dim=-1)
+    n_edited = int((norms > 0).sum())
+    s.stats = {"dx_norm": float(norms.sum()) / max(1, n_edited), "n_tokens": n_edited}
+    return (x32 + dx.reshape(x32.shape)).to(x.dtype)
 
 
 @contextlib.contextmanager
-def splice(block: torch.nn.Module, sae, edit: Edit | None = None) -> Iterator[None]:
-    """Within the block, pass its output through the SAE, keeping the error term.
+def splice(blocks: Any, *splices: Splice) -> Iterator[list[Splice]]:
+    """Within the block, pass the outputs of `blocks[s.layer]` through each splice's SAE.
 
-    The hook is registered with `prepend=True` so that transformers' own output recording
-    (`hidden_states`) sees the edited value (STACK.md, transformers 5).
+    `blocks` is an `nn.ModuleList` (`Backbone.blocks`, `classifier_blocks(model)`) or, for one
+    splice, the block itself. Two splices at one layer apply in the order given.
     """
+    from saev_core.backbone import resolve_layer
 
-    def hook(module, args, output):
-        x = output[0] if isinstance(output, tuple) else output
-        f = sae.encode(x.float())
-        x_hat = sae.decode(f)
-        f_edit = f if edit is None else edit(f)
-        new = (sae.decode(f_edit) + (x.float() - x_hat)).to(x.dtype)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+    handles = []
 
-    handle = block.register_forward_hook(hook, prepend=True)
+    def hook_for(group: list[Splice]):
+        def hook(module, args, output):
+            x = output[0] if isinstance(output, (tuple, list)) else output
+            for s in group:
+                x = _edited_output(s, x)
+            return (x, *output[1:]) if isinstance(output, (tuple, list)) else x
+
+        return hook
+
+    if isinstance(blocks, torch.nn.ModuleList):
+        by_block: dict[int, list[Splice]] = {}
+        for s in splices:
+            by_block.setdefault(resolve_layer(int(s.layer), len(blocks)), []).append(s)
+        targets = [(blocks[i], group) for i, group in by_block.items()]
+    else:
+        targets = [(blocks, list(splices))]
     try:
-        yield
+        for block, group in targets:
+            handles.append(block.register_forward_hook(hook_for(group), prepend=True))
+        yield list(splices)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
-def token_index(scope: str, n_prefix_tokens: int) -> slice:
-    """Tokens an edit touches: everything, patches only, or the prefix (CLS/registers)."""
-    return {
-        "all": slice(None),
-        "patches": slice(n_prefix_tokens, None),
-        "cls": slice(0, n_prefix_tokens),
-    }[scope]
+def random_direction(d_model: int, seed: int) -> torch.Tensor:
+    """A random unit vector in the residual stream (Gaussian, so uniform on the sphere)."""
+    g = torch.Generator().manual_seed(int(seed))
+    v = torch.randn(d_model, generator=g)
+    return v / v.norm()
 
 
-def clamp_edit(features: Sequence[int], values: Sequence[float], tokens: slice) -> Edit:
-    """Set features to fixed values (0 suppresses; negative values push against them)."""
-    idx = torch.as_tensor(list(features), dtype=torch.long)
-    vals = torch.as_tensor(list(values), dtype=torch.float32)
-
-    def edit(f_bts: torch.Tensor) -> torch.Tensor:
-        f_bts = f_bts.clone()
-        f_bts[:, tokens, idx] = vals.to(f_bts.dtype)
-        return f_bts
-
-    return edit
+# ---------------------------------------------------------------------------------------------
+# statistics
 
 
 def bootstrap_ci(values: np.ndarray, n: int, rng: np.random.Generator) -> tuple[float, float]:
@@ -128,216 +446,18 @@ def bootstrap_ci(values: np.ndarray, n: int, rng: np.random.Generator) -> tuple[
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-# ---------------------------------------------------------------------------------------------
-# experiments
-
-
-@dataclass
-class Experiment:
-    """One concept x strength: the measured effect of the edit and of its control."""
-
-    concept: str
-    features: list[int]
-    control_features: list[int]
-    strength: float
-    scope: str
-    layer: int
-    auroc: float
-    n_images: int
-    p_before: float
-    p_after: float
-    delta: float
-    delta_lo: float
-    delta_hi: float
-    control_delta: float
-    control_lo: float
-    control_hi: float
-    other_abs_delta: float
-    """Mean |change| of the other concepts' probabilities (how specific the edit is)."""
-    figure: Any = None
-
-    @property
-    def below_control(self) -> bool:
-        return self.delta_hi < self.control_lo
-
-    def row(self) -> dict[str, Any]:
-        return {
-            "experiment": f"{self.concept}@{self.strength:g}",
-            "concept": self.concept,
-            "feature": self.features[0],
-            "features": ",".join(map(str, self.features)),
-            "control_feature": self.control_features[0],
-            "edit": "clamp",
-            "strength": self.strength,
-            "scope": self.scope,
-            "layer": self.layer,
-            "auroc": self.auroc,
-            "n_images": self.n_images,
-            "p_before": self.p_before,
-            "p_after": self.p_after,
-            "delta": self.delta,
-            "delta_lo": self.delta_lo,
-            "delta_hi": self.delta_hi,
-            "control_delta": self.control_delta,
-            "control_lo": self.control_lo,
-            "control_hi": self.control_hi,
-            "other_abs_delta": self.other_abs_delta,
-            "below_control": self.below_control,
-        }
-
-
-def _probs(model, pixels: torch.Tensor, batch_size: int) -> np.ndarray:
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(pixels), batch_size):
-            out.append(torch.sigmoid(model(pixel_values=pixels[i : i + batch_size]).logits))
-    return torch.cat(out).numpy()
-
-
-def feature_maps(
-    model, block: torch.nn.Module, sae, pixels: torch.Tensor, feature: int, n_prefix: int
-) -> np.ndarray:
-    """The feature's activation on every patch, unedited: [n_images, grid_h, grid_w]."""
-    captured = {}
-
-    def hook(module, args, output):
-        captured["x"] = output[0] if isinstance(output, tuple) else output
-
-    handle = block.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model(pixel_values=pixels)
-    finally:
-        handle.remove()
-    with torch.no_grad():
-        f = sae.encode(captured["x"].float())[:, n_prefix:, feature]
-    side = int(round(f.shape[1] ** 0.5))
-    if side * side != f.shape[1]:
-        raise ValueError(f"cannot draw {f.shape[1]} patches as a square grid")
-    return f.reshape(-1, side, side).numpy()
-
-
-def run_interventions(cfg: InterveneConfig, progress: bool = True) -> list[Experiment]:
-    """All experiments of `cfg`: for each concept and strength, target edit vs control edit."""
-    import pandas as pd
-    from PIL import Image
-    from tqdm import tqdm
-    from transformers import AutoImageProcessor
-
-    from saev_core.backbone import classifier_blocks, load_classifier
-    from saev_core.data import load_records
-    from saev_core.plots import before_after_grid
-    from saev_core.sae import SAE
-
-    sae = SAE.load(cfg.sae_dir)
-    layer = int(sae.extra.get("layer", 0))
-    model, id2label = load_classifier(cfg.model, device="cpu")
-    processor = AutoImageProcessor.from_pretrained(cfg.model)
-    blocks = classifier_blocks(model)
-    n_prefix = int(getattr(model.config, "num_register_tokens", 0) or 0) + 1
-    label_index = {name: i for i, name in id2label.items()}
-    concepts = list(cfg.concepts) or [id2label[i] for i in sorted(id2label)]
-    unknown = [c for c in concepts if c not in label_index]
-    if unknown:
-        raise ValueError(f"intervene.concepts {unknown} not predicted by {cfg.model}")
-
-    stats_dir = Path(cfg.stats_dir)
-    features = pd.read_parquet(stats_dir / "features.parquet")
-    feature_labels = pd.read_parquet(stats_dir / "feature_labels.parquet")
-    max_act = features.set_index("feature")["max_act"]
-    alive = features.loc[features["max_act"] > 0, "feature"].to_numpy()
-
-    records = load_records(cfg.data, [cfg.split])
-    images = [np.asarray(Image.open(r.path).convert("RGB")) for r in records]
-    pixels = processor(images=[Image.fromarray(im) for im in images], return_tensors="pt")[
-        "pixel_values"
-    ]
-    p_base = _probs(model, pixels, cfg.batch_size)
-    tokens = token_index(cfg.scope, n_prefix)
-    rng = np.random.default_rng(cfg.seed)
-
-    def edited(fs: list[int], strength: float, sub: torch.Tensor) -> np.ndarray:
-        values = [strength * float(max_act.get(f, 0.0)) for f in fs]
-        with splice(blocks[layer], sae, clamp_edit(fs, values, tokens)):
-            return _probs(model, sub, cfg.batch_size)
-
-    results = []
-    jobs = [(c, s) for c in concepts for s in cfg.strengths]
-    for concept, strength in tqdm(jobs, desc="intervene", disable=not progress):
-        j = label_index[concept]
-        ranked = feature_labels[feature_labels["label"] == concept].sort_values(
-            "auroc", ascending=False
-        )
-        has = np.array([concept in r.labels for r in records])
-        if ranked.empty or not has.any():
-            why = "no feature statistics" if ranked.empty else f"no {cfg.split} image contains it"
-            print(f"intervene: skipping concept {concept!r}: {why}")
-            continue
-        feats = ranked["feature"].head(cfg.n_features).astype(int).tolist()
-        auroc = float(ranked["auroc"].iloc[0])
-        pool = np.setdiff1d(alive, feats)
-        # The same control features for every strength of a concept, so doses are comparable.
-        crng = np.random.default_rng([cfg.seed, j])
-        controls = crng.choice(pool, size=cfg.n_features * cfg.n_controls, replace=False).tolist()
-        idx = np.flatnonzero(has)[: cfg.max_images]
-        sub = pixels[idx]
-
-        p_after = edited(feats, strength, sub)
-        d = p_after[:, j] - p_base[idx, j]
-        control_d = []
-        for c in range(cfg.n_controls):
-            fs = controls[c * cfg.n_features : (c + 1) * cfg.n_features]
-            control_d.append(edited(fs, strength, sub)[:, j] - p_base[idx, j])
-        control_d = np.concatenate(control_d)
-        others = [k for k in range(p_base.shape[1]) if k != j]
-        lo, hi = bootstrap_ci(d, cfg.n_bootstrap, rng)
-        clo, chi = bootstrap_ci(control_d, cfg.n_bootstrap, rng)
-        show = idx[: cfg.n_grid]
-        fig = before_after_grid(
-            [images[i] for i in show],
-            p_base[show, j],
-            p_after[: len(show), j],
-            concept,
-            heatmaps=feature_maps(model, blocks[layer], sae, pixels[show], feats[0], n_prefix),
-            title=f"p({concept}) before → after clamping feature(s) {feats} to "
-            f"{strength:g} x max at layer {layer} (overlay: feature {feats[0]}'s activation)",
-        )
-        results.append(
-            Experiment(
-                concept=concept,
-                features=feats,
-                control_features=controls,
-                strength=float(strength),
-                scope=cfg.scope,
-                layer=layer,
-                auroc=auroc,
-                n_images=len(idx),
-                p_before=float(p_base[idx, j].mean()),
-                p_after=float(p_after[:, j].mean()),
-                delta=float(d.mean()),
-                delta_lo=lo,
-                delta_hi=hi,
-                control_delta=float(control_d.mean()),
-                control_lo=clo,
-                control_hi=chi,
-                other_abs_delta=float(np.abs(p_after[:, others] - p_base[idx][:, others]).mean()),
-                figure=fig,
-            )
-        )
-    if not results:
-        raise ValueError(f"no concept of {concepts} could be tested on split {cfg.split!r}")
-    return results
-
-
-def write_results(rows: list[dict[str, Any]], out_dir: str | Path, run: str) -> Path:
-    """results.parquet (one row per experiment), written atomically."""
-    import pyarrow as pa
-
-    from saev_core.shards import atomic_write_table
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist([{"run": run, **r} for r in rows])
-    path = out_dir / "results.parquet"
-    atomic_write_table(table, path)
-    return path
+def bootstrap_ratio_ci(
+    num: np.ndarray, den: np.ndarray, n: int, rng: np.random.Generator
+) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of sum(num) / sum(den) over resampled items (images);
+    for rates whose denominator differs per image (patches, labels)."""
+    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+    if len(num) == 0:
+        return float("nan"), float("nan")
+    idx = rng.integers(0, len(num), size=(n, len(num)))
+    d = den[idx].sum(axis=1)
+    r = np.where(d > 0, num[idx].sum(axis=1) / np.where(d > 0, d, 1), np.nan)
+    r = r[np.isfinite(r)]
+    if len(r) == 0:
+        return float("nan"), float("nan")
+    return float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))

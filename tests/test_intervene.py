@@ -1,64 +1,185 @@
-"""Splicing an SAE into a backbone keeps the error term; edits change exactly what they say."""
+"""Splicing SAEs into a backbone keeps the error term; edits change exactly what they say, on the
+tokens their scope names, at one or several layers, for the demo classifier and a hub-style model."""
 
 import numpy as np
 import pytest
 import torch
 
-from saev_core.backbone import classifier_blocks, load_classifier
-from saev_core.intervene import bootstrap_ci, clamp_edit, splice, token_index
+from saev_core.backbone import classifier_blocks, load_backbone, load_classifier
+from saev_core.intervene import (
+    FeatureEdit,
+    Splice,
+    TokenLayout,
+    bootstrap_ci,
+    bootstrap_ratio_ci,
+    feature_values,
+    measure_layout,
+    patches_in_bbox,
+    patches_in_mask,
+    random_direction,
+    scope_tokens,
+    splice,
+)
 from saev_core.sae import SAE, SAEConfig
 
 
-@pytest.fixture()
-def classifier_and_sae(tiny_vit):
-    model, id2label = load_classifier(tiny_vit, device="cpu")
-    g = torch.Generator().manual_seed(0)
-    sae = SAE(SAEConfig(arch="topk", d_model=32, d_sae=64, k=4), generator=g)
-    sae.set_normalisation(torch.randn(32, generator=g), 0.7)
-    return model, sae
+def make_sae(d_model: int, seed: int = 0, arch: str = "topk") -> SAE:
+    g = torch.Generator().manual_seed(seed)
+    sae = SAE(SAEConfig(arch=arch, d_model=d_model, d_sae=64, k=4), generator=g)
+    sae.set_normalisation(torch.randn(d_model, generator=g), 0.7)
+    return sae
 
 
-def test_splice_without_edit_leaves_outputs_unchanged(classifier_and_sae):
-    model, sae = classifier_and_sae
+@pytest.fixture(scope="module")
+def classifier(tiny_vit):
+    model, _ = load_classifier(tiny_vit, device="cpu")
+    return model
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory):
+    """A tiny SigLIP vision tower (no CLS token), saved like a hub model."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    cfg = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    out = tmp_path_factory.mktemp("siglip") / "siglip"
+    SiglipVisionModel(cfg).save_pretrained(out)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+def test_no_edit_splice_leaves_outputs_unchanged(classifier, siglip_dir):
     pixels = torch.randn(3, 3, 32, 32)
+    sae = make_sae(32)
     with torch.no_grad():
-        before = model(pixel_values=pixels).logits
-        with splice(classifier_blocks(model)[0], sae):
-            during = model(pixel_values=pixels).logits
-        after = model(pixel_values=pixels).logits
+        before = classifier(pixel_values=pixels).logits
+        with splice(classifier_blocks(classifier), Splice(0, sae), Splice(1, make_sae(32, 1))):
+            during = classifier(pixel_values=pixels).logits
+        after = classifier(pixel_values=pixels).logits
     # a crude SAE (random weights) reconstructs badly, yet the error term makes it exact
     torch.testing.assert_close(during, before, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(after, before, rtol=0, atol=0)  # hook removed
+    torch.testing.assert_close(after, before, rtol=0, atol=0)  # hooks removed
 
-
-def test_edit_changes_outputs_and_hidden_states(classifier_and_sae):
-    model, sae = classifier_and_sae
-    pixels = torch.randn(2, 3, 32, 32)
-    block = classifier_blocks(model)[0]
+    bb = load_backbone(str(siglip_dir), device="cpu", dtype="float32")
     with torch.no_grad():
-        base = model(pixel_values=pixels, output_hidden_states=True)
-        x = base.hidden_states[1]
+        base = bb.model(pixel_values=pixels).last_hidden_state
+        with splice(bb.blocks, Splice(-1, sae)):
+            spliced = bb.model(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(spliced, base, rtol=1e-5, atol=1e-5)
+
+
+def test_layout_comes_from_the_model(classifier, siglip_dir):
+    demo = measure_layout(classifier, classifier_blocks(classifier), torch.zeros(1, 3, 32, 32))
+    assert demo == TokenLayout(1, True, (4, 4), (32, 32))
+    siglip = TokenLayout.of_backbone(load_backbone(str(siglip_dir), device="cpu"))
+    # SigLIP has no CLS: the old guess (registers + 1) would have skipped its first patch
+    assert siglip.n_prefix_tokens == 0 and not siglip.has_cls and siglip.n_tokens == 16
+    assert scope_tokens(siglip, "patches").all()
+    with pytest.raises(ValueError, match="no CLS"):
+        scope_tokens(siglip, "cls")
+
+
+def test_edit_matches_the_formula_and_hidden_states(classifier):
+    sae = make_sae(32)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        base = classifier(pixel_values=pixels, output_hidden_states=True)
+        x = base.hidden_states[1]  # output of block 0
         f = sae.encode(x)
         feat = int(f.sum((0, 1)).argmax())  # a feature that fires
-        edit = clamp_edit([feat], [0.0], token_index("all", 1))
-        with splice(block, sae, edit):
-            out = model(pixel_values=pixels, output_hidden_states=True)
-    want = x + sae.decode(edit(f)) - sae.decode(f)
+        edit = FeatureEdit("clamp", (feat,), -2.0, max_acts=(1.5,))
+        layout = TokenLayout(1, True, (4, 4), (32, 32))
+        tokens = scope_tokens(layout, "patches")
+        with splice(classifier_blocks(classifier), Splice(0, sae, edit, tokens)) as (s,):
+            out = classifier(pixel_values=pixels, output_hidden_states=True)
+    f_edit = f.clone()
+    f_edit[:, 1:, feat] = -3.0  # -2 x max 1.5, on patches only
+    want = (x - sae.decode(f)) + sae.decode(f_edit)  # PAPER.md step 5
     # hidden_states (recorded by transformers' own hooks) show the edited value
     torch.testing.assert_close(out.hidden_states[1], want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.hidden_states[1][:, 0], x[:, 0])  # CLS untouched
     assert not torch.allclose(out.logits, base.logits)
+    assert s.stats["n_tokens"] == 2 * 16 and s.stats["dx_norm"] > 0
 
 
-def test_clamp_edit_scopes():
-    f = torch.ones(2, 5, 4)
-    patches = clamp_edit([1, 3], [-2.0, 0.0], token_index("patches", 1))(f)
-    assert torch.equal(patches[:, 0], torch.ones(2, 4))  # CLS untouched
-    assert torch.equal(patches[:, 1:, 1], torch.full((2, 4), -2.0))
-    assert torch.equal(patches[:, 1:, 3], torch.zeros(2, 4))
-    assert torch.equal(patches[:, 1:, 0], torch.ones(2, 4))
-    cls = clamp_edit([0], [5.0], token_index("cls", 1))(f)
-    assert cls[:, 0, 0].tolist() == [5.0, 5.0] and cls[:, 1:, 0].eq(1).all()
-    assert f.eq(1).all()  # the input is not modified in place
+def test_several_saes_at_several_layers(classifier):
+    a, b = make_sae(32, 0), make_sae(32, 1)
+    pixels = torch.randn(2, 3, 32, 32)
+    blocks = classifier_blocks(classifier)
+    ea, eb = FeatureEdit("scale", (3, 5), 4.0), FeatureEdit("add", (7,), 2.0)
+    with torch.no_grad():
+        with splice(blocks, Splice(0, a, ea)):
+            first = classifier(pixel_values=pixels, output_hidden_states=True).hidden_states
+        with splice(blocks, Splice(0, a, ea), Splice(1, b, eb)):
+            both = classifier(pixel_values=pixels, output_hidden_states=True).hidden_states
+    x1 = first[2]  # block 1's output given the layer-0 edit
+    f = b.encode(x1)
+    f_edit = f.clone()
+    f_edit[..., 7] += 2.0
+    want = (x1 - b.decode(f)) + b.decode(f_edit)
+    torch.testing.assert_close(both[1], first[1])
+    torch.testing.assert_close(both[2], want, rtol=1e-4, atol=1e-4)
+
+
+def test_edit_ops():
+    f = torch.tensor([[0.0, 2.0], [1.0, 3.0]])
+    assert FeatureEdit("suppress", (0, 1)).apply(f).eq(0).all()
+    assert FeatureEdit("clamp", (0, 1), 5.0).apply(f).eq(5).all()
+    clamp_rel = FeatureEdit("clamp", (0, 1), -2.0, max_acts=(1.0, 4.0)).apply(f)
+    assert clamp_rel.tolist() == [[-2.0, -8.0], [-2.0, -8.0]]
+    assert FeatureEdit("scale", (0, 1), 0.5).apply(f).tolist() == [[0.0, 1.0], [0.5, 1.5]]
+    assert FeatureEdit("add", (0, 1), 1.0).apply(f).tolist() == [[1.0, 3.0], [2.0, 4.0]]
+    assert f.tolist() == [[0.0, 2.0], [1.0, 3.0]]  # not modified in place
+    with pytest.raises(ValueError, match="edit op"):
+        FeatureEdit("erase", (0,))
+    with pytest.raises(ValueError, match="max_acts"):
+        FeatureEdit("clamp", (0, 1), max_acts=(1.0,))
+
+
+def test_region_scopes():
+    layout = TokenLayout(1, True, (4, 4), (32, 32))
+    # a box over the top-left quarter of a 64 px original image -> the top-left 2x2 patches
+    box = patches_in_bbox(layout, (0, 0, 32, 32), image_hw=(64, 64))
+    assert box.sum() == 4 and box[:2, :2].all()
+    pixel_mask = np.zeros((32, 32), bool)
+    pixel_mask[24:, 24:] = True  # exactly the bottom-right patch
+    assert np.flatnonzero(patches_in_mask(layout, pixel_mask)).tolist() == [15]
+    t = scope_tokens(layout, "region", np.stack([box, ~box]))
+    assert t.shape == (2, 17) and not t[:, 0].any() and t[0, 1:].sum() == 4 and t[1, 1:].sum() == 12
+    with pytest.raises(ValueError, match="region"):
+        scope_tokens(layout, "region")
+
+
+def test_per_image_region_and_random_direction(classifier):
+    sae = make_sae(32, arch="relu")  # ReLU: most features fire, so edits move every token
+    pixels = torch.randn(2, 3, 32, 32)
+    layout = TokenLayout(1, True, (4, 4), (32, 32))
+    region = np.zeros((2, 4, 4), bool)
+    region[0, 0, 0] = True  # image 0: one patch; image 1: nothing
+    tokens = scope_tokens(layout, "region", region)
+    edit = FeatureEdit("add", tuple(range(8)), 3.0)
+    u = random_direction(32, seed=1)
+    with torch.no_grad():
+        x = classifier(pixel_values=pixels, output_hidden_states=True).hidden_states[1]
+        blocks = classifier_blocks(classifier)
+        with splice(blocks, Splice(0, sae, edit, tokens)):
+            y = classifier(pixel_values=pixels, output_hidden_states=True).hidden_states[1]
+        with splice(blocks, Splice(0, sae, edit, tokens, direction=u)):
+            z = classifier(pixel_values=pixels, output_hidden_states=True).hidden_states[1]
+    changed = (y - x).norm(dim=-1) > 1e-4
+    assert changed.nonzero().tolist() == [[0, 1]]  # image 0, token 1 (its first patch) only
+    dz = z[0, 1] - x[0, 1]
+    # the same norm as the edit's change, along the random direction
+    assert dz.norm() == pytest.approx(float((y - x)[0, 1].norm()), rel=1e-4)
+    assert torch.nn.functional.cosine_similarity(dz, u, dim=0) > 0.9999
 
 
 def test_bootstrap_ci():
@@ -68,3 +189,13 @@ def test_bootstrap_ci():
     values = rng.normal(1.0, 1.0, size=400)
     lo, hi = bootstrap_ci(values, 2000, rng)
     assert lo < values.mean() < hi and 0.1 < hi - lo < 0.3  # about 4 standard errors wide
+    lo, hi = bootstrap_ratio_ci(np.array([1, 2, 3]), np.array([2, 4, 6]), 200, rng)
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_feature_values_match_encode(arch):
+    sae = make_sae(32, arch=arch)
+    x = torch.randn(50, 32) * 3
+    idx = torch.tensor([0, 5, 63])
+    torch.testing.assert_close(feature_values(sae, x, idx), sae.encode(x)[:, idx])

@@ -1,0 +1,712 @@
+"""Hypotheses about SAE features as data, tested by editing the features inside the model.
+
+A `Hypothesis` names the SAE, the feature(s) (ids, or the best feature for a label from the
+stats Parquet or the warehouse), the edit and its strengths (a dose-response sweep), the scope,
+the task that reads the model (the demo classifier, or a linear probe from `probes.py`), the
+target label and the evaluation images. `run_hypothesis` measures, for each strength, with
+bootstrap 95% intervals over images:
+- the change in the target's probability (`delta`), and the mean |change| of the others;
+- the target-change rate (the target's prediction flips) and the other-change rate;
+- for segmentation: per-class pixel change and the change in mIoU against the masks;
+under four conditions: the edit itself and three controls (PAPER.md step 5): the same edit on
+random features matched in firing frequency (`control_`), the edit's change of the residual
+stream replaced by a random direction of the same norm (`direction_`), and the splice without
+edit (`noedit_`, strength-independent). `batch_hypotheses` makes one hypothesis per label (its
+best feature) so that one call tests them all and writes one table.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from saev_core.intervene import (
+    FeatureEdit,
+    Splice,
+    TokenLayout,
+    bootstrap_ci,
+    bootstrap_ratio_ci,
+    measure_layout,
+    patches_in_bbox,
+    patches_in_mask,
+    random_direction,
+    scope_tokens,
+    splice,
+)
+
+CONDITIONS = {"edit": "", "random_feature": "control_", "random_direction": "direction_"}
+HYPOTHESIS_SCOPES = ("all", "patches", "cls", "region", "target")
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """Editing `features` of the SAE at its layer changes the prediction of `target`."""
+
+    target: str
+    """The label (classifier/probe class) whose prediction the edit should change."""
+    name: str = ""
+    """Name of the experiment (default: target, features and edit)."""
+    sae_dir: str = "artifacts/saes/demo"
+    """The SAE; it is spliced at the layer in its cfg.json unless `layer` says otherwise."""
+    stats_dir: str = "artifacts/stats/demo"
+    """Its per-feature stats: max activation (dose), frequency (controls), label AUROC."""
+    warehouse: str = ""
+    """DuckDB file to resolve the best feature in (read-only); empty = the stats Parquet."""
+    features: tuple[int, ...] = ()
+    """Feature ids to edit; empty = the `n_features` best for `best_for` (default: target)."""
+    best_for: str = ""
+    """Label whose best features (by patch AUROC) are edited when `features` is empty."""
+    n_features: int = 1
+    """How many best features to edit together."""
+    layer: int | None = None
+    """Block to splice at; None = the layer the SAE was trained on."""
+    op: Literal["suppress", "clamp", "scale", "add"] = "clamp"
+    """The edit (see `intervene.FeatureEdit`)."""
+    relative: bool = True
+    """clamp/add values are multiples of each feature's max observed activation."""
+    strengths: tuple[float, ...] = (0.0, -2.0, -5.0)
+    """Dose-response sweep: the edit's value at each step (suppress ignores it)."""
+    scope: Literal["all", "patches", "cls", "region", "target"] = "all"
+    """Tokens edited: all, patches, CLS, a `bbox` region, or the target's own pixels (masks)."""
+    bbox: tuple[float, ...] = ()
+    """For scope region: (x0, y0, x1, y1) in px of each original image."""
+    task: Literal["classifier", "probe"] = "classifier"
+    """What reads the model: the classifier's head, or a probe (`probe_dir`)."""
+    model: str = "artifacts/backbone"
+    """The classifier directory, or the backbone the probe was trained on."""
+    probe_dir: str = ""
+    """For task probe: a directory written by `probes.train_probes`."""
+    data: str = "data/shapes"
+    """Evaluation images (`load_records` source)."""
+    split: str = "test"
+    """Their split."""
+    images: Literal["with_target", "all"] = "with_target"
+    """Evaluate on the images labelled with the target, or on all of them."""
+    max_images: int = 500
+    """At most this many evaluation images."""
+
+    def __post_init__(self) -> None:
+        if not self.target:
+            raise ValueError("a hypothesis needs a target label")
+        if self.op not in ("suppress", "clamp", "scale", "add"):
+            raise ValueError(f"op must be suppress|clamp|scale|add, got {self.op!r}")
+        if self.scope not in HYPOTHESIS_SCOPES:
+            raise ValueError(f"scope must be one of {'|'.join(HYPOTHESIS_SCOPES)}")
+        if self.scope == "region" and len(self.bbox) != 4:
+            raise ValueError("scope region needs bbox: [x0, y0, x1, y1] in image px")
+        if self.task not in ("classifier", "probe"):
+            raise ValueError(f"task must be classifier or probe, got {self.task!r}")
+        if self.task == "probe" and not self.probe_dir:
+            raise ValueError("task probe needs probe_dir")
+        if self.images not in ("with_target", "all"):
+            raise ValueError(f"images must be with_target or all, got {self.images!r}")
+        if not self.strengths:
+            raise ValueError("strengths: give at least one")
+        if self.n_features < 1 or self.max_images < 1:
+            raise ValueError("n_features and max_images must be >= 1")
+
+    @property
+    def title(self) -> str:
+        return self.name or f"{self.target}:{self.op}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How experiments are measured (shared by every hypothesis of a run)."""
+
+    controls: tuple[str, ...] = ("random_feature", "random_direction", "no_edit")
+    """Controls to run besides the edit."""
+    n_bootstrap: int = 2000
+    """Bootstrap resamples for the 95% intervals."""
+    batch_size: int = 128
+    """Images per forward pass."""
+    n_grid: int = 8
+    """Images in each before/after grid (0: no figures)."""
+    n_candidates: int = 8
+    """A random-feature control is drawn from this many alive features nearest in frequency."""
+    seed: int = 0
+    """Seed for control features, directions and bootstrap."""
+    device: str = "cpu"
+    """Where models run."""
+
+    def __post_init__(self) -> None:
+        bad = [
+            c for c in self.controls if c not in ("random_feature", "random_direction", "no_edit")
+        ]
+        if bad:
+            raise ValueError(f"unknown controls {bad}: use random_feature|random_direction|no_edit")
+        if self.n_bootstrap < 10 or self.batch_size < 1 or self.n_candidates < 1:
+            raise ValueError("n_bootstrap >= 10, batch_size >= 1 and n_candidates >= 1 needed")
+
+
+# ---------------------------------------------------------------------------------------------
+# what reads the model
+
+
+@dataclass
+class Reader:
+    """A model plus the head whose probabilities experiments measure."""
+
+    kind: Literal["multilabel", "softmax", "segmentation"]
+    labels: list[str]
+    blocks: Any
+    layout: TokenLayout
+    preprocess: Any
+    forward: Any
+    """pixel_values -> probabilities: [B, C], or [B, n_patches, C] for segmentation."""
+
+    def probs(
+        self, pixels: torch.Tensor, batch_size: int, splices=(), per_image=None
+    ) -> np.ndarray:
+        """Probabilities over all images; `per_image(splice, idx)` narrows per-image tokens."""
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(pixels), batch_size):
+                sl = slice(i, i + batch_size)
+                batch = [replace(s, tokens=_rows(s.tokens, sl)) for s in splices]
+                with splice(self.blocks, *batch):
+                    out.append(self.forward(pixels[sl]).float().cpu())
+                for s, b in zip(splices, batch, strict=True):  # per-batch stats -> whole run
+                    n = s.stats.get("n_tokens", 0) + b.stats.get("n_tokens", 0)
+                    total = s.stats.get("dx_sum", 0.0) + b.stats.get("dx_norm", 0.0) * b.stats.get(
+                        "n_tokens", 0
+                    )
+                    s.stats = {"n_tokens": n, "dx_sum": total, "dx_norm": total / max(1, n)}
+        return torch.cat(out).numpy()
+
+    def predictions(self, p: np.ndarray) -> np.ndarray:
+        """Bool predictions: p > 0.5 (multi-label), else one-hot argmax ([B, C] or [B, P, C])."""
+        if self.kind == "multilabel":
+            return p > 0.5
+        return np.eye(p.shape[-1], dtype=bool)[p.argmax(-1)]
+
+
+def _rows(tokens, sl):
+    return tokens[sl] if tokens is not None and tokens.dim() == 2 else tokens
+
+
+def load_reader(h: Hypothesis, device: str = "cpu") -> Reader:
+    """The classifier or probe of a hypothesis, with its blocks and token layout."""
+    if h.task == "classifier":
+        from transformers import AutoImageProcessor
+
+        from saev_core.backbone import classifier_blocks, load_classifier
+
+        model, id2label = load_classifier(h.model, device=device)
+        processor = AutoImageProcessor.from_pretrained(h.model)
+        blocks = classifier_blocks(model)
+
+        def prep(images):
+            return processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+
+        layout = measure_layout(model, blocks, prep(images=[_blank()]))
+        multi = model.config.problem_type == "multi_label_classification"
+
+        def forward(px):
+            logits = model(pixel_values=px).logits
+            return torch.sigmoid(logits) if multi else logits.softmax(-1)
+
+        labels = [id2label[i] for i in sorted(id2label)]
+        return Reader("multilabel" if multi else "softmax", labels, blocks, layout, prep, forward)
+
+    from saev_core.backbone import load_backbone, preprocess
+    from saev_core.probes import load_probe
+
+    bb = load_backbone(h.model, device=device, dtype="float32")
+    probe, meta = load_probe(h.probe_dir)
+    if meta.get("weights_sha256") not in (None, bb.weights_sha256):
+        raise ValueError(f"probe {h.probe_dir} was trained on other weights than {h.model}")
+    probe = probe.to(device)
+
+    def forward(px):
+        return probe.probs(bb.model(pixel_values=px).last_hidden_state)
+
+    kind = "segmentation" if probe.task == "segmentation" else "multilabel"
+    return Reader(
+        kind,
+        probe.classes,
+        bb.blocks,
+        TokenLayout.of_backbone(bb),
+        lambda images: preprocess(bb, images),
+        forward,
+    )
+
+
+def _blank():
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32), (128, 128, 128))
+
+
+# ---------------------------------------------------------------------------------------------
+# features and controls
+
+
+def best_features(h: Hypothesis, label: str, n: int) -> tuple[list[int], float]:
+    """The `n` features with the highest patch AUROC for `label`, and the best AUROC."""
+    if h.warehouse:
+        from saev_core.warehouse import run_query
+
+        run = stats_run(h.stats_dir)
+        rows = json.loads(
+            run_query(
+                h.warehouse,
+                "top_features_for_label",
+                {"label": label, "run": run, "limit": str(n)},
+                fmt="json",
+            )
+        )
+        feats, aurocs = [int(r["feature"]) for r in rows], [r["auroc"] for r in rows]
+    else:
+        import pandas as pd
+
+        fl = pd.read_parquet(Path(h.stats_dir) / "feature_labels.parquet")
+        ranked = fl[fl["label"] == label].sort_values(["auroc", "feature"], ascending=[False, True])
+        feats, aurocs = ranked["feature"].head(n).astype(int).tolist(), ranked["auroc"].tolist()
+    if not feats:
+        raise ValueError(
+            f"no feature statistics for label {label!r} in {h.warehouse or h.stats_dir}"
+        )
+    return feats, float(aurocs[0])
+
+
+def stats_run(stats_dir: str) -> str:
+    """The run name written with the stats (run.parquet), else the directory name."""
+    path = Path(stats_dir) / "run.parquet"
+    if path.exists():
+        import pyarrow.parquet as pq
+
+        return str(pq.read_table(path, columns=["run"]).column(0)[0])
+    return Path(stats_dir).name
+
+
+def frequency_matched(
+    features: Any, targets: list[int], rng: np.random.Generator, n_candidates: int
+) -> list[int]:
+    """For each target feature, a random alive other feature among the `n_candidates` nearest in
+    log10 firing frequency (so the control edits something that fires about as often)."""
+    freq = features.set_index("feature")["freq"]
+    alive = freq[(freq > 0) & ~freq.index.isin(targets)]
+    if len(alive) == 0:
+        raise ValueError("no alive feature left for a random-feature control")
+    out = []
+    for f in targets:
+        dist = np.abs(np.log10(alive.to_numpy()) - np.log10(max(float(freq.get(f, 0.0)), 1e-12)))
+        near = alive.index.to_numpy()[np.argsort(dist, kind="stable")[:n_candidates]]
+        out.append(int(rng.choice([c for c in near if c not in out] or list(near))))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+def _classification_metrics(reader, p0, p1, j, n_boot, rng, prefix) -> dict[str, Any]:
+    y0, y1 = reader.predictions(p0), reader.predictions(p1)
+    others = [k for k in range(p0.shape[1]) if k != j]
+    d = p1[:, j] - p0[:, j]
+    flip_t = (y0[:, j] != y1[:, j]).astype(float)
+    flip_o = (y0[:, others] != y1[:, others]).mean(axis=1) if others else np.zeros(len(d))
+    out = {"p_after": float(p1[:, j].mean()), "delta": float(d.mean())}
+    out["delta_lo"], out["delta_hi"] = bootstrap_ci(d, n_boot, rng)
+    out["target_change_rate"] = float(flip_t.mean())
+    out["target_change_lo"], out["target_change_hi"] = bootstrap_ci(flip_t, n_boot, rng)
+    out["other_change_rate"] = float(flip_o.mean())
+    out["other_change_lo"], out["other_change_hi"] = bootstrap_ci(flip_o, n_boot, rng)
+    abs_o = np.abs(p1[:, others] - p0[:, others]).mean() if others else 0.0
+    out["other_abs_delta"] = float(abs_o)
+    return {prefix + k: v for k, v in out.items()}
+
+
+def _segmentation_metrics(reader, p0, p1, j, gt, n_boot, rng, prefix) -> dict[str, Any]:
+    """p: [n, patches, classes]; gt: [n, patches] class index."""
+    c = p0.shape[-1]
+    a0, a1 = p0.argmax(-1), p1.argmax(-1)
+    d = (p1[..., j] - p0[..., j]).mean(axis=1)
+    was_t = a0 == j
+    out = {"p_after": float(p1[..., j].mean()), "delta": float(d.mean())}
+    out["delta_lo"], out["delta_hi"] = bootstrap_ci(d, n_boot, rng)
+    lost = (was_t & (a1 != j)).sum(1)
+    out["target_change_rate"] = float(lost.sum() / max(1, was_t.sum()))
+    out["target_change_lo"], out["target_change_hi"] = bootstrap_ratio_ci(
+        lost, was_t.sum(1), n_boot, rng
+    )
+    moved = (~was_t & (a1 != a0)).sum(1)
+    out["other_change_rate"] = float(moved.sum() / max(1, (~was_t).sum()))
+    out["other_change_lo"], out["other_change_hi"] = bootstrap_ratio_ci(
+        moved, (~was_t).sum(1), n_boot, rng
+    )
+    others = [k for k in range(c) if k != j]
+    out["other_abs_delta"] = float(np.abs(p1[..., others] - p0[..., others]).mean())
+    # per class: change in the fraction of the image's pixels (patches) predicted as it
+    frac0 = np.stack([(a0 == k).mean(1) for k in range(c)], 1)
+    frac1 = np.stack([(a1 == k).mean(1) for k in range(c)], 1)
+    out["class_pixel_change"] = json.dumps(
+        dict(zip(reader.labels, np.round((frac1 - frac0).mean(0), 5).tolist(), strict=True))
+    )
+    conf0, conf1 = _confusions(a0, gt, c), _confusions(a1, gt, c)
+    from saev_core.probes import miou_from_confusion
+
+    m0, m1 = miou_from_confusion(conf0.sum(0))[0], miou_from_confusion(conf1.sum(0))[0]
+    out["miou_before"], out["miou_after"], out["miou_delta"] = m0, m1, m1 - m0
+    idx = rng.integers(0, len(a0), size=(min(n_boot, 500), len(a0)))
+    diffs = [
+        miou_from_confusion(conf1[i].sum(0))[0] - miou_from_confusion(conf0[i].sum(0))[0]
+        for i in idx
+    ]
+    out["miou_delta_lo"], out["miou_delta_hi"] = (
+        float(np.nanpercentile(diffs, q)) for q in (2.5, 97.5)
+    )
+    return {prefix + k: v for k, v in out.items()}
+
+
+def _confusions(pred: np.ndarray, gt: np.ndarray, c: int) -> np.ndarray:
+    """Per image [n, c, c] confusion matrices (target x prediction)."""
+    flat = gt * c + pred
+    return np.stack([np.bincount(f, minlength=c * c).reshape(c, c) for f in flat])
+
+
+@dataclass
+class EvalSet:
+    """Evaluation images of a hypothesis, preprocessed, with the unedited predictions."""
+
+    records: list
+    images: list[np.ndarray]
+    pixels: torch.Tensor
+    p_before: np.ndarray
+    gt: np.ndarray | None = None
+    """Segmentation: ground-truth class per patch [n, n_patches]."""
+
+
+@dataclass
+class Cache:
+    """Models, SAEs, stats and image sets shared by the hypotheses of one run."""
+
+    settings: Settings = field(default_factory=Settings)
+    readers: dict = field(default_factory=dict)
+    saes: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    sets: dict = field(default_factory=dict)
+
+    def reader(self, h: Hypothesis) -> Reader:
+        key = (h.task, h.model, h.probe_dir)
+        if key not in self.readers:
+            self.readers[key] = load_reader(h, self.settings.device)
+        return self.readers[key]
+
+    def sae(self, sae_dir: str):
+        if sae_dir not in self.saes:
+            from saev_core.sae import SAE
+
+            self.saes[sae_dir] = SAE.load(sae_dir, device=self.settings.device).eval()
+        return self.saes[sae_dir]
+
+    def features(self, stats_dir: str):
+        if stats_dir not in self.stats:
+            import pandas as pd
+
+            self.stats[stats_dir] = pd.read_parquet(Path(stats_dir) / "features.parquet")
+        return self.stats[stats_dir]
+
+    def evalset(self, h: Hypothesis, reader: Reader) -> EvalSet:
+        key = (h.task, h.model, h.probe_dir, h.data, h.split)
+        if key not in self.sets:
+            from PIL import Image
+
+            from saev_core.data import load_records, open_image
+
+            records = load_records(h.data, [h.split])
+            images = [np.asarray(open_image(r)) for r in records]
+            pixels = reader.preprocess([Image.fromarray(im) for im in images])
+            p = reader.probs(pixels, self.settings.batch_size)
+            gt = None
+            if reader.kind == "segmentation":
+                from saev_core.probes import patch_targets
+
+                lay = reader.layout
+                gt = np.stack(
+                    [patch_targets(r, reader.labels, lay.grid, lay.image_size) for r in records]
+                )
+            self.sets[key] = EvalSet(records, images, pixels, p, gt)
+        return self.sets[key]
+
+
+def _scope(h: Hypothesis, reader: Reader, es: EvalSet, idx: np.ndarray) -> torch.Tensor:
+    lay = reader.layout
+    if h.scope in ("all", "patches", "cls"):
+        return scope_tokens(lay, h.scope)
+    if h.scope == "region":
+        masks = [patches_in_bbox(lay, h.bbox, es.images[i].shape[:2]) for i in idx]
+    else:  # the target's own pixels, from each image's mask
+        from saev_core.data import open_mask
+
+        masks = []
+        for i in idx:
+            r = es.records[i]
+            values = [v for v, labs in r.mask_labels.items() if h.target in labs]
+            m = np.isin(open_mask(r), values) if values else np.zeros(es.images[i].shape[:2], bool)
+            masks.append(patches_in_mask(lay, m))
+    return scope_tokens(lay, "region", np.stack(masks))
+
+
+def _edit(h: Hypothesis, feats: list[int], strength: float, max_act: Any) -> FeatureEdit:
+    acts = tuple(float(max_act.get(f, 0.0)) for f in feats)
+    return FeatureEdit(h.op, tuple(feats), float(strength), acts if h.relative else None)
+
+
+@dataclass
+class Result:
+    """One hypothesis: a row per strength, and a before/after figure per strength."""
+
+    hypothesis: Hypothesis
+    rows: list[dict[str, Any]]
+    figures: list[Any]
+
+
+def run_hypothesis(h: Hypothesis, cache: Cache | None = None) -> Result:
+    """Test `h` at every strength against its controls; see the module docstring."""
+    cache = cache or Cache()
+    st = cache.settings
+    reader = cache.reader(h)
+    if h.target not in reader.labels:
+        raise ValueError(f"target {h.target!r} is not a label of the {h.task} ({reader.labels})")
+    j = reader.labels.index(h.target)
+    sae = cache.sae(h.sae_dir)
+    layer = int(h.layer if h.layer is not None else sae.extra.get("layer", 0))
+    es = cache.evalset(h, reader)
+    feats_df = cache.features(h.stats_dir)
+    auroc = float("nan")
+    feats = list(h.features)
+    if not feats:
+        feats, auroc = best_features(h, h.best_for or h.target, h.n_features)
+    max_act = feats_df.set_index("feature")["max_act"]
+
+    if h.images == "with_target":
+        idx = np.array([i for i, r in enumerate(es.records) if h.target in r.labels], dtype=int)
+    else:
+        idx = np.arange(len(es.records))
+    idx = idx[: h.max_images]
+    if len(idx) == 0:
+        raise ValueError(f"no {h.split} image of {h.data} is labelled {h.target!r}")
+    pixels, p0 = es.pixels[idx], es.p_before[idx]
+    tokens = _scope(h, reader, es, idx)
+
+    seed = [st.seed, zlib.crc32(h.title.encode())]
+    rng = np.random.default_rng(seed)
+    control_feats = frequency_matched(feats_df, feats, np.random.default_rng(seed), st.n_candidates)
+    direction = random_direction(sae.cfg.d_model, zlib.crc32(repr(seed).encode()))
+
+    def measure(p1, prefix):
+        if reader.kind == "segmentation":
+            return _segmentation_metrics(reader, p0, p1, j, es.gt[idx], st.n_bootstrap, rng, prefix)
+        return _classification_metrics(reader, p0, p1, j, st.n_bootstrap, rng, prefix)
+
+    noedit = {}
+    if "no_edit" in st.controls:
+        p_same = reader.probs(pixels, st.batch_size, [Splice(layer, sae)])
+        noedit = measure(p_same, "noedit_")
+        noedit["noedit_max_abs_dp"] = float(np.abs(p_same - p0).max())
+
+    strengths = (0.0,) if h.op == "suppress" else h.strengths
+    rows, figures = [], []
+    for s in strengths:
+        edit = _edit(h, feats, s, max_act)
+        runs = {"edit": Splice(layer, sae, edit, tokens)}
+        if "random_feature" in st.controls:
+            runs["random_feature"] = Splice(layer, sae, _edit(h, control_feats, s, max_act), tokens)
+        if "random_direction" in st.controls:
+            runs["random_direction"] = Splice(layer, sae, edit, tokens, direction=direction)
+        row: dict[str, Any] = {
+            "experiment": f"{h.title}@{s:g}",
+            "hypothesis": h.title,
+            "concept": h.target,
+            "task": h.task if reader.kind != "segmentation" else "probe:segmentation",
+            "feature": feats[0],
+            "features": ",".join(map(str, feats)),
+            "control_feature": control_feats[0],
+            "control_features": ",".join(map(str, control_feats)),
+            "edit": h.op,
+            "relative": h.relative,
+            "strength": float(s),
+            "scope": h.scope,
+            "layer": layer,
+            "auroc": auroc,
+            "n_images": len(idx),
+            "p_before": float(p0[..., j].mean()),
+        }
+        p_edit = None
+        for cond, sp in runs.items():
+            p1 = reader.probs(pixels, st.batch_size, [sp])
+            row.update(measure(p1, CONDITIONS[cond]))
+            if cond == "edit":
+                p_edit = p1
+                row["dx_norm"] = sp.stats.get("dx_norm", 0.0)
+        row.update(noedit)
+        row["below_control"] = bool(row["delta_hi"] < row.get("control_delta_lo", -np.inf))
+        rows.append(row)
+        if st.n_grid:
+            show = np.arange(min(st.n_grid, len(idx)))
+            figures.append(
+                before_after_figure(
+                    [es.images[i] for i in idx[show]],
+                    p0[show][..., j],
+                    p_edit[show][..., j],
+                    tokens[show] if tokens.dim() == 2 else tokens,
+                    reader.layout,
+                    f"{h.title}: p({h.target}) before → after {h.op} {feats} "
+                    f"{'x max ' if h.relative and h.op in ('clamp', 'add') else ''}{s:g} "
+                    f"at block {layer} (outlined: edited patches)",
+                )
+            )
+    return Result(h, rows, figures)
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+
+
+def before_after_figure(images, p_before, p_after, tokens, layout: TokenLayout, title: str):
+    """One column per image, the edited patches outlined; above: the target's probability (or its
+    mean over patches, for segmentation) before -> after."""
+    from saev_core.plots import _plt
+
+    plt = _plt()
+    n = len(images)
+    fig, axes = plt.subplots(1, n, figsize=(1.8 * n, 2.3), dpi=100, squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        im = images[i]
+        h, w = im.shape[:2]
+        ax.imshow(im)
+        t = tokens[i] if tokens.dim() == 2 else tokens
+        region = t[layout.n_prefix_tokens :].reshape(layout.grid).numpy().astype(float)
+        if 0 < region.sum() < region.size:
+            up = np.kron(region, np.ones((8, 8)))  # smooth enough for a clean outline
+            ys = (np.arange(up.shape[0]) + 0.5) * h / up.shape[0]
+            xs = (np.arange(up.shape[1]) + 0.5) * w / up.shape[1]
+            ax.contour(xs, ys, up, levels=[0.5], colors="cyan", linewidths=1.2)
+        if layout.has_cls and bool(t[0]):
+            ax.text(1, 1, "CLS", color="cyan", fontsize=6, va="top")
+        b, a = float(np.mean(p_before[i])), float(np.mean(p_after[i]))
+        ax.set_title(f"{b:.2f} → {a:.2f}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def dose_response_figure(rows: list[dict[str, Any]]):
+    """Change in the target's probability against strength per hypothesis, with 95% intervals;
+    dashed: random-feature control, dotted: random-direction control."""
+    from saev_core.plots import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=100)
+    cmap = plt.get_cmap("tab10")
+    for i, name in enumerate(sorted({r["hypothesis"] for r in rows})):
+        rs = sorted((r for r in rows if r["hypothesis"] == name), key=lambda r: r["strength"])
+        s = [r["strength"] for r in rs]
+        d = np.array([r["delta"] for r in rs])
+        err = np.array([d - [r["delta_lo"] for r in rs], [r["delta_hi"] for r in rs] - d])
+        colour = cmap(i % 10)
+        ax.errorbar(s, d, yerr=err, color=colour, marker="o", ms=3, lw=1, label=name)
+        if "control_delta" in rs[0]:
+            ax.plot(s, [r["control_delta"] for r in rs], color=colour, ls="--", lw=0.8)
+        if "direction_delta" in rs[0]:
+            ax.plot(s, [r["direction_delta"] for r in rs], color=colour, ls=":", lw=0.8)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("edit strength (multiple of the feature's max activation when relative)")
+    ax.set_ylabel("mean change in p(target)")
+    ax.set_title("dose-response (dashed: random feature, dotted: random direction)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+
+
+def batch_hypotheses(base: Hypothesis | dict[str, Any], labels: list[str]) -> list[Hypothesis]:
+    """One hypothesis per label: its best feature, edited as `base` says, targeting that label."""
+    fields = (
+        base if isinstance(base, dict) else {k: getattr(base, k) for k in base.__dataclass_fields__}
+    )
+    out = []
+    for label in labels:
+        out.append(
+            Hypothesis(
+                **{**fields, "target": label, "best_for": label, "features": (), "name": label}
+            )
+        )
+    return out
+
+
+def write_results(rows: list[dict[str, Any]], out_dir: str | Path, run: str) -> Path:
+    """results.parquet (one row per hypothesis x strength), written atomically."""
+    import pyarrow as pa
+
+    from saev_core.shards import atomic_write_table
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist([{"run": run, **r} for r in rows])
+    path = out_dir / "results.parquet"
+    atomic_write_table(table, path)
+    return path
+
+
+def plan(cfg: Any, cache: Cache) -> list[Hypothesis]:
+    """The hypotheses of an `intervene` section: the batch (best feature of every label), then
+    the hand-written ones."""
+    out = []
+    if cfg.batch:
+        base = {**cfg.defaults(), "target": "?"}
+        labels = list(cfg.concepts) or [
+            lab for lab in cache.reader(Hypothesis(**base)).labels if lab != "background"
+        ]
+        out += batch_hypotheses(base, labels)
+    return out + cfg.extra_hypotheses()
+
+
+def run_all(
+    hypotheses: list[Hypothesis], cache: Cache, on_result: Any = None, skip_missing: bool = True
+) -> list[Result]:
+    """Run every hypothesis; `on_result(result)` is called after each (tracking). With
+    `skip_missing`, a hypothesis whose label has no images or no statistics is reported and
+    skipped rather than stopping the batch."""
+    results = []
+    for h in hypotheses:
+        try:
+            r = run_hypothesis(h, cache)
+        except ValueError as e:
+            if not skip_missing or not str(e).startswith(("no ", "target ")):
+                raise
+            print(f"intervene: skipping {h.title}: {e}")
+            continue
+        results.append(r)
+        if on_result is not None:
+            on_result(r)
+    if not results:
+        raise ValueError("no hypothesis could be tested (see the messages above)")
+    return results
+
+
+def provenance(sae_dir: str, stats_dir: str) -> dict[str, str]:
+    """Tags that tie an experiment to its SAE run and shard manifest."""
+    import hashlib
+
+    cfg = Path(sae_dir) / "cfg.json"
+    extra = json.loads(cfg.read_text()).get("extra", {}) if cfg.exists() else {}
+    return {
+        "sae_dir": str(sae_dir),
+        "sae_cfg_sha256": hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.exists() else "",
+        "manifest_sha256": str(extra.get("manifest_sha256", "")),
+        "backbone_sha256": str(extra.get("backbone_sha256", "")),
+        "stats_run": stats_run(stats_dir),
+    }
