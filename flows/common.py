@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,13 @@ def params_path() -> Path:
 
 
 def parse_args(
-    stage: str, argv: list[str] | None = None, overrides: bool = False
+    stage: str,
+    argv: list[str] | None = None,
+    overrides: bool = False,
+    extra: Callable[[argparse.ArgumentParser], Any] | None = None,
 ) -> argparse.Namespace:
-    """The command line every stage flow accepts; `overrides` adds `-S key=value`."""
+    """The command line every stage flow accepts; `overrides` adds `-S key=value`, `extra`
+    adds a stage's own options."""
     p = argparse.ArgumentParser(
         prog=f"saev {stage}",
         description=f"Run the `{stage}` stage as a Prefect flow, with the `{stage}` section of "
@@ -48,6 +52,8 @@ def parse_args(
             help=f"override one key of the `{stage}` section for this run (YAML value), e.g. "
             "-S strict=true -S 'layers=[-2, -1]'; repeatable",
         )
+    if extra:
+        extra(p)
     args = p.parse_args(argv)
     if overrides:
         args.overrides = _parse_sets(p, args.set)
@@ -179,13 +185,20 @@ def dvc_version(path: str | Path, push: bool = True) -> dict[str, Any]:
     else:
         _dvc("add", "-q", rel, cwd=root)
         result = {"action": "add", "target": f"{rel}.dvc"}
-    # `dvc remote default` prints the name, or fails when none is set.
-    default = _dvc("remote", "default", cwd=root, check=False) if push else None
-    remote = default.stdout.strip() if default is not None and default.returncode == 0 else ""
+    remote = push_remote(root) if push else None
     if remote:
-        _dvc("push", "-q", result["target"], cwd=root)
+        _dvc("push", "-q", "-r", remote, result["target"], cwd=root)
         result["pushed_to"] = remote
     return result
+
+
+def push_remote(root: str | Path) -> str | None:
+    """The DVC remote outputs are pushed to: `$SAEV_DVC_REMOTE`, else the default, else None."""
+    if os.environ.get("SAEV_DVC_REMOTE"):
+        return os.environ["SAEV_DVC_REMOTE"]
+    # `dvc remote default` prints the name, or fails when none is set.
+    default = _dvc("remote", "default", cwd=Path(root), check=False)
+    return default.stdout.strip() or None if default.returncode == 0 else None
 
 
 def _stage_with_output(root: Path, rel: str) -> str | None:
@@ -200,3 +213,118 @@ def _stage_with_output(root: Path, rel: str) -> str | None:
             return None
         stages = [o.stage for o in outs if getattr(o.stage, "name", None)]
         return stages[0].name if stages else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Running as a service: provenance tags, versioning of what a run wrote, where a run runs
+
+
+def provenance() -> dict[str, str]:
+    """The git commit of the code and the DVC hash of the input corpus."""
+    return {"git_commit": git_commit(), "data_version": data_version()}
+
+
+def tag_flow_run(tags: dict[str, str]) -> list[str]:
+    """Add `key:value` tags to the running Prefect flow run (none outside a flow run)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return []
+    new = [f"{k}:{v}" for k, v in tags.items()]
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        client.update_flow_run(run.id, tags=sorted(set(run.tags) | set(new)))
+    return new
+
+
+def version_outputs(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """`dvc_version` for several outputs at once (those that exist), with one `dvc commit`, one
+    `dvc add` and one `dvc push`: each `dvc` call costs a second or two of start-up."""
+    paths = [Path(p).resolve() for p in paths if Path(p).exists()]
+    if not paths:
+        return []
+    if os.environ.get("DVC_STAGE"):
+        return [{"action": "none", "reason": f"inside `dvc repro` stage {os.environ['DVC_STAGE']}"}]
+    root = next((p for p in [paths[0], *paths[0].parents] if (p / ".dvc").is_dir()), None)
+    if root is None:
+        return [{"action": "none", "reason": f"{paths[0]} is not inside a DVC repository"}]
+    results: list[dict[str, Any]] = []
+    for path in paths:
+        rel = str(path.relative_to(root))
+        stage = _stage_with_output(root, rel)
+        results.append(
+            {"action": "commit", "target": stage}
+            if stage
+            else {"action": "add", "target": f"{rel}.dvc", "path": rel}
+        )
+    commits = list(dict.fromkeys(r["target"] for r in results if r["action"] == "commit"))
+    adds = [r.pop("path") for r in results if r["action"] == "add"]
+    if commits:
+        _dvc("commit", "-f", "-q", *commits, cwd=root)
+    if adds:
+        _dvc("add", "-q", *adds, cwd=root)
+    remote = push_remote(root)
+    if remote:
+        _dvc("push", "-q", "-r", remote, *commits, *[f"{a}.dvc" for a in adds], cwd=root)
+        for r in results:
+            r["pushed_to"] = remote
+    return results
+
+
+def version_outputs_task(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """`version_outputs` as a Prefect task, retried: pushing to a remote is I/O."""
+    from prefect import task
+
+    return task(version_outputs, name="version_outputs", retries=2, retry_delay_seconds=10)(paths)
+
+
+def placement(needs_gpu: bool) -> str:
+    """One line saying where this flow run runs and whether that is what it needs."""
+    import torch
+
+    from flows import settings
+
+    cfg = settings.load()
+    pool = _work_pool_of_this_run()
+    cuda = torch.cuda.is_available()
+    device = f"CUDA ({torch.cuda.get_device_name(0)})" if cuda else "CPU only"
+    if pool is None:
+        return f"running in this process, not from a work pool; device: {device}"
+    if not needs_gpu:
+        return f"running on work pool {pool!r}; device: {device}"
+    if pool == cfg.gpu_pool:
+        warn = "" if cuda else " - but this worker sees no CUDA device: check its drivers"
+        return f"running on GPU work pool {pool!r}; device: {device}{warn}"
+    exists = _work_pool_exists(cfg.gpu_pool)
+    why = (
+        f"no GPU work pool {cfg.gpu_pool!r} exists"
+        if not exists
+        else f"GPU work pool {cfg.gpu_pool!r} appeared after this deployment was made "
+        "(run `saev deploy` again to move it there)"
+    )
+    return f"this flow wants a GPU, but {why}: running on local process pool {pool!r}; device: {device}"
+
+
+def _work_pool_of_this_run() -> str | None:
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return None
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id).work_pool_name
+
+
+def _work_pool_exists(name: str) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+            return True
+        except ObjectNotFound:
+            return False

@@ -1,19 +1,50 @@
-"""Flow `extract`: record a backbone's residual stream over the images as Parquet shards."""
+"""Flow `extract`: record a backbone's residual stream over the images as Parquet shards.
+
+With `partitions` > 1 the images are fanned out: one task plans the chunks, one mapped task per
+partition extracts its share (each writing its own shard files), and a last task merges them
+into one manifest; the shard set is byte-identical to a single-worker run.
+"""
 
 from __future__ import annotations
 
 import sys
 
-from prefect import flow, task
+from prefect import flow, task, unmapped
 
 from flows.common import dvc_version, parse_args
+from flows.settings import GPU_TAG
 from saev_core.config import load_section
-from saev_core.extract import ExtractConfig, extract
+from saev_core.extract import (
+    ExtractConfig,
+    extract,
+    extract_partition,
+    merge_partitions,
+    plan_partitions,
+)
+
+
+@task(retries=1, retry_delay_seconds=5, tags=[GPU_TAG])
+def extract_task(cfg: ExtractConfig) -> dict:
+    return extract(cfg)
 
 
 @task(retries=1, retry_delay_seconds=5)
-def extract_task(cfg: ExtractConfig) -> dict:
-    return extract(cfg)
+def plan_task(cfg: ExtractConfig, partitions: int) -> dict:
+    """Stage the plan and deal its unfinished chunks out to the partitions."""
+    return plan_partitions(cfg, partitions)
+
+
+# A retry redoes only the partition's unfinished chunks (finished ones have their record).
+@task(retries=2, retry_delay_seconds=2, tags=[GPU_TAG])
+def partition_task(cfg: ExtractConfig, chunks: list[str]) -> list[str]:
+    """Extract one partition's chunks into the staging directory."""
+    return extract_partition(cfg, chunks)
+
+
+@task(retries=1, retry_delay_seconds=5)
+def merge_task(cfg: ExtractConfig) -> dict:
+    """One manifest over every partition's files; the set then replaces `out_dir` atomically."""
+    return merge_partitions(cfg)
 
 
 @task(retries=2, retry_delay_seconds=10)
@@ -24,11 +55,23 @@ def version_task(out_dir: str) -> dict:
 
 @flow(name="extract", log_prints=True)
 def extract_flow(
-    params: str = "params.yaml", overrides: dict | None = None, version: bool = True
+    params: str = "params.yaml",
+    overrides: dict | None = None,
+    version: bool = True,
+    partitions: int = 1,
 ) -> dict:
     """Extract (or extend) the shard set of the `extract` params section, then version it."""
     cfg = load_section(params, "extract", ExtractConfig, **(overrides or {}))
-    manifest = extract_task(cfg)
+    if partitions > 1:
+        plan = plan_task(cfg, partitions)
+        print(
+            f"{cfg.out_dir}: {sum(map(len, plan['partitions']))} of {plan['n_chunks']} chunks "
+            f"to extract, in {len(plan['partitions'])} partitions"
+        )
+        done = partition_task.map(unmapped(cfg), plan["partitions"])
+        manifest = merge_task(cfg, wait_for=done)
+    else:
+        manifest = extract_task(cfg)
     print(
         f"{cfg.out_dir}: {manifest['n_images']} images x {manifest['tokens']['n_tokens_written']} "
         f"tokens x layers {manifest['layers']} ({len(manifest['skipped'])} skipped, listed in "
@@ -41,8 +84,19 @@ def extract_flow(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("extract", argv, overrides=True)
-    extract_flow(params=args.params, overrides=args.overrides)
+    args = parse_args(
+        "extract",
+        argv,
+        overrides=True,
+        extra=lambda p: p.add_argument(
+            "--partitions",
+            type=int,
+            default=1,
+            help="fan the images out over this many mapped tasks, merged into one shard set "
+            "identical to a single-worker run (default: %(default)s)",
+        ),
+    )
+    extract_flow(params=args.params, overrides=args.overrides, partitions=args.partitions)
     return 0
 
 

@@ -1,7 +1,9 @@
 """Flow `pipeline`: every stage in order, as sub-flows, in one process.
 
 `dvc repro` runs the same stage flows one process per stage and skips the ones whose inputs did
-not change; this flow is what a Prefect deployment runs on a schedule (see `deploy.py`).
+not change; this flow is what a Prefect deployment runs on a schedule (see `deploy.py`), with
+`version=True`: the run is tagged with the git commit and data version, and every output is
+committed to DVC and pushed to the configured remote.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from prefect import flow
 from flows.backbone import backbone_flow
 from flows.extract import extract_flow
 from flows.intervene import intervene_flow
+from flows.probe import probe_flow
 from flows.stats import stats_flow
 from flows.train import train_flow
 from flows.validate import validate_flow
@@ -25,18 +28,53 @@ STAGES = {
     "validate": validate_flow,
     "train": train_flow,
     "stats": stats_flow,
+    "probe": probe_flow,
     "intervene": intervene_flow,
     "warehouse": warehouse_flow,
 }
 
 
+# Stages that run best on a GPU; a deployment that includes one asks for the GPU work pool.
+GPU_STAGES = ("backbone", "extract", "train", "probe", "intervene")
+
+# The params key of each stage's output, versioned after a run (extract versions its own shards;
+# validate's report is a small uncached file that dvc.lock records).
+OUTPUTS = {
+    "backbone": "out_dir",
+    "train": "out_dir",
+    "stats": "out_dir",
+    "probe": "out_dir",
+    "intervene": "out_dir",
+    "warehouse": "db",
+}
+
+
 @flow(name="pipeline", log_prints=True)
-def pipeline_flow(params: str = "params.yaml", skip: list[str] | None = None) -> None:
+def pipeline_flow(
+    params: str = "params.yaml",
+    skip: list[str] | None = None,
+    version: bool = False,
+    partitions: int = 1,
+) -> None:
+    """Every stage in order; with `version`, tag the run and commit + push what it wrote."""
+    from flows.common import placement, provenance, tag_flow_run, version_outputs_task
+    from saev_core.config import read_params
+
+    ran = [name for name in STAGES if not (skip and name in skip)]
+    print(placement(needs_gpu=any(s in GPU_STAGES for s in ran)))
+    if version:
+        print(f"provenance: {tag_flow_run(provenance())}")
     for name, stage in STAGES.items():
-        if skip and name in skip:
+        if name not in ran:
             print(f"skipping {name}")
-            continue
-        stage(params=params)
+        elif name == "extract":
+            stage(params=params, partitions=partitions)  # versions its shards itself
+        else:
+            stage(params=params)
+    if version:
+        p = read_params(params)
+        outs = [p[s][OUTPUTS[s]] for s in ran if s in OUTPUTS and s in p]
+        print(f"DVC: {version_outputs_task(outs)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,8 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--skip", nargs="*", default=[], choices=list(STAGES), help="stages to skip")
+    p.add_argument(
+        "--version",
+        action="store_true",
+        help="tag the run with git commit and data version, then commit every output to DVC "
+        "and push it to the remote (what scheduled runs do)",
+    )
+    p.add_argument("--partitions", type=int, default=1, help="extraction partitions")
     args = p.parse_args(argv)
-    pipeline_flow(params=args.params, skip=args.skip)
+    pipeline_flow(
+        params=args.params, skip=args.skip, version=args.version, partitions=args.partitions
+    )
     return 0
 
 

@@ -132,8 +132,12 @@ def patch_majority(mask, grid: tuple[int, int], size: tuple[int, int]) -> np.nda
 # The run
 
 
-def extract(cfg: ExtractConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the extraction described by `cfg`; returns the manifest dict of the shard set."""
+def extract(cfg: ExtractConfig, progress: bool = True, backbone: Any = None) -> dict[str, Any]:
+    """Run the extraction described by `cfg`; returns the manifest dict of the shard set.
+
+    `backbone`: an already loaded `load_backbone(cfg.model, ...)` to reuse (a notebook, a
+    benchmark); by default the model is loaded here.
+    """
     from saev_core.backbone import load_backbone, resolve_layer, token_indices
 
     started = time.time()
@@ -144,7 +148,9 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict[str, Any]:
 
     records = load_records(cfg.data, cfg.splits)
     device = None if cfg.device == "auto" else cfg.device
-    bb = load_backbone(cfg.model, device=device, dtype=cfg.precision)
+    bb = backbone or load_backbone(cfg.model, device=device, dtype=cfg.precision)
+    if bb.name != str(cfg.model):
+        raise ValueError(f"the backbone given was loaded from {bb.name}, not {cfg.model}")
     layers = sorted({resolve_layer(layer, bb.n_layers) for layer in cfg.layers})
     written = np.asarray(token_indices(bb, cfg.tokens), dtype=np.int32)
     identity = _identity(cfg, bb, layers, written)
@@ -228,6 +234,12 @@ def _existing(out_dir: Path, identity: dict, overwrite: bool) -> dict | None:
             "out_dir, delete it, or set overwrite to replace it."
         )
     manifest = json.loads((out_dir / shards.MANIFEST).read_text())
+    if manifest.get("schema") != shards.SCHEMA_VERSION and not overwrite:
+        raise ShardSetMismatch(
+            f"{out_dir} was written by another version of saev-flow (manifest schema "
+            f"{manifest.get('schema')!r}, this one writes {shards.SCHEMA_VERSION}): set overwrite "
+            "to re-extract it, or choose another out_dir"
+        )
     theirs = {k: manifest.get(k) for k in identity}
     if theirs != identity:
         if overwrite:
@@ -556,3 +568,113 @@ def _recover_publication(out_dir: Path, partial: Path, old: Path) -> None:
     elif old.exists() and not out_dir.exists():
         os.replace(old, out_dir)  # killed between the two renames of an unfinished swap
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Partitioned extraction: one plan, its chunks shared among workers, one merge
+#
+# `extract()` does plan -> chunks -> assemble -> publish in one process. The three functions
+# below split the same steps so that an orchestrator can fan the chunks out (Prefect mapped
+# tasks, one per partition). A chunk's files and record depend only on the plan, never on who
+# wrote them, so the merged set is byte-identical to a single-worker run; a partition that fails
+# can be retried and only redoes its unfinished chunks.
+
+
+def plan_partitions(cfg: ExtractConfig, n_partitions: int) -> dict[str, Any]:
+    """Stage the plan of an extraction and deal its unfinished chunks out to `n_partitions`.
+
+    Returns `{"out_dir", "up_to_date", "n_chunks", "partitions": [[chunk name, ...], ...]}`;
+    partitions may be fewer than asked for (never empty ones), and none when up to date.
+    """
+    from saev_core.backbone import load_backbone, resolve_layer, token_indices
+
+    if n_partitions <= 0:
+        raise ValueError(f"n_partitions must be positive, got {n_partitions}")
+    out_dir = Path(cfg.out_dir)
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    _recover_publication(out_dir, partial, out_dir.parent / f".{out_dir.name}.old")
+    records = load_records(cfg.data, cfg.splits)
+    # Loaded as the partitions load it: the identity records the precision it computes in.
+    bb = load_backbone(
+        cfg.model, device=None if cfg.device == "auto" else cfg.device, dtype=cfg.precision
+    )
+    layers = sorted({resolve_layer(layer, bb.n_layers) for layer in cfg.layers})
+    written = np.asarray(token_indices(bb, cfg.tokens), dtype=np.int32)
+    identity = _identity(cfg, bb, layers, written)
+    base = _existing(out_dir, identity, cfg.overwrite)
+    known = set(base["keys"]) if base else set()
+    todo = [r for r in records if r.key not in known]
+    if base and not todo:
+        return {"out_dir": str(out_dir), "up_to_date": True, "n_chunks": 0, "partitions": []}
+    plan = _plan(identity, todo, base, cfg.images_per_file)
+    done = _open_staging(partial, plan, base, out_dir)
+    names = [c["name"] for c in plan["chunks"] if c["name"] not in done]
+    # Round robin, so that every partition gets a share of every split.
+    parts = [names[i::n_partitions] for i in range(min(n_partitions, len(names)))]
+    return {
+        "out_dir": str(out_dir),
+        "up_to_date": False,
+        "n_chunks": len(plan["chunks"]),
+        "partitions": parts,
+    }
+
+
+def extract_partition(cfg: ExtractConfig, chunks: list[str], progress: bool = False) -> list[str]:
+    """Extract the named chunks of the staged plan (skipping finished ones); returns those run."""
+    from tqdm import tqdm
+
+    from saev_core.backbone import load_backbone, resolve_layer, token_indices
+
+    out_dir = Path(cfg.out_dir)
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    if not (partial / PLAN).exists():
+        raise FileNotFoundError(f"no staged plan in {partial}: call plan_partitions first")
+    plan = json.loads((partial / PLAN).read_text())
+    device = None if cfg.device == "auto" else cfg.device
+    bb = load_backbone(cfg.model, device=device, dtype=cfg.precision)
+    layers = sorted({resolve_layer(layer, bb.n_layers) for layer in cfg.layers})
+    written = np.asarray(token_indices(bb, cfg.tokens), dtype=np.int32)
+    if _identity(cfg, bb, layers, written) != plan["identity"]:
+        raise ShardSetMismatch(f"{partial} was planned for other inputs; plan again")
+    by_name = {c["name"]: c for c in plan["chunks"]}
+    unknown = sorted(set(chunks) - set(by_name))
+    if unknown:
+        raise ValueError(f"chunks {unknown} are not in the plan staged in {partial}")
+    todo = [by_name[n] for n in chunks if not (partial / CHUNKS / f"{n}.json").exists()]
+    wanted = {k for c in todo for k in c["keys"]}
+    by_key = {r.key: r for r in load_records(cfg.data, cfg.splits) if r.key in wanted}
+    extractor = _ChunkExtractor(cfg, bb, layers, written, partial)
+    with tqdm(total=len(wanted), desc="extract", unit="img", disable=not progress) as bar:
+        try:
+            for chunk in todo:
+                extractor.run(chunk, [by_key[k] for k in chunk["keys"]], bar)
+        finally:
+            extractor.close()
+    return [c["name"] for c in todo]
+
+
+def merge_partitions(cfg: ExtractConfig) -> dict[str, Any]:
+    """Assemble the finished chunks of the staged plan into one manifest and publish the set."""
+    out_dir = Path(cfg.out_dir)
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    old = out_dir.parent / f".{out_dir.name}.old"
+    if not (partial / PLAN).exists():
+        _recover_publication(out_dir, partial, old)
+        if (out_dir / shards.MANIFEST).exists():  # up to date, or merged by an earlier try
+            return json.loads((out_dir / shards.MANIFEST).read_text())
+        raise FileNotFoundError(f"no staged plan in {partial}: call plan_partitions first")
+    plan = json.loads((partial / PLAN).read_text())
+    missing = [
+        c["name"] for c in plan["chunks"] if not (partial / CHUNKS / f"{c['name']}.json").exists()
+    ]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} chunk(s) of {out_dir} not extracted yet ({missing[:5]}); "
+            "rerun their partitions, then merge"
+        )
+    identity = plan["identity"]
+    base = _existing(out_dir, identity, cfg.overwrite)
+    written = np.asarray(identity["tokens"]["written"], dtype=np.int32)
+    manifest = _assemble(partial, plan, base, cfg, out_dir, written, identity)
+    _publish(out_dir, partial, old)
+    return manifest

@@ -22,6 +22,7 @@ def test_pipeline_lists_every_stage_in_order():
         "validate",
         "train",
         "stats",
+        "probe",
         "intervene",
         "warehouse",
     ]

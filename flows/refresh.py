@@ -1,0 +1,122 @@
+"""Flow `refresh`: new images in the watched folder -> extend the shards -> stats -> warehouse.
+
+The watched folder is `extract.data` of the params file. The `saev-refresh` deployment
+(`flows/deploy.py`) runs this flow every few minutes; when the folder holds no image the shard
+set lacks, it stops after a cheap listing. Otherwise it extracts only the new images (the shard
+set grows incrementally, see `saev_core/extract.py`), validates the grown set, recomputes the
+SAE's statistics and rebuilds the warehouse, then versions what it wrote with DVC and records
+the run in MLflow (experiment `service`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, task
+
+from flows.common import (
+    file_sha256,
+    mlflow_run,
+    parse_args,
+    placement,
+    provenance,
+    tag_flow_run,
+    version_outputs_task,
+)
+from flows.extract import extract_flow
+from flows.stats import stats_flow
+from flows.validate import validate_flow
+from flows.warehouse import warehouse_flow
+from saev_core.config import read_params
+from saev_core.data import load_records
+from saev_core.extract import ExtractConfig
+
+
+@task(retries=2, retry_delay_seconds=5)
+def new_images_task(data: str, out_dir: str, splits: tuple[str, ...]) -> int:
+    """How many images of the source the shard set does not hold yet (no model loaded)."""
+    import pyarrow.parquet as pq
+
+    keys = {r.key for r in load_records(data, splits)}
+    images = Path(out_dir) / "images.parquet"
+    if images.exists():
+        if "key" not in pq.read_schema(images).names:
+            raise ValueError(
+                f"{out_dir} predates stable image keys and cannot be extended: delete it and "
+                "run again (the whole folder is then extracted)"
+            )
+        keys -= set(pq.read_table(images, columns=["key"]).column("key").to_pylist())
+    return len(keys)
+
+
+def tracked_input(path: str | Path) -> Path | None:
+    """The DVC-tracked folder (`<folder>.dvc` next to it) holding `path`, if any."""
+    path = Path(path).resolve()
+    for p in [path, *path.parents]:
+        if not p.name or (p / ".dvc").is_dir():  # not above the file system or the DVC root
+            return None
+        if p.with_name(p.name + ".dvc").exists():
+            return p
+    return None
+
+
+@flow(name="refresh", log_prints=True)
+def refresh_flow(params: str = "params.yaml", partitions: int = 1, version: bool = True) -> dict:
+    """Bring shards, stats and warehouse up to date with the images in `extract.data`."""
+    started = time.time()
+    print(placement(needs_gpu=True))
+    p = read_params(params)
+    cfg = ExtractConfig(**{k: v for k, v in p["extract"].items() if k in ("data", "out_dir")})
+    splits = tuple(p["extract"].get("splits", ExtractConfig.splits))
+    n_new = new_images_task(cfg.data, cfg.out_dir, splits)
+    if n_new == 0:
+        print(f"no new images in {cfg.data}: shards, stats and warehouse are up to date")
+        return {"new_images": 0}
+    print(f"{n_new} new images in {cfg.data}")
+    manifest = extract_flow(params=params, version=False, partitions=partitions)
+    validate_flow(params=params)
+    stats_flow(params=params)
+    warehouse_flow(params=params)
+    versioned = []
+    if version:  # the input folder too, if DVC tracks it: the data version then names it
+        source = tracked_input(cfg.data)
+        outs = [p["extract"]["out_dir"], p["stats"]["out_dir"], p["warehouse"]["db"]]
+        versioned = version_outputs_task([source, *outs] if source else outs)
+    tags = provenance()
+    tag_flow_run(tags)
+    summary = {"new_images": n_new, "n_images": manifest["n_images"]}
+    _record(tags, summary, p, versioned, time.time() - started)
+    print(f"refresh done: {summary}; DVC: {versioned}")
+    return {**summary, "dvc": versioned}
+
+
+def _record(tags: dict, summary: dict, p: dict, versioned: list, seconds: float) -> None:
+    """One MLflow run per refresh, tagged like every run (git commit, data version, manifest)."""
+    import mlflow
+    from prefect.runtime import flow_run
+
+    manifest = Path(p["extract"]["out_dir"]) / "manifest.json"
+    with mlflow_run(
+        "service",
+        run_name="refresh",
+        tags={
+            **tags,
+            "stage": "refresh",
+            "shard_manifest_sha256": file_sha256(manifest),
+            "prefect_flow_run_id": str(flow_run.get_id() or ""),
+            "dvc_pushed_to": ",".join(sorted({v.get("pushed_to", "") for v in versioned} - {""})),
+        },
+    ):
+        mlflow.log_metrics({**summary, "seconds": seconds})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args("refresh", argv)
+    refresh_flow(params=args.params)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
