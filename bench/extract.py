@@ -7,8 +7,10 @@ at random init, saves it like a hub model, writes `--n-images` JPEGs of 256x256 
 - forward: `model(pixel_values=...)` over the same batches, already preprocessed and on the
   device, with no hooks: the limit extraction can reach;
 - extract: `saev_core.extract.extract` end to end (decode, preprocess, forward with hooks,
-  device-to-host copy, float16 Parquet shards, sha256, manifest), minus the one-time model load,
-  which is timed separately and reported.
+  device-to-host copy, float16 Parquet shards, sha256, manifest) with the same loaded model (the
+  one-time model load is timed separately and reported).
+
+The two alternate for `--repeats` rounds and the medians are compared.
 
     .venv/bin/python bench/extract.py                       # 128 images, batch 32, layer -2
     .venv/bin/python bench/extract.py --n-images 1024 --batch-size 256   # on a GPU
@@ -40,6 +42,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--n-workers", type=int, default=4, help="image decoding threads")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -71,38 +74,50 @@ def main() -> None:
             batches.append(preprocess(bb, ims))
         with torch.inference_mode():
             bb.model(pixel_values=batches[0])  # warm-up (kernels, allocator)
-            _sync(bb.device)
-            t0 = time.perf_counter()
-            for pixels in batches:
-                bb.model(pixel_values=pixels)
-            _sync(bb.device)
-            forward_s = time.perf_counter() - t0
-        print(f"forward: {args.n_images / forward_s:.1f} images/s on {bb.device} ({bb.dtype})")
-        del bb, batches
-
         layers = tuple(int(x) for x in args.layers.split(","))
-        cfg = ExtractConfig(
-            model=str(tmp / "vit-b16"),
-            data=str(tmp / "images"),
-            out_dir=str(tmp / "acts"),
-            layers=layers,
-            tokens=args.tokens,
-            batch_size=args.batch_size,
-            splits=("train",),
-            device=args.device,
-            n_workers=args.n_workers,
-        )
-        t0 = time.perf_counter()
-        manifest = extract(cfg, progress=False)
-        total_s = time.perf_counter() - t0
-        extract_s = total_s - load_s
-        size = sum(f.stat().st_size for f in (tmp / "acts").rglob("*.parquet"))
-        print(f"extract: {args.n_images / extract_s:.1f} images/s ({total_s:.1f} s with load)")
+
+        def forward() -> float:
+            with torch.inference_mode():
+                _sync(bb.device)
+                t0 = time.perf_counter()
+                for pixels in batches:
+                    bb.model(pixel_values=pixels)
+                _sync(bb.device)
+            return time.perf_counter() - t0
+
+        def extraction(r: int) -> tuple[float, dict]:
+            cfg = ExtractConfig(
+                model=str(tmp / "vit-b16"),
+                data=str(tmp / "images"),
+                out_dir=str(tmp / f"acts-{r}"),
+                layers=layers,
+                tokens=args.tokens,
+                batch_size=args.batch_size,
+                splits=("train",),
+                device=args.device,
+                n_workers=args.n_workers,
+            )
+            t0 = time.perf_counter()
+            manifest = extract(cfg, progress=False, backbone=bb)
+            return time.perf_counter() - t0, manifest
+
+        # Interleaved repeats, so that a noisy neighbour hits both sides alike; medians reported.
+        forward_s, extract_s = [], []
+        for r in range(args.repeats):
+            forward_s.append(forward())
+            seconds, manifest = extraction(r)
+            extract_s.append(seconds)
+            print(
+                f"repeat {r}: forward {args.n_images / forward_s[-1]:.2f} images/s, "
+                f"extract {args.n_images / extract_s[-1]:.2f} images/s"
+            )
+        size = sum(f.stat().st_size for f in (tmp / "acts-0").rglob("*.parquet"))
+        forward_s, extract_s = float(np.median(forward_s)), float(np.median(extract_s))
 
     result = {
         "bench": "extract",
         "model": "ViT-B/16 (random init)",
-        "device": str(manifest["model"]["precision"]) and _device_name(args.device),
+        "device": _device_name(args.device),
         "precision": manifest["model"]["precision"],
         "n_images": args.n_images,
         "batch_size": args.batch_size,
@@ -111,6 +126,7 @@ def main() -> None:
         "forward_images_per_s": round(args.n_images / forward_s, 2),
         "extract_images_per_s": round(args.n_images / extract_s, 2),
         "ratio": round(forward_s / extract_s, 3),
+        "repeats": args.repeats,
         "model_load_s": round(load_s, 2),
         "shard_mb": round(size / 2**20, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

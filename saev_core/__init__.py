@@ -3,7 +3,7 @@
 The names a notebook needs, imported lazily so that `import saev_core` (and the `saev` CLI)
 starts fast:
 
-    from saev_core import SAE, load_backbone, iter_ordered, iter_shuffled, splice
+    from saev_core import SAE, load_backbone, iter_ordered, iter_shuffled, splice, Splice
 """
 
 from importlib import import_module
@@ -13,6 +13,10 @@ _EXPORTS = {
     "SAEConfig": "saev_core.sae",
     "TrainConfig": "saev_core.training",
     "train_sae": "saev_core.training",
+    "train_saes": "saev_core.training",
+    "load_saev": "saev_core.sae_io",
+    "load_saelens": "saev_core.sae_io",
+    "save_saelens": "saev_core.sae_io",
     "evaluate": "saev_core.training",
     "load_backbone": "saev_core.backbone",
     "record_blocks": "saev_core.backbone",
@@ -27,7 +31,11 @@ _EXPORTS = {
     "open_image": "saev_core.data",
     "compute_stats": "saev_core.stats",
     "splice": "saev_core.intervene",
-    "clamp_edit": "saev_core.intervene",
+    "Splice": "saev_core.intervene",
+    "FeatureEdit": "saev_core.intervene",
+    "Hypothesis": "saev_core.hypotheses",
+    "run_hypothesis": "saev_core.hypotheses",
+    "load_probe": "saev_core.probes",
     "run_query": "saev_core.warehouse",
 }
 

@@ -1,11 +1,13 @@
 """`saev`: one command line for every stage, the warehouse queries and the schedule.
 
     saev shapes --out data/shapes     generate the built-in image world
-    saev backbone|extract|validate|train|stats|intervene|warehouse [--params params.yaml]
+    saev backbone|extract|validate|train|stats|probe|intervene|warehouse [--params params.yaml]
                                       run one stage as a Prefect flow (what `dvc repro` calls)
     saev pipeline                     every stage in order, in one process
     saev sql NAME|QUERY [--param k=v] named query from sql/queries/ or read-only ad-hoc SQL
     saev serve                        serve the pipeline on a cron schedule
+    saev deploy | worker [--gpu]      deployments and workers on a Prefect server (flows/deploy.py)
+    saev doctor                       check the configuration and the services it names
 
 Sub-commands import their module only when called, so `saev --help` and `saev sql` start fast.
 """
@@ -23,11 +25,16 @@ COMMANDS = {
     "validate": ("flows.validate", "main", "Great Expectations checks on the shards"),
     "train": ("flows.train", "main", "train the SAE"),
     "stats": ("flows.stats", "main", "per-feature statistics"),
-    "intervene": ("flows.intervene", "main", "feature edits vs controls, logged to MLflow"),
+    "probe": ("flows.probe", "main", "linear probes on the backbone's output"),
+    "intervene": ("flows.intervene", "main", "feature hypotheses: edits vs controls, to MLflow"),
     "warehouse": ("flows.warehouse", "main", "rebuild warehouse/saev.duckdb"),
     "pipeline": ("flows.pipeline", "main", "every stage in order, in one process"),
     "sql": ("saev_core.warehouse", "main", "query the warehouse (named query or SQL; --list)"),
     "serve": ("flows.deploy", "main", "serve the pipeline on a cron schedule"),
+    "refresh": ("flows.refresh", "main", "new images in extract.data -> shards, stats, warehouse"),
+    "deploy": ("flows.deploy", "deploy_main", "register the deployments with a Prefect server"),
+    "worker": ("flows.deploy", "worker_main", "start a Prefect worker (--gpu on a GPU machine)"),
+    "doctor": ("flows.doctor", "main", "what is configured, what answers, what does not"),
 }
 
 

@@ -15,6 +15,7 @@ def stage_configs():
     from saev_core.backbone import BackboneConfig
     from saev_core.extract import ExtractConfig
     from saev_core.intervene import InterveneConfig
+    from saev_core.probes import ProbeConfig
     from saev_core.stages import StatsStage, TrainStage
     from saev_core.stats import StatsConfig
     from saev_core.training import TrainConfig
@@ -28,6 +29,7 @@ def stage_configs():
             "validate": ValidateConfig,
             "train": TrainStage,
             "stats": StatsStage,
+            "probe": ProbeConfig,
             "intervene": InterveneConfig,
             "warehouse": WarehouseConfig,
         },

@@ -61,6 +61,13 @@ TINY_PARAMS = {
         "run": "demo",
         "options": {"n_top": 4, "splits": ["train", "val"]},
     },
+    "probe": {
+        "model": "artifacts/backbone",
+        "data": "data/shapes",
+        "out_dir": "artifacts/probes/demo",
+        "seg_classes": ["red", "green", "blue", "yellow"],
+        "epochs": 2,
+    },
     "intervene": {
         "model": "artifacts/backbone",
         "sae_dir": "artifacts/saes/demo",
@@ -101,7 +108,16 @@ def test_dvc_repro_end_to_end(tiny_world, tmp_path):
     dvc(root, "init", "--no-scm", "-q", env=env)
 
     out = dvc(root, "repro", env=env)
-    for stage in ("backbone", "extract", "validate", "train", "stats", "intervene", "warehouse"):
+    for stage in (
+        "backbone",
+        "extract",
+        "validate",
+        "train",
+        "stats",
+        "probe",
+        "intervene",
+        "warehouse",
+    ):
         assert f"Running stage '{stage}'" in out
     for path in (
         "artifacts/backbone/model.safetensors",
