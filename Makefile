@@ -33,8 +33,8 @@ demo: data
 	@$(BIN)/dvc metrics show metrics/train.json
 	@echo "-- best feature per concept (warehouse/saev.duckdb; saev sql --list for more) --"
 	@$(BIN)/saev sql best_feature_per_concept
-	@echo "-- suppressing each concept's best feature at -5 x max vs a random feature --"
-	@$(BIN)/saev sql "select concept, feature, auroc, round(p_before, 3) as p_before, round(p_after, 3) as p_after, round(delta_lo, 3) as delta_lo, round(delta_hi, 3) as delta_hi, round(control_delta, 3) as control_delta, below_control from interventions where strength = -5 order by concept"
+	@echo "-- clamping each concept's best feature to -2 x max, against its controls (saev sql intervention_controls) --"
+	@$(BIN)/saev sql "select concept, feature, round(p_before, 3) as p_before, round(p_after, 3) as p_after, round(delta_lo, 3) as delta_lo, round(delta_hi, 3) as delta_hi, round(control_delta, 3) as random_feature, round(direction_delta, 3) as random_direction, below_controls from interventions where strength = -2 and task = 'classifier' order by concept"
 	@echo "MLflow UI:        make mlflow-ui, then open http://127.0.0.1:5000"
 	@echo "SAE checkpoint:   artifacts/saes/demo/    shards: artifacts/activations/shapes/"
 	@echo "stats (Parquet):  artifacts/stats/demo/   interventions: artifacts/interventions/demo/"

@@ -37,8 +37,9 @@ def log_task(io: StatsStage, summary: dict) -> None:
 
 
 @flow(name="stats", log_prints=True)
-def stats_flow(params: str = "params.yaml") -> dict:
-    io = load_section(params, "stats", StatsStage)
+def stats_flow(params: str = "params.yaml", overrides: dict | None = None) -> dict:
+    """Stats of the `stats` params section (`overrides` replace its keys for this run)."""
+    io = load_section(params, "stats", StatsStage, **(overrides or {}))
     summary = stats_task(io)
     log_task(io, summary)
     print(
@@ -50,8 +51,8 @@ def stats_flow(params: str = "params.yaml") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("stats", argv)
-    stats_flow(params=args.params)
+    args = parse_args("stats", argv, overrides=True)
+    stats_flow(params=args.params, overrides=args.overrides)
     return 0
 
 

@@ -61,9 +61,11 @@ class Hypothesis:
     features: tuple[int, ...] = ()
     """Feature ids to edit; empty = the `n_features` best for `best_for` (default: target)."""
     best_for: str = ""
-    """Label whose best features (by patch AUROC) are edited when `features` is empty."""
+    """Label whose best features (by `select_by` AUROC) are edited when `features` is empty."""
     n_features: int = 1
     """How many best features to edit together."""
+    select_by: Literal["patch", "image"] = "patch"
+    """Rank features for `best_for` by patch-level or image-level AUROC."""
     layer: int | None = None
     """Block to splice at; None = the layer the SAE was trained on."""
     op: Literal["suppress", "clamp", "scale", "add"] = "clamp"
@@ -108,6 +110,8 @@ class Hypothesis:
             raise ValueError(f"images must be with_target or all, got {self.images!r}")
         if not self.strengths:
             raise ValueError("strengths: give at least one")
+        if self.select_by not in ("patch", "image"):
+            raise ValueError(f"select_by must be patch or image, got {self.select_by!r}")
         if self.n_features < 1 or self.max_images < 1:
             raise ValueError("n_features and max_images must be >= 1")
 
@@ -249,7 +253,7 @@ def _blank():
 
 
 def best_features(h: Hypothesis, label: str, n: int) -> tuple[list[int], float]:
-    """The `n` features with the highest patch AUROC for `label`, and the best AUROC."""
+    """The `n` features with the highest `h.select_by` AUROC for `label`, and that AUROC."""
     if h.warehouse:
         from saev_core.warehouse import run_query
 
@@ -258,17 +262,27 @@ def best_features(h: Hypothesis, label: str, n: int) -> tuple[list[int], float]:
             run_query(
                 h.warehouse,
                 "top_features_for_label",
-                {"label": label, "run": run, "limit": str(n)},
+                {"label": label, "run": run, "limit": str(n), "level": h.select_by},
                 fmt="json",
             )
         )
-        feats, aurocs = [int(r["feature"]) for r in rows], [r["auroc"] for r in rows]
+        key = "auroc" if h.select_by == "patch" else "image_auroc"
+        feats, aurocs = [int(r["feature"]) for r in rows], [r[key] for r in rows]
     else:
         import pandas as pd
 
         fl = pd.read_parquet(Path(h.stats_dir) / "feature_labels.parquet")
-        ranked = fl[fl["label"] == label].sort_values(["auroc", "feature"], ascending=[False, True])
-        feats, aurocs = ranked["feature"].head(n).astype(int).tolist(), ranked["auroc"].tolist()
+        key, other = (
+            ("auroc", "image_auroc") if h.select_by == "patch" else ("image_auroc", "auroc")
+        )
+        if key not in fl:
+            raise ValueError(f"{h.stats_dir}/feature_labels.parquet has no {key}: re-run stats")
+        # ties (colours reach image AUROC 1.0 with several features) go to the other level
+        order = [key, other, "feature"] if other in fl else [key, "feature"]
+        ranked = fl[fl["label"] == label].sort_values(
+            order, ascending=[False] * (len(order) - 1) + [True]
+        )
+        feats, aurocs = ranked["feature"].head(n).astype(int).tolist(), ranked[key].tolist()
     if not feats:
         raise ValueError(
             f"no feature statistics for label {label!r} in {h.warehouse or h.stats_dir}"
@@ -655,7 +669,10 @@ def write_results(rows: list[dict[str, Any]], out_dir: str | Path, run: str) -> 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist([{"run": run, **r} for r in rows])
+    # Every key of every row: segmentation rows carry mIoU columns that classifier rows lack,
+    # and from_pylist alone would take the columns of the first row only.
+    keys = list(dict.fromkeys(k for r in rows for k in ("run", *r)))
+    table = pa.Table.from_pylist([{k: {"run": run, **r}.get(k) for k in keys} for r in rows])
     path = out_dir / "results.parquet"
     atomic_write_table(table, path)
     return path

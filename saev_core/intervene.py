@@ -75,7 +75,10 @@ class InterveneConfig:
     scope: Literal["all", "patches", "cls", "region", "target"] = "all"
     """Which tokens the edit touches (target: the target label's pixels, from the masks)."""
     n_features: int = 1
-    """How many of a label's best features (by patch AUROC) are edited together."""
+    """How many of a label's best features (by `select_by` AUROC) are edited together."""
+    select_by: Literal["patch", "image"] = "patch"
+    """Rank a label's features by patch-level AUROC (where it fires) or image-level AUROC (an
+    image's highest patch: what an image classifier can read)."""
     max_images: int = 1000
     """At most this many evaluation images per hypothesis."""
     batch: bool = True
@@ -108,12 +111,14 @@ class InterveneConfig:
             raise ValueError(f"intervene.op must be one of {'|'.join(EDIT_OPS)}, got {self.op!r}")
         if self.n_features < 1:
             raise ValueError("intervene.n_features must be >= 1")
+        if self.select_by not in ("patch", "image"):
+            raise ValueError(f"intervene.select_by must be patch|image, got {self.select_by!r}")
         if not self.batch and not self.hypotheses and not self.hypotheses_file:
             raise ValueError("intervene: nothing to test (batch is false and no hypotheses)")
 
     DEFAULT_FIELDS = (
         "model", "sae_dir", "stats_dir", "warehouse", "data", "split", "task", "probe_dir",
-        "op", "relative", "strengths", "scope", "n_features", "max_images",
+        "op", "relative", "strengths", "scope", "n_features", "select_by", "max_images",
     )  # fmt: skip
 
     def defaults(self) -> dict[str, Any]:

@@ -237,7 +237,32 @@ def test_flow_logs_nested_runs_and_feeds_the_warehouse(world, tiny_vit, tiny_wor
         run_query(db, "intervention_controls", {"run": "hyp"}, fmt="json", root=tmp_path)
     )
     assert len(table) == 5 and {"random_feature", "random_direction", "miou_delta"} <= set(table[0])
+    # the view's verdicts read the columns the runner writes (none left null by a name mismatch)
+    assert all(r["below_controls"] is not None for r in table)
+    seg_row = [r for r in table if r["hypothesis"] == "yellow-seg"]
+    assert len(seg_row) == 1 and seg_row[0]["miou_delta"] is not None
     old = json.loads(
         run_query(db, "intervention_summary", {"run": "hyp"}, fmt="json", root=tmp_path)
     )
     assert len(old) == 5 and "control_delta" in old[0]
+    assert all(r["control_lo"] is not None and r["below_control"] is not None for r in old)
+
+
+def test_best_feature_by_patch_or_image_auroc(tmp_path):
+    from saev_core.hypotheses import best_features
+
+    pd.DataFrame(
+        {
+            "feature": [0, 1, 2, 3],
+            "label": ["tri", "tri", "tri", "sq"],
+            # feature 0: dense, fires a little more on triangle patches, useless per image
+            "auroc": [0.88, 0.69, 0.69, 0.9],
+            "image_auroc": [0.52, 0.95, 0.97, 0.9],
+        }
+    ).to_parquet(tmp_path / "feature_labels.parquet")
+    by_patch = Hypothesis(target="tri", stats_dir=str(tmp_path))
+    assert best_features(by_patch, "tri", 1) == ([0], 0.88)
+    by_image = Hypothesis(target="tri", stats_dir=str(tmp_path), select_by="image")
+    assert best_features(by_image, "tri", 2) == ([2, 1], 0.97)
+    with pytest.raises(ValueError, match="select_by"):
+        Hypothesis(target="tri", select_by="token")

@@ -39,8 +39,8 @@ final as (
         -- mean |change| of the other labels' probabilities: how specific the edit is
         other_abs_delta,
         control_delta,
-        control_lo,
-        control_hi,
+        control_delta_lo as control_lo,
+        control_delta_hi as control_hi,
         control_target_change_rate,
         control_other_change_rate,
         direction_delta,
@@ -51,11 +51,11 @@ final as (
         noedit_max_abs_dp,
         delta - control_delta as delta_vs_control,
         -- the edit's 95% interval lies wholly below the random-feature control's
-        delta_hi < control_lo as below_control,
+        delta_hi < control_delta_lo as below_control,
         -- ... and below the random-direction control's too
-        delta_hi < control_lo and delta_hi < direction_delta_lo as below_controls,
+        delta_hi < control_delta_lo and delta_hi < direction_delta_lo as below_controls,
         -- the intervals do not overlap, in either direction
-        delta_hi < control_lo or delta_lo > control_hi as differs_from_control,
+        delta_hi < control_delta_lo or delta_lo > control_delta_hi as differs_from_control,
         -- segmentation probes: mIoU against the masks, and the change of each class's share
         -- of the pixels (JSON: class -> change in fraction of the image)
         miou_before,
