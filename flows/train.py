@@ -88,6 +88,7 @@ def train_task(io: TrainStage) -> tuple[dict, list[dict]]:
             _log_final(client, children[name], m, f"{out}/sweep/{name}")
             client.set_terminated(children[name])
 
+    run_ids = {"main": parent.info.run_id, **children}
     rows = []
     for name, m, cfg in [("main", metrics, io.sae)] + [
         (n, sweep[n], {**io.sae, **io.sweep[n]}) for n in io.sweep
@@ -107,7 +108,43 @@ def train_task(io: TrainStage) -> tuple[dict, list[dict]]:
                 },
             }
         )
-    return scalars(metrics), sorted(rows, key=lambda r: r["l0"])
+    rows = sorted(rows, key=lambda r: r["l0"])
+    if io.register_as:
+        register_best(io, rows, run_ids)
+    return scalars(metrics), rows
+
+
+def best_sae(rows: list[dict], max_l0: float) -> dict | None:
+    """The row of the lowest FVU among SAEs with L0 <= `max_l0` and under 10% dead features."""
+    ok = [r for r in rows if r["l0"] <= max_l0 and r["dead_frac"] < 0.1]
+    return min(ok, key=lambda r: r["fvu"]) if ok else None
+
+
+def register_best(io: TrainStage, rows: list[dict], run_ids: dict[str, str]) -> None:
+    """A new version of registered model `io.register_as`: the best SAE's checkpoint artifact."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    best = best_sae(rows, io.register_max_l0)
+    if best is None:
+        print(f"no SAE with L0 <= {io.register_max_l0} and < 10% dead: nothing registered")
+        return
+    client = MlflowClient()
+    try:
+        client.create_registered_model(io.register_as)
+    except MlflowException:
+        pass  # it exists: add a version
+    run_id = run_ids[best["name"]]
+    version = client.create_model_version(
+        io.register_as,
+        source=f"{client.get_run(run_id).info.artifact_uri}/sae",
+        run_id=run_id,
+        tags={"member": best["name"], "l0": str(best["l0"]), "fvu": str(best["fvu"])},
+    )
+    print(
+        f"registered {best['name']} (L0 {best['l0']:.1f}, FVU {best['fvu']:.3f}) as "
+        f"{io.register_as} version {version.version}"
+    )
 
 
 @flow(name="train", log_prints=True)

@@ -68,6 +68,10 @@ class TrainStage:
     """More SAEs trained on the same pass of the data: `{name: overrides of sae}` (e.g. `{k8: {k: 8}}`)."""
     checkpoint_dir: str = ""
     """Resumable training checkpoints ('' = `<out_dir>.ckpt`); a killed run resumes from it; removed on success."""
+    register_as: str = ""
+    """MLflow registered-model name for the best SAE of the run and its sweep ('' = none)."""
+    register_max_l0: float = 32.0
+    """The best SAE: lowest val FVU among those with L0 <= this and under 10% dead features."""
 
     def __post_init__(self) -> None:
         for name in self.sweep:

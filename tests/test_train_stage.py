@@ -135,6 +135,8 @@ def test_train_flow_logs_nested_mlflow_runs_and_sweep_metrics(
             "out_dir": "saes/demo",
             "sae": SAE_PARAMS,
             "sweep": {"k2": {"k": 2}, "k8": {"k": 8}},
+            "register_as": "shapes-sae",
+            "register_max_l0": 4,
         }
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -153,3 +155,10 @@ def test_train_flow_logs_nested_mlflow_runs_and_sweep_metrics(
         assert "git_commit" in r.data.tags
         arts = {a.path for a in mlflow.MlflowClient().list_artifacts(r.info.run_id)}
         assert {"sae", "feature_density.png"} <= arts
+    # the best SAE with L0 <= 4 and < 10% dead (never k8, L0 8) is the registered version
+    best = min((r for r in rows if r["l0"] <= 4 and r["dead_frac"] < 0.1), key=lambda r: r["fvu"])
+    (version,) = mlflow.MlflowClient().search_model_versions("name='shapes-sae'")
+    assert version.tags["member"] == best["name"] != "k8"
+    by_name = {"main" if r.info.run_name == "demo" else r.info.run_name: r for r in [parent, *kids]}
+    assert version.run_id == by_name[best["name"]].info.run_id
+    assert version.source.endswith("/sae")
