@@ -76,24 +76,25 @@ def intervene_task(cfg: InterveneConfig, device: str = "cpu") -> list[dict]:
 def intervene_flow(params: str = "params.yaml", device: str = "cpu") -> list[dict]:
     cfg = load_section(params, "intervene", InterveneConfig)
     rows = intervene_task(cfg, device)
-    strongest = min(cfg.strengths)
-    summary = {}
+    # One entry per hypothesis and strength: the dose-response, with both controls' verdict.
+    summary: dict[str, dict] = {}
     for r in rows:
-        if r["strength"] == strongest or r["edit"] == "suppress":
-            summary[r["hypothesis"]] = {
-                "delta": round(r["delta"], 4),
-                "control_delta": round(r.get("control_delta", float("nan")), 4),
-                "direction_delta": round(r.get("direction_delta", float("nan")), 4),
-                "target_change_rate": round(r["target_change_rate"], 4),
-                "below_control": bool(r["below_control"]),
-            }
+        los = [r[k] for k in ("control_delta_lo", "direction_delta_lo") if k in r]
+        summary.setdefault(r["hypothesis"], {})[f"{r['strength']:g}"] = {
+            "delta": round(r["delta"], 4),
+            "control_delta": round(r.get("control_delta", float("nan")), 4),
+            "direction_delta": round(r.get("direction_delta", float("nan")), 4),
+            "target_change_rate": round(r["target_change_rate"], 4),
+            "below_controls": bool(los) and all(r["delta_hi"] < lo for lo in los),
+        }
     write_metrics(METRICS, summary)
-    for name, s in summary.items():
-        print(
-            f"{name:>12}: dp {s['delta']:+.3f} vs random feature {s['control_delta']:+.3f}, "
-            f"random direction {s['direction_delta']:+.3f}"
-            f"{' (below control)' if s['below_control'] else ''}"
-        )
+    for name, by_strength in summary.items():
+        for strength, m in by_strength.items():
+            print(
+                f"{name:>12} @ {strength:>4}: dp {m['delta']:+.3f} vs random feature "
+                f"{m['control_delta']:+.3f}, random direction {m['direction_delta']:+.3f}"
+                f"{' (below both controls)' if m['below_controls'] else ''}"
+            )
     return rows
 
 

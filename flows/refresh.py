@@ -10,6 +10,7 @@ the run in MLflow (experiment `service`).
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from flows.validate import validate_flow
 from flows.warehouse import warehouse_flow
 from saev_core.config import read_params
 from saev_core.data import load_records
-from saev_core.extract import ExtractConfig
+from saev_core.extract import ExtractConfig, pending
 
 
 @task(retries=2, retry_delay_seconds=5)
@@ -39,7 +40,7 @@ def new_images_task(data: str, out_dir: str, splits: tuple[str, ...]) -> int:
     """How many images of the source the shard set does not hold yet (no model loaded)."""
     import pyarrow.parquet as pq
 
-    keys = {r.key for r in load_records(data, splits)}
+    records = load_records(data, splits)
     images = Path(out_dir) / "images.parquet"
     if images.exists():
         if "key" not in pq.read_schema(images).names:
@@ -47,8 +48,10 @@ def new_images_task(data: str, out_dir: str, splits: tuple[str, ...]) -> int:
                 f"{out_dir} predates stable image keys and cannot be extended: delete it and "
                 "run again (the whole folder is then extracted)"
             )
-        keys -= set(pq.read_table(images, columns=["key"]).column("key").to_pylist())
-    return len(keys)
+        manifest = json.loads((Path(out_dir) / "manifest.json").read_text())
+        extracted = pq.read_table(images, columns=["key"]).column("key").to_pylist()
+        return len(pending(records, manifest, extracted))
+    return len(records)
 
 
 def tracked_input(path: str | Path) -> Path | None:

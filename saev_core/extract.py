@@ -156,10 +156,10 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbone: Any = None) -> 
     identity = _identity(cfg, bb, layers, written)
 
     base = _existing(out_dir, identity, cfg.overwrite)
-    known = set(base["keys"]) if base else set()
-    todo = [r for r in records if r.key not in known]
+    todo = pending(records, base["manifest"] if base else None, base["keys"] if base else ())
     if base and not todo:
-        print(f"{out_dir}: up to date, all {len(records)} images already extracted")
+        shutil.rmtree(partial, ignore_errors=True)  # a crash's leftover of other inputs
+        print(f"{out_dir}: up to date, all {len(records)} images extracted or skipped")
         return base["manifest"]
 
     plan = _plan(identity, todo, base, cfg.images_per_file)
@@ -255,6 +255,28 @@ def _existing(out_dir: Path, identity: dict, overwrite: bool) -> dict | None:
         )
     images = pq.read_table(out_dir / shards.IMAGES, columns=["key"]).column("key").to_pylist()
     return {"manifest": manifest, "keys": images}
+
+
+def pending(records: list[ImageRecord], manifest: dict | None, keys) -> list[ImageRecord]:
+    """The records a shard set still lacks: neither extracted nor skipped as they are now.
+
+    A skipped image is tried again only when its bytes changed (a fixed file); otherwise every
+    rerun (a scheduled refresh) would retry and re-list the same bad file.
+    """
+    known = set(keys)
+    for entry in (manifest or {}).get("skipped", []):
+        record_sha = entry.get("sha256")
+        if record_sha is None or record_sha == _file_digest(entry.get("path")):
+            known.add(entry["key"])
+    return [r for r in records if r.key not in known]
+
+
+def _file_digest(path: Any) -> str | None:
+    """sha256 of a file's bytes, or None for what is not a readable file (dataset rows)."""
+    try:
+        return shards.sha256_file(path) if path and Path(path).is_file() else None
+    except OSError:
+        return None
 
 
 def _short(value: Any, width: int = 80) -> str:
@@ -372,7 +394,8 @@ class _ChunkExtractor:
         except BadImage as e:
             if self.cfg.strict:
                 raise BadImage(f"{rec.path}: {e} (strict mode stops at bad images)") from e
-            return None, {"key": rec.key, "path": str(rec.path), "reason": str(e)}
+            entry = {"key": rec.key, "path": str(rec.path), "reason": str(e)}
+            return None, {**entry, "sha256": _file_digest(rec.path)}
 
     def _prepare(self, recs: list[ImageRecord]):
         """Decode and preprocess one batch: (kept records, pixel_values or None, skipped)."""
@@ -502,7 +525,8 @@ def _assemble(partial, plan, base, cfg, out_dir, written, identity) -> dict[str,
     images = [pq.read_table(out_dir / shards.IMAGES)] if base else []
     labels = [pq.read_table(out_dir / shards.PATCH_LABELS)] if base else []
     files = list(base["manifest"]["files"]) if base else []
-    skipped = list(base["manifest"]["skipped"]) if base else []
+    retried = {k for c in plan["chunks"] for k in c["keys"]}
+    skipped = [s for s in (base["manifest"]["skipped"] if base else []) if s["key"] not in retried]
     chunk_names = list(base["manifest"]["chunks"]) if base else []
     for chunk in plan["chunks"]:
         stem = partial / CHUNKS / chunk["name"]
@@ -511,7 +535,8 @@ def _assemble(partial, plan, base, cfg, out_dir, written, identity) -> dict[str,
         record = _chunk_record(partial, chunk["name"])
         files += record["files"]
         skipped += record["skipped"]
-        chunk_names.append(chunk["name"])
+        if record["files"]:  # a chunk of only bad images wrote nothing to remember
+            chunk_names.append(chunk["name"])
     images_t = pa.concat_tables(images).sort_by("image_id")
     labels_t = pa.concat_tables(labels).sort_by([("image_id", "ascending"), ("token", "ascending")])
     if images_t.num_rows == 0:
@@ -602,8 +627,7 @@ def plan_partitions(cfg: ExtractConfig, n_partitions: int) -> dict[str, Any]:
     written = np.asarray(token_indices(bb, cfg.tokens), dtype=np.int32)
     identity = _identity(cfg, bb, layers, written)
     base = _existing(out_dir, identity, cfg.overwrite)
-    known = set(base["keys"]) if base else set()
-    todo = [r for r in records if r.key not in known]
+    todo = pending(records, base["manifest"] if base else None, base["keys"] if base else ())
     if base and not todo:
         return {"out_dir": str(out_dir), "up_to_date": True, "n_chunks": 0, "partitions": []}
     plan = _plan(identity, todo, base, cfg.images_per_file)

@@ -216,6 +216,16 @@ def test_bad_files_are_skipped_and_listed_or_stop_strict_runs(tiny_world, tiny_v
     assert set(names) == {"empty.png", "text.jpg", "truncated.png", "cmyk.jpg", "deep.png"}
     assert len(set(names.values())) == 5  # a distinct reason for each kind
 
+    # A rerun neither retries nor re-lists the bad files: the set is up to date, bytes unchanged.
+    before = digest(out)
+    assert extract(cfg_for(tiny_vit, folder, out, max_pixels=10_000), progress=False) == m
+    assert digest(out) == before
+    # A fixed file is tried again: it joins the set and leaves the report.
+    shutil.copy(next((folder / "even").glob("img*.png")), folder / "odd" / "empty.png")
+    fixed = extract(cfg_for(tiny_vit, folder, out, max_pixels=10_000), progress=False)
+    assert fixed["n_images"] == 5 and len(fixed["skipped"]) == 4
+    assert "empty.png" not in {Path(s["path"]).name for s in fixed["skipped"]}
+
     with pytest.raises(ValueError, match="empty.png|text.jpg|truncated.png|cmyk.jpg|deep.png"):
         extract(cfg_for(tiny_vit, folder, tmp_path / "strict", strict=True), progress=False)
     assert not (tmp_path / "strict").exists()

@@ -201,7 +201,13 @@ def test_flow_logs_nested_runs_and_feeds_the_warehouse(world, tiny_vit, tiny_wor
     params.write_text(yaml.safe_dump({"intervene": section}))
     monkeypatch.chdir(tmp_path)  # the flow writes metrics/intervene.json where it runs
     rows = intervene_flow(params=str(params))
-    assert (tmp_path / "metrics" / "intervene.json").exists()
+    summary = json.loads((tmp_path / "metrics" / "intervene.json").read_text())
+    # every hypothesis at every strength it ran, hand-written ones included
+    assert {h: sorted(v) for h, v in summary.items()} == {
+        "red": ["-2", "0"],
+        "yellow": ["-2", "0"],
+        "yellow-seg": ["-2"],
+    }
     names = [r["experiment"] for r in rows]
     # the unknown label is skipped, the others run at every strength, the probe at one
     assert names == ["red@0", "red@-2", "yellow@0", "yellow@-2", "yellow-seg@-2"]
