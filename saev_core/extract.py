@@ -197,7 +197,7 @@ def _identity(cfg: ExtractConfig, bb: Any, layers: list[int], written: np.ndarra
     return json_safe(
         {
             "model": {
-                "name": cfg.model,
+                "name": _same_path(cfg.model),
                 "class": type(bb.model).__name__,
                 "weights_sha256": bb.weights_sha256,
                 "precision": str(bb.dtype).removeprefix("torch."),
@@ -217,9 +217,23 @@ def _identity(cfg: ExtractConfig, bb: Any, layers: list[int], written: np.ndarra
             },
             "dtype": cfg.dtype,
             "d_model": bb.d_model,
-            "source": str(cfg.data),
+            "source": _same_path(cfg.data),
         }
     )
+
+
+def _same_path(name: str) -> str:
+    """One spelling per local path (relative to the working directory when under it, else
+    absolute; no trailing slash), so `data/x/` and `/abs/data/x` are one source; hub ids and
+    other non-paths are left as they are."""
+    path = Path(name)
+    if not path.exists():
+        return str(name)
+    path = path.resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _existing(out_dir: Path, identity: dict, overwrite: bool) -> dict | None:

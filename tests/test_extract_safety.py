@@ -150,6 +150,9 @@ def test_new_images_in_a_folder_are_appended(tiny_world, tiny_vit, tmp_path):
 
     again = extract(cfg_for(tiny_vit, folder, out), progress=False)  # nothing new
     assert again == first and digest(out) == before
+    # the same folder spelled another way is the same source, not a different shard set
+    respelled = extract(cfg_for(tiny_vit, f"{folder}/", out), progress=False)
+    assert respelled == first and digest(out) == before
 
     _folder(folder, tiny_world, 11)
     grown = extract(cfg_for(tiny_vit, folder, out), progress=False)
