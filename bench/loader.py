@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import write_manifest
 
 from saev_core import shards
 
@@ -55,23 +56,7 @@ def write_data(root: Path, n_images: int, tokens: int, d_model: int, per_group: 
         npy[start * tokens : (start + n) * tokens] = acts.reshape(-1, d_model)
     npy.flush()
     del npy
-    manifest = {
-        "schema": shards.SCHEMA_VERSION,
-        "model": {"name": "bench", "weights_sha256": "-"},
-        "layers": [0],
-        "tokens": {
-            "policy": "all",
-            "n_prefix_tokens": 1,
-            "n_patches": tokens - 1,
-            "written": list(range(tokens)),
-            "n_tokens_written": tokens,
-        },
-        "dtype": "float16",
-        "d_model": d_model,
-        "n_images": n_images,
-        "files": w.close(),
-    }
-    (root / "shards" / shards.MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(root / "shards", w.close(), n_images, tokens, d_model)
     return root / "shards"
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import write_manifest
 
 from saev_core import shards
 from saev_core.training import TrainConfig, resolve_device, train_saes
@@ -104,23 +105,7 @@ def write_shards(root: Path, n_tokens: int, d_model: int) -> Path:
         m = min(64, n_images - start)
         acts = rng.standard_normal((m, tokens, d_model), dtype=np.float32).astype(np.float16)
         w.add(np.arange(start, start + m), np.arange(tokens, dtype=np.int32), acts)
-    manifest = {
-        "schema": shards.SCHEMA_VERSION,
-        "model": {"name": "bench", "weights_sha256": "-"},
-        "layers": [0],
-        "tokens": {
-            "policy": "all",
-            "n_prefix_tokens": 1,
-            "n_patches": tokens - 1,
-            "written": list(range(tokens)),
-            "n_tokens_written": tokens,
-        },
-        "dtype": "float16",
-        "d_model": d_model,
-        "n_images": n_images,
-        "files": w.close(),
-    }
-    (root / shards.MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(root, w.close(), n_images, tokens, d_model)
     return root
 
 

@@ -3,32 +3,16 @@ exactly the bytes of a single-worker run, for a fresh set and for new images app
 
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
+from test_extract_safety import SMALL, cfg_for, digest
 
-from saev_core import shards
 from saev_core.extract import (
-    ExtractConfig,
     extract,
     extract_partition,
     merge_partitions,
     plan_partitions,
 )
-
-SMALL = dict(layers=(0, -1), batch_size=2, images_per_row_group=2, images_per_file=3, n_workers=1)
-
-
-def cfg_for(model, data, out, **kw):
-    return ExtractConfig(model=str(model), data=str(data), out_dir=str(out), **{**SMALL, **kw})
-
-
-def digest(out: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(out)): shards.sha256_file(p)
-        for p in sorted(out.rglob("*"))
-        if p.is_file()
-    }
 
 
 def partitioned(cfg, n: int) -> dict:
