@@ -41,6 +41,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from saev_core import sparse_code
 from saev_core.config import from_dict, to_dict
 
 WEIGHTS_NAME = "sae.safetensors"
@@ -129,8 +130,8 @@ class SAEOutput(NamedTuple):
 
     x_hat: Tensor
     "Reconstruction [batch, d_model] in the input space."
-    f: Tensor
-    "Latent activations [batch, d_sae] (the training activation in training mode)."
+    f: Tensor | None
+    "Latent activations [batch, d_sae] (the training activation in training mode); see `forward`."
     loss: Tensor
     "recon + coeff * sparsity + aux_alpha * aux."
     mse: Tensor
@@ -143,6 +144,10 @@ class SAEOutput(NamedTuple):
     "The penalised sparsity term before its coefficient: L1 ('relu'), L0 ('jumprelu'), else 0."
     recon: Tensor
     "The reconstruction term of the loss: mse, or for 'matryoshka' the mean of the prefixes' mse."
+    l0: Tensor
+    "Mean over batch of the number of positive latents (detached)."
+    fired: Tensor
+    "[d_sae] bool: latents positive on some token of the batch (detached)."
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -215,6 +220,8 @@ class SAE(nn.Module):
         self.register_buffer("norm_scale", torch.tensor(1.0))
         # Tokens seen since each latent last fired; AuxK treats >= dead_after_tokens as dead.
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
+        self.sparse_kernels = True
+        "Train the k-sparse archs with `sparse_code`'s kernels; False runs the dense reference."
 
     # -- normalisation -------------------------------------------------------------------------
 
@@ -287,7 +294,11 @@ class SAE(nn.Module):
     # -- loss ----------------------------------------------------------------------------------
 
     def forward(
-        self, x_bd: Tensor, dead_mask: Tensor | None = None, sparsity_coeff: float | None = None
+        self,
+        x_bd: Tensor,
+        dead_mask: Tensor | None = None,
+        sparsity_coeff: float | None = None,
+        dense_f: bool = True,
     ) -> SAEOutput:
         """Encode, decode and compute the loss terms.
 
@@ -295,7 +306,12 @@ class SAE(nn.Module):
         updated); in eval mode the inference one. `dead_mask` [d_sae] marks latents for AuxK; by
         default those whose `tokens_since_fired` reached `cfg.dead_after_tokens`.
         `sparsity_coeff` overrides `cfg.l1_coeff` / `cfg.l0_coeff` (the sparsity warm-up).
+        k-sparse archs train through `sparse_code` (same values and gradients, far fewer FLOPs);
+        there `f` is detached, and `dense_f=False` skips building it (`f` is then None; the
+        trainer needs only `l0` and `fired`).
         """
+        if self.training and self.cfg.arch in K_SPARSE and self.sparse_kernels:
+            return self._forward_sparse(x_bd, dead_mask, dense_f)
         cfg = self.cfg
         x_n = self.normalise(x_bd)
         h = self.pre_acts(x_n)
@@ -323,9 +339,84 @@ class SAE(nn.Module):
                     dead_mask = self.dead_mask()
                 aux = self.aux_loss(h, x_n - x_hat_n, dead_mask)
             if self.training and cfg.arch in ("batchtopk", "matryoshka"):
-                self._update_threshold(f)
+                self._update_threshold(f[f > 0])
         loss = recon + coeff * sparsity + cfg.aux_alpha * aux
-        return SAEOutput(self.unnormalise(x_hat_n), f, loss, mse, l1, aux, sparsity, recon)
+        with torch.no_grad():
+            active = f > 0
+            l0, fired = active.sum(dim=-1).float().mean(), active.any(dim=0)
+        return SAEOutput(
+            self.unnormalise(x_hat_n), f, loss, mse, l1, aux, sparsity, recon, l0, fired
+        )
+
+    def _forward_sparse(self, x_bd: Tensor, dead_mask: Tensor | None, dense_f: bool) -> SAEOutput:
+        """`forward` in training mode for the k-sparse archs, through `sparse_code`."""
+        cfg, sc = self.cfg, sparse_code
+        x_n = self.normalise(x_bd)
+        with torch.no_grad():  # the one dense matmul; gradients reach it through gather_pre_acts
+            x_c = x_n - self.b_dec
+            h = torch.addmm(self.b_enc, x_c, self.W_enc)
+        n_rows = x_bd.shape[0]
+        if cfg.arch == "topk":
+            code = sc.top_k(h, cfg.k)
+        else:
+            code = sc.batch_top_k(h, cfg.k * n_rows)
+        vals = torch.relu(sc.gather_pre_acts(h, code, x_c, self.W_enc, self.b_enc, self.b_dec))
+        x_hat_n = sc.decode(code, vals, self.W_dec) + self.b_dec
+        mse = (x_hat_n - x_n).pow(2).mean()
+        l1 = vals.sum() / n_rows
+        recon = mse
+        if cfg.arch == "matryoshka":
+            recon = self._matryoshka_recon_sparse(code, vals, x_n)
+        aux = x_n.new_zeros(())
+        if cfg.aux_alpha > 0:
+            if dead_mask is None:
+                dead_mask = self.dead_mask()
+            aux = self._aux_loss_sparse(h, x_c, x_n - x_hat_n, dead_mask)
+        if cfg.arch in ("batchtopk", "matryoshka"):
+            self._update_threshold(vals[vals > 0].detach())
+        loss = recon + cfg.aux_alpha * aux
+        with torch.no_grad():
+            l0 = (vals > 0).sum().float() / n_rows
+            fired = sc.fired(code, vals)
+        f = sc.to_dense(code, vals) if dense_f else None
+        zero = x_n.new_zeros(())
+        return SAEOutput(self.unnormalise(x_hat_n), f, loss, mse, l1, aux, zero, recon, l0, fired)
+
+    def _matryoshka_recon_sparse(
+        self, code: sparse_code.Code, vals: Tensor, x_n_bd: Tensor
+    ) -> Tensor:
+        """`_matryoshka_recon` on a sparse code: each prefix block decodes its own entries."""
+        x_hat = self.b_dec.expand_as(x_n_bd)
+        total = x_n_bd.new_zeros(())
+        start = 0
+        prefixes = self.cfg.prefixes()
+        for end in prefixes:
+            in_block = (code.cols >= start) & (code.cols < end)
+            x_hat = x_hat + sparse_code.decode(code, vals * in_block, self.W_dec)
+            total = total + (x_hat - x_n_bd).pow(2).mean()
+            start = end
+        return total / len(prefixes)
+
+    def _aux_loss_sparse(
+        self, h_bs: Tensor, x_c_bd: Tensor, e_bd: Tensor, dead_mask: Tensor
+    ) -> Tensor:
+        """`aux_loss` on the sparse kernels: the top `aux_k` dead latents per token."""
+        dead_idx = dead_mask.nonzero().squeeze(1)
+        if dead_idx.numel() == 0:
+            return h_bs.new_zeros(())
+        h_dead = h_bs[:, dead_idx]
+        m = min(self.cfg.aux_k, dead_idx.numel())
+        _, local = h_dead.topk(m, dim=-1, sorted=False)
+        code = sparse_code.per_row(local, dead_idx, self.cfg.d_sae)
+        z = torch.relu(
+            sparse_code.gather_pre_acts(h_bs, code, x_c_bd, self.W_enc, self.b_enc, self.b_dec)
+        )
+        e = e_bd.detach()
+        e_hat = sparse_code.decode(code, z, self.W_dec)
+        num = (e - e_hat).pow(2).sum()
+        denom = (e - e.mean(dim=0)).pow(2).sum()
+        safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+        return torch.where(denom > 0, num / safe, torch.zeros_like(num))
 
     def _matryoshka_recon(self, f_bs: Tensor, x_n_bd: Tensor) -> Tensor:
         """Mean over nested prefixes m of mse(f[:, :m] W_dec[:m] + b_dec, x_n) (Bussmann et al. 2025)."""
@@ -341,9 +432,11 @@ class SAE(nn.Module):
         return total / len(prefixes)
 
     @torch.no_grad()
-    def _update_threshold(self, f_bs: Tensor) -> None:
-        """Running average of the smallest activation BatchTopK kept (Bussmann et al. 2024, section 3)."""
-        pos = f_bs[f_bs > 0]
+    def _update_threshold(self, pos: Tensor) -> None:
+        """Running average of the smallest activation BatchTopK kept (Bussmann et al. 2024, section 3).
+
+        `pos` holds the batch's positive kept activations (any shape).
+        """
         if pos.numel() == 0:
             return
         smallest = pos.min().float()
@@ -388,8 +481,12 @@ class SAE(nn.Module):
     @torch.no_grad()
     def update_firing(self, f_bs: Tensor) -> None:
         """Advance `tokens_since_fired` by the batch size, resetting latents that fired in `f_bs`."""
-        fired = (f_bs > 0).any(dim=0)
-        self.tokens_since_fired += f_bs.shape[0]
+        self.record_firing((f_bs > 0).any(dim=0), f_bs.shape[0])
+
+    @torch.no_grad()
+    def record_firing(self, fired: Tensor, n_tokens: int) -> None:
+        """`update_firing` from `SAEOutput.fired` [d_sae] and the batch's token count."""
+        self.tokens_since_fired += n_tokens
         self.tokens_since_fired.masked_fill_(fired, 0)
 
     # -- unit-norm decoder ---------------------------------------------------------------------

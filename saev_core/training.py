@@ -95,6 +95,8 @@ class TrainConfig:
     "b_dec at the geometric median of the normalisation sample (Bricken et al. 2023), or 0 (= the mean)."
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     "bf16 autocast for the forward pass: 'auto' = on CUDA with bf16 support, else fp32. Weights stay fp32."
+    sparse_kernels: bool = True
+    "Train k-sparse archs with sparse kernels (saev_core/sparse_code.py; same gradients, ~3x faster at k=32, d_sae 16k); False = dense reference."
     checkpoint_every: int = 500
     "Write a resumable checkpoint every this many steps (needs a checkpoint directory); 0 = never."
     seed: int = 0
@@ -118,6 +120,8 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.sparse_kernels, bool):
+            raise ValueError(f"sparse_kernels must be true or false, got {self.sparse_kernels!r}")
         positive_ints = ["expansion", "k", "batch_size", "n_epochs", "aux_k"]
         positive_ints += ["dead_after_tokens", "norm_max_tokens", "log_every"]
         for name in positive_ints:
@@ -428,6 +432,7 @@ def train_saes(
     members = []
     for cfg, sae_cfg, log in zip(cfgs, sae_cfgs, logs, strict=True):
         sae = SAE(sae_cfg, generator=torch.Generator().manual_seed(cfg.seed))
+        sae.sparse_kernels = cfg.sparse_kernels
         members.append(_Member(cfg, sae, log))
 
     first: Iterable[Tensor] | None = None
@@ -539,7 +544,7 @@ def _train_step(
     for group in opt.param_groups:
         group["lr"] = lr_at(step, n_steps, cfg)
     with autocast:
-        out = sae(x_bd, sparsity_coeff=sparsity_coeff_at(step, cfg))
+        out = sae(x_bd, sparsity_coeff=sparsity_coeff_at(step, cfg), dense_f=False)
     opt.zero_grad(set_to_none=True)
     out.loss.float().backward()
     sae.remove_parallel_grads()
@@ -547,7 +552,7 @@ def _train_step(
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     opt.step()
     sae.normalise_decoder()
-    sae.update_firing(out.f)
+    sae.record_firing(out.fired, x_bd.shape[0])
     with torch.no_grad():
         m.metrics = _batch_metrics(x_bd, out)
     m.running.add(m.metrics, x_bd.shape[0])
@@ -592,7 +597,7 @@ def _batch_metrics(x_bd: Tensor, out: Any) -> dict[str, Tensor]:
         "l1": out.l1.detach().float(),
         "aux": out.aux.detach().float(),
         "sparsity": out.sparsity.detach().float(),
-        "l0": (out.f > 0).sum(dim=-1).float().mean(),
+        "l0": out.l0.float(),
         "fvu": err / var.clamp_min(1e-12),
     }
 

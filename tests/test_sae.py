@@ -9,8 +9,9 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
-from saev_core.sae import ARCHS, SAE, SAEConfig
+from saev_core.sae import ARCHS, K_SPARSE, SAE, SAEConfig
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -349,3 +350,55 @@ def test_auxk_reaches_every_k_sparse_arch(arch):
     out = sae(torch.randn(16, 8), dead_mask=mask)
     assert out.aux.item() > 0
     torch.testing.assert_close(out.loss, out.recon + sae.cfg.aux_alpha * out.aux)
+
+
+# -- the sparse training kernels against the dense reference -------------------------------------
+
+
+def _train_step_outputs(sae: SAE, x: Tensor, dead: Tensor, sparse: bool):
+    sae.sparse_kernels = sparse
+    sae.zero_grad(set_to_none=True)
+    out = sae.train()(x, dead_mask=dead)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    return out, grads
+
+
+@pytest.mark.parametrize("arch", list(K_SPARSE))
+@pytest.mark.parametrize("n_dead", [0, 5, 40])
+def test_sparse_kernels_match_the_dense_path(arch, n_dead):
+    """Loss terms, activations and every gradient agree; AuxK with fewer or more dead than aux_k."""
+    torch.manual_seed(11)
+    cfg = SAEConfig(arch=arch, d_model=16, d_sae=64, k=4, aux_k=8, matryoshka_prefixes=())
+    dense = SAE(cfg, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        dense.b_enc.normal_(0, 0.3)  # some negative pre-activations among the kept ones
+        dense.b_dec.normal_(0, 0.5)
+        dense.set_normalisation(torch.randn(16), 0.7)
+    sparse = SAE(cfg)
+    sparse.load_state_dict(dense.state_dict())
+    x = torch.randn(24, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[torch.randperm(64)[:n_dead]] = True
+    want, want_grads = _train_step_outputs(dense, x, dead, sparse=False)
+    got, got_grads = _train_step_outputs(sparse, x, dead, sparse=True)
+    for field in ("x_hat", "f", "loss", "mse", "l1", "aux", "recon", "l0", "fired"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), msg=field)
+    assert (got.aux > 0) == (n_dead > 0)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, msg=name)
+    if arch != "topk":
+        assert sparse.threshold.item() == pytest.approx(dense.threshold.item())
+    # The trainer's cheaper call: no dense f, same loss.
+    assert sparse(x, dead_mask=dead, dense_f=False).f is None
+
+
+def test_sparse_kernels_under_bf16_autocast():
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(arch="topk", d_model=16, d_sae=64, k=4), torch.Generator().manual_seed(0))
+    x = torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae.train()(x, dead_mask=torch.ones(64, dtype=torch.bool))
+    out.loss.float().backward()
+    assert all(p.grad.dtype == torch.float32 for p in sae.parameters())
+    assert out.aux.item() > 0 and torch.isfinite(out.loss)

@@ -17,6 +17,7 @@ from saev_core.training import (
     fit_normalisation,
     geometric_median,
     lr_at,
+    noop_log,
     sparsity_coeff_at,
     sweep_configs,
     train_sae,
@@ -198,6 +199,23 @@ def test_training_is_deterministic():
         batches_of(x, 128), D_MODEL, tiny_cfg("topk", n_epochs=2, seed=1), progress=False
     )
     assert not torch.equal(a.W_dec, c.W_dec)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+def test_sparse_kernels_train_to_the_dense_reference(arch):
+    """A whole run (AuxK active, Adam, decoder renormalisation) ends at the dense path's weights."""
+    x = sparse_data(n_tokens=1024)
+    runs, aux = {}, []
+    for sparse in (True, False):
+        cfg = tiny_cfg(arch, n_epochs=2, dead_after_tokens=128, log_every=1, sparse_kernels=sparse)
+        log = (lambda m, step: aux.append(m["aux"])) if sparse else noop_log
+        runs[sparse], _ = train_sae(batches_of(x, 128), D_MODEL, cfg, log, progress=False)
+    want = runs[False].state_dict()
+    for name, t in runs[True].state_dict().items():
+        torch.testing.assert_close(t, want[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert max(aux) > 0  # AuxK had dead latents to work on
+    with pytest.raises(ValueError, match="sparse_kernels"):
+        tiny_cfg(arch, sparse_kernels="yes")
 
 
 def test_unsized_batches_and_bad_widths():
