@@ -7,8 +7,8 @@ import sys
 from prefect import flow, task
 
 from flows.common import mlflow_logger, mlflow_run, parse_args, write_metrics
-from saev_core.backbone import BackboneConfig, train_backbone
 from saev_core.config import load_section, to_dict
+from saev_core.demo_vit import BackboneConfig, train_backbone
 
 METRICS = "metrics/backbone.json"
 

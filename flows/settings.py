@@ -11,6 +11,7 @@ Every setting is an environment variable with a default that works offline on on
 | `SAEV_GPU_POOL` | `gpu` | work pool for tasks that need a GPU (training, extraction) |
 | `SAEV_CPU_POOL` | `local` | process work pool for everything else, and the GPU work when no GPU pool exists |
 | `SAEV_MIN_FREE_GB` | `10` | free disk below which `saev doctor` warns about the shard directory |
+| `SAEV_CACHE_DIR` | `$XDG_CACHE_HOME/saev-flow` or `~/.cache/saev-flow` | the weights' sha256 cache; read by `saev_core/hashing.py` itself |
 
 Paths of stage outputs (shards, checkpoints, the warehouse `warehouse.db`) stay in `params.yaml`,
 because `dvc.yaml` reads them from there to know what to version.

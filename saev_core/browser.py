@@ -1,6 +1,6 @@
 """A static, self-contained HTML feature browser for one stats run, and PNG exemplar grids.
 
-`build_browser` reads a stats directory (`saev_core.stats.write_stats`) and the images its shard
+`build_browser` reads a stats directory (`saev_core.stats_tables.write_stats`) and the images its shard
 set lists, and writes one HTML file holding everything: the data as JSON, the exemplar thumbnails
 as JPEG data URIs, and the page's CSS and JavaScript (`browser.html` next to this module). Opening
 the file needs no server and no network. The page lists every feature with search (a feature id,

@@ -16,7 +16,6 @@ tokens per image), so a row group is also a unit for per-image readers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -31,18 +30,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from saev_core.hashing import sha256_file
+
 MANIFEST = "manifest.json"
 IMAGES = "images.parquet"
 PATCH_LABELS = "patch_labels.parquet"
 SCHEMA_VERSION = 2  # 2: images.parquet has `key`; manifest has chunks, history, n_registers
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

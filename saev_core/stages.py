@@ -239,7 +239,8 @@ class StatsStage:
 def stats_stage(io: StatsStage, progress: bool = True) -> dict[str, Any]:
     """Per-feature statistics of an SAE over a shard set, streamed image by image."""
     from saev_core.sae import SAE
-    from saev_core.stats import StatsConfig, compute_stats, exemplar_heatmaps, write_stats
+    from saev_core.stats import StatsConfig, compute_stats, exemplar_heatmaps
+    from saev_core.stats_tables import write_stats
 
     cfg = from_dict(StatsConfig, io.options, where="stats.options")
     sae = SAE.load(io.sae_dir)

@@ -5,6 +5,7 @@ import tempfile
 
 _home = tempfile.mkdtemp(prefix="saev-tests-")
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["SAEV_CACHE_DIR"] = os.path.join(_home, "cache")
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_HOME"] = os.path.join(_home, "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -44,7 +45,7 @@ def tiny_world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_vit(tmp_path_factory):
     """A randomly initialised 2-block ViT classifier over the 8 concepts, saved like a hub model."""
-    from saev_core.backbone import BackboneConfig, build_classifier, build_processor
+    from saev_core.demo_vit import BackboneConfig, build_classifier, build_processor
 
     cfg = BackboneConfig(
         hidden_size=32,

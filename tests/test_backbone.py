@@ -15,10 +15,8 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from saev_core import backbone as bb  # noqa: E402
+from saev_core import demo_vit as dv  # noqa: E402
 from saev_core.backbone import (  # noqa: E402
-    BackboneConfig,
-    auroc,
     classifier_blocks,
     load_backbone,
     load_classifier,
@@ -26,6 +24,7 @@ from saev_core.backbone import (  # noqa: E402
     record_blocks,
     resolve_layer,
 )
+from saev_core.demo_vit import BackboneConfig, auroc  # noqa: E402
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
@@ -44,7 +43,7 @@ def save_vit(path: Path, classifier: bool = False) -> Path:
     config = ViTConfig(**TINY, image_size=32, patch_size=8, num_labels=3)
     model = ViTForImageClassification(config) if classifier else ViTModel(config)
     model.save_pretrained(path)
-    bb.build_processor(32).save_pretrained(path)
+    dv.build_processor(32).save_pretrained(path)
     return path
 
 
@@ -216,8 +215,8 @@ def test_backbone_config_checks() -> None:
 def test_local_attention_init_looks_at_neighbours() -> None:
     cfg = BackboneConfig(**TINY, image_size=32, patch_size=8)
     torch.manual_seed(0)
-    model = bb.build_classifier(cfg)
-    bb.local_attention_init(model, grid=4)
+    model = dv.build_classifier(cfg)
+    dv.local_attention_init(model, grid=4)
     # Position embeddings alone (no image content) decide where each head looks.
     pe = model.vit.embeddings.position_embeddings.detach()
     block = model.vit.layers[0]
@@ -226,7 +225,7 @@ def test_local_attention_init_looks_at_neighbours() -> None:
     k = block.attention.k_proj(x).view(17, 2, 16).transpose(0, 1)
     attn = torch.softmax(q @ k.transpose(1, 2) / 4.0, dim=-1)  # [heads, 17, 17]
     query = 1 + 1 * 4 + 1  # patch (row 1, col 1)
-    for h, (dy, dx) in enumerate(bb.NEIGHBOURS[:2]):
+    for h, (dy, dx) in enumerate(dv.NEIGHBOURS[:2]):
         target = 1 + (1 + dy) * 4 + (1 + dx)
         assert attn[h, query].argmax().item() == target
         assert attn[h, query, target] > 0.5
@@ -234,12 +233,12 @@ def test_local_attention_init_looks_at_neighbours() -> None:
 
 def test_pca_patch_init_whitens_patches() -> None:
     cfg = BackboneConfig(**TINY, image_size=32, patch_size=8)
-    model = bb.build_classifier(cfg)
+    model = dv.build_classifier(cfg)
     rng = np.random.default_rng(0)
     # Correlated pixels, as in images: smooth noise plus a per-image colour.
     base = rng.normal(size=(200, 3, 4, 4)).repeat(8, axis=2).repeat(8, axis=3)
     pixels = torch.from_numpy(base + 0.3 * rng.normal(size=(200, 3, 32, 32))).float()
-    bb.pca_patch_embedding_init(model, pixels, 8)
+    dv.pca_patch_embedding_init(model, pixels, 8)
     with torch.no_grad():
         emb = model.vit.embeddings.patch_embeddings.projection(pixels)  # [n, 32, 4, 4]
     feats = emb.permute(0, 2, 3, 1).reshape(-1, 32).double()
@@ -256,7 +255,7 @@ def test_patch_class_fractions_by_hand() -> None:
     class_map[0, 0:8, 0:4] = 2  # patch 0: half class 2
     class_map[0, 8:16, 8:16] = 1  # patch 3: all class 1
     class_map[0, 8:10, 8:16] = 3  # ... but a quarter of it class 3
-    got = bb.patch_class_fractions(class_map, 8, 4)
+    got = dv.patch_class_fractions(class_map, 8, 4)
     expected = torch.tensor([[[0.5, 0, 0.5, 0], [1, 0, 0, 0], [1, 0, 0, 0], [0, 0.75, 0, 0.25]]])
     torch.testing.assert_close(got, expected)
 
@@ -268,20 +267,20 @@ def test_augment_moves_pixels_and_classes_together() -> None:
     maps[:, :, 5:9, 2:6] = 1
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
-        p, m = bb._augment(pixels, maps, torch.tensor([True, False]), 4, gen)
+        p, m = dv._augment(pixels, maps, torch.tensor([True, False]), 4, gen)
         assert torch.equal(p[:, 0] == 200, m[:, 0] == 1)  # still aligned
         assert int(m[:, 0].sum()) == 2 * 16  # nothing cut off at the border
         cols = m[1, 0].any(0).nonzero().flatten()
         assert int(cols.min()) >= 0 and int(cols.max()) <= 9  # shift <= 4 (and >= -2 here)
-    p, m = bb._augment(pixels, maps, torch.tensor([True, False]), 0, gen)
+    p, m = dv._augment(pixels, maps, torch.tensor([True, False]), 0, gen)
     assert torch.equal(m[0, 0], maps[0, 0].flip(-1)) and torch.equal(p[1], pixels[1])
 
 
 def test_processor_matches_training_normalisation() -> None:
-    processor = bb.build_processor(32)
+    processor = dv.build_processor(32)
     ims = images(2)
     pixels = torch.from_numpy(np.stack([np.asarray(im) for im in ims])).permute(0, 3, 1, 2)
-    expected = bb._normalise(pixels)
+    expected = dv._normalise(pixels)
     got = processor(images=ims, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(got, expected)
 
@@ -308,7 +307,7 @@ def test_train_backbone_tiny_world(tmp_path: Path) -> None:
         num_threads=1,
     )
     logged = []
-    metrics = bb.train_backbone(cfg, log=lambda m, s: logged.append((m, s)), progress=False)
+    metrics = dv.train_backbone(cfg, log=lambda m, s: logged.append((m, s)), progress=False)
     assert set(metrics["val_accuracy"]) == set(CONCEPTS)
     assert all(0.0 <= v <= 1.0 for v in metrics["val_accuracy"].values())
     assert logged and logged[0][1] == 1
@@ -323,7 +322,7 @@ def test_train_backbone_tiny_world(tmp_path: Path) -> None:
     assert backbone.weights_sha256 == metrics["weights_sha256"]
     assert not (tmp_path / "bb.tmp").exists()
     # Same config, same machine: the same weights.
-    again = bb.train_backbone(
+    again = dv.train_backbone(
         dataclasses.replace(cfg, out_dir=str(tmp_path / "again")), progress=False
     )
     assert again["weights_sha256"] == metrics["weights_sha256"]

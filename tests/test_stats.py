@@ -19,8 +19,8 @@ from saev_core.stats import (
     compute_stats,
     decoder_neighbors,
     exemplar_heatmaps,
-    write_stats,
 )
+from saev_core.stats_tables import write_stats
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)

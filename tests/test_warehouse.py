@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from saev_core.stats import StatsConfig, compute_stats, write_stats
+from saev_core.stats import StatsConfig, compute_stats
+from saev_core.stats_tables import write_stats
 from saev_core.warehouse import (
     build_warehouse,
     list_queries,
@@ -513,7 +514,7 @@ def test_features_without_counterpart(project, tmp_path):
     root = tmp_path / "p"
     shutil.copytree(project.root, root)
     ref = project.stats["relu_a"]
-    from saev_core.stats import write_stats as write
+    from saev_core.stats_tables import write_stats as write
 
     image_id, token, _, _, acts = toy_data()
     st = compute_stats(
