@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,22 +156,14 @@ class TrainConfig:
     def sae_config(self, d_model: int) -> SAEConfig:
         """The `SAEConfig` for inputs of width `d_model` (raises ValueError naming k if k > d_sae)."""
         d_sae = self.d_sae if self.d_sae is not None else self.expansion * d_model
-        return SAEConfig(
-            arch=self.arch,
-            d_model=d_model,
-            d_sae=d_sae,
-            k=self.k,
-            l1_coeff=self.l1_coeff,
-            l0_coeff=self.l0_coeff,
-            aux_k=self.aux_k,
-            aux_alpha=self.aux_alpha,
-            dead_after_tokens=self.dead_after_tokens,
-            decoder_norm=self.decoder_norm,
-            jumprelu_bandwidth=self.jumprelu_bandwidth,
-            jumprelu_init_threshold=self.jumprelu_init_threshold,
-            threshold_momentum=self.threshold_momentum,
-            matryoshka_prefixes=tuple(self.matryoshka_prefixes),
-        )
+        values = {name: getattr(self, name) for name in SAE_FIELDS}
+        values["matryoshka_prefixes"] = tuple(self.matryoshka_prefixes)
+        return SAEConfig(d_model=d_model, d_sae=d_sae, **values)
+
+
+# The SAEConfig fields a TrainConfig repeats under the same name and default, so `train.sae` in
+# params.yaml is one flat section; `tests/test_training.py` checks that none is missing.
+SAE_FIELDS = tuple(f.name for f in fields(SAEConfig) if f.name not in ("d_model", "d_sae"))
 
 
 def _check_int(name: str, value: Any, low: int) -> None:

@@ -402,3 +402,28 @@ def test_sparse_kernels_under_bf16_autocast():
     out.loss.float().backward()
     assert all(p.grad.dtype == torch.float32 for p in sae.parameters())
     assert out.aux.item() > 0 and torch.isfinite(out.loss)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", list(K_SPARSE))
+def test_sparse_kernels_match_the_dense_path_on_cuda(arch):
+    """cuSPARSE and the CUDA embedding_bag give the dense path's gradients; bf16 autocast runs."""
+    torch.manual_seed(0)
+    cfg = SAEConfig(arch=arch, d_model=64, d_sae=512, k=8, aux_k=16)
+    dense = SAE(cfg, torch.Generator().manual_seed(1)).cuda()
+    sparse = SAE(cfg).cuda()
+    sparse.load_state_dict(dense.state_dict())
+    x = torch.randn(256, 64, device="cuda")
+    dead = torch.zeros(512, dtype=torch.bool, device="cuda")
+    dead[::7] = True
+    want, want_grads = _train_step_outputs(dense, x, dead, sparse=False)
+    got, got_grads = _train_step_outputs(sparse, x, dead, sparse=True)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-5)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-3, atol=1e-5, msg=name)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = sparse.train()(x, dead_mask=dead)
+    out.loss.float().backward()
+    assert torch.isfinite(out.loss) and all(
+        p.grad.dtype == torch.float32 for p in sparse.parameters()
+    )
