@@ -360,10 +360,10 @@ def feature_values(sae: Any, x_nd: torch.Tensor, idx: torch.Tensor) -> torch.Ten
     x_n = sae.normalise(x_nd)
     if cfg.arch == "relu":
         return torch.relu((x_n - sae.b_dec) @ sae.W_enc[:, idx] + sae.b_enc[idx])
-    r = torch.relu(sae.pre_acts(x_n))
-    kth = r.topk(cfg.k, dim=-1, sorted=False).values.min(dim=-1, keepdim=True).values
-    cols = r[:, idx]
-    return torch.where(cols >= kth, cols, torch.zeros_like(cols))
+    h = sae.pre_acts(x_n)
+    kth = h.topk(cfg.k, dim=-1, sorted=False).values.min(dim=-1, keepdim=True).values
+    cols = h[:, idx]
+    return torch.where(cols >= kth, torch.relu(cols), torch.zeros_like(cols))
 
 
 def _edited_output(s: Splice, x: torch.Tensor) -> torch.Tensor:
@@ -372,8 +372,11 @@ def _edited_output(s: Splice, x: torch.Tensor) -> torch.Tensor:
     lead, d = x32.shape[:-1], x32.shape[-1]
     if s.edit is None:
         # The no-edit control takes the long way round on purpose (see the module docstring).
-        f = sae.encode(x32.reshape(-1, d))
-        x_hat = sae.decode(f)
+        reconstruct = getattr(sae, "reconstruct", None)  # ours decodes a TopK code sparsely
+        if reconstruct is not None:
+            x_hat = reconstruct(x32.reshape(-1, d))
+        else:
+            x_hat = sae.decode(sae.encode(x32.reshape(-1, d)))
         return ((x32.reshape(-1, d) - x_hat) + x_hat).reshape(x.shape).to(x.dtype)
     idx = torch.as_tensor(s.edit.features, dtype=torch.long, device=x.device)
     f_cols = feature_values(sae, x32.reshape(-1, d), idx)

@@ -251,7 +251,13 @@ class SAE(nn.Module):
 
     def pre_acts(self, x_n_bd: Tensor) -> Tensor:
         """Pre-activations `h = (x_n - b_dec) W_enc + b_enc` of already normalised inputs."""
-        return (x_n_bd - self.b_dec) @ self.W_enc + self.b_enc
+        return self._pre_acts_centred(x_n_bd - self.b_dec)
+
+    def _pre_acts_centred(self, x_c_bd: Tensor) -> Tensor:
+        """`x_c W_enc + b_enc`; under autocast the bf16 matmul's output meets the fp32 bias, so h is fp32."""
+        if x_c_bd.dim() == 2 and not torch.is_autocast_enabled(x_c_bd.device.type):
+            return torch.addmm(self.b_enc, x_c_bd, self.W_enc)  # the bias in the same pass
+        return x_c_bd @ self.W_enc + self.b_enc
 
     def jump_threshold(self) -> Tensor:
         """The inference threshold: per latent [d_sae] ('jumprelu') or one scalar (BatchTopK kinds)."""
@@ -262,11 +268,13 @@ class SAE(nn.Module):
     def activate(self, h_bs: Tensor) -> Tensor:
         """The inference activation: per token, independent of the rest of the batch."""
         arch = self.cfg.arch
-        f_bs = torch.relu(h_bs)
         if arch == "topk":
-            vals, idx = f_bs.topk(self.cfg.k, dim=-1, sorted=False)
-            f_bs = torch.zeros_like(f_bs).scatter(-1, idx, vals)
-        elif arch != "relu":
+            # The top k of h, then ReLU on those k: the same codes as top k of relu(h), with no
+            # full-width ReLU pass, and scattered in place into a fresh zero tensor.
+            vals, idx = h_bs.topk(self.cfg.k, dim=-1, sorted=False)
+            return torch.zeros_like(h_bs).scatter_(-1, idx, torch.relu(vals))
+        f_bs = torch.relu(h_bs)
+        if arch != "relu":
             # JumpReLU at the learned threshold (BatchTopK: Bussmann et al. 2024, section 3).
             f_bs = f_bs * (h_bs > self.jump_threshold()).to(f_bs.dtype)
         return f_bs
@@ -290,6 +298,15 @@ class SAE(nn.Module):
     def decode(self, f_bs: Tensor) -> Tensor:
         """Reconstruction in the input space: `unnorm(f W_dec + b_dec)`."""
         return self.unnormalise(f_bs @ self.W_dec + self.b_dec)
+
+    def reconstruct(self, x_bd: Tensor) -> Tensor:
+        """`decode(encode(x))`; a TopK code is decoded from its k rows of `W_dec`, not densely."""
+        if self.cfg.arch != "topk":
+            return self.decode(self.encode(x_bd))
+        h = self.pre_acts(self.normalise(x_bd))
+        code = sparse_code.top_k(h, self.cfg.k)
+        vals = torch.relu(h[code.rows, code.cols])
+        return self.unnormalise(sparse_code.decode(code, vals, self.W_dec) + self.b_dec)
 
     # -- loss ----------------------------------------------------------------------------------
 
@@ -354,7 +371,7 @@ class SAE(nn.Module):
         x_n = self.normalise(x_bd)
         with torch.no_grad():  # the one dense matmul; gradients reach it through gather_pre_acts
             x_c = x_n - self.b_dec
-            h = torch.addmm(self.b_enc, x_c, self.W_enc)
+            h = self._pre_acts_centred(x_c)
         n_rows = x_bd.shape[0]
         if cfg.arch == "topk":
             code = sc.top_k(h, cfg.k)

@@ -427,3 +427,15 @@ def test_sparse_kernels_match_the_dense_path_on_cuda(arch):
     assert torch.isfinite(out.loss) and all(
         p.grad.dtype == torch.float32 for p in sparse.parameters()
     )
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_reconstruct_is_decode_of_encode(arch):
+    torch.manual_seed(2)
+    sae = SAE(SAEConfig(arch=arch, d_model=16, d_sae=64, k=4), torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.set_normalisation(torch.randn(16), 0.8)
+    x = torch.randn(32, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.eval().reconstruct(x), sae.decode(sae.encode(x)))
