@@ -295,6 +295,24 @@ class SAE(nn.Module):
         """Latents `f_bs` of raw (input-space) activations `x_bd`."""
         return self.activate(self.pre_acts(self.normalise(x_bd)))
 
+    def encode_sparse(self, x_bd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The positive codes of `encode(x)` as (rows, cols, vals), row-major like `nonzero`.
+
+        A TopK code comes straight from its k entries per token, never as a dense [batch, d_sae]
+        tensor to scan for non-zeros (the stats stage reads codes this way).
+        """
+        if self.cfg.arch != "topk":
+            f_bs = self.encode(x_bd)
+            rows, cols = torch.nonzero(f_bs > 0, as_tuple=True)
+            return rows, cols, f_bs[rows, cols]
+        h = self.pre_acts(self.normalise(x_bd))
+        code = sparse_code.top_k(h, self.cfg.k)
+        vals = h[code.rows, code.cols]
+        pos = vals > 0
+        rows, cols, vals = code.rows[pos], code.cols[pos], torch.relu(vals[pos])
+        order = torch.argsort(rows * self.cfg.d_sae + cols)
+        return rows[order], cols[order], vals[order]
+
     def decode(self, f_bs: Tensor) -> Tensor:
         """Reconstruction in the input space: `unnorm(f W_dec + b_dec)`."""
         return self.unnormalise(f_bs @ self.W_dec + self.b_dec)

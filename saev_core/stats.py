@@ -255,13 +255,18 @@ def compute_stats(
                     "an image must arrive in the same batch (use the per-image loader)"
                 )
             seen.update(uniq.tolist())
-            f_ns = sae.encode(torch.from_numpy(acts).to(device, torch.float32))
-            if tuple(f_ns.shape) != (len(image_id), d_sae):
-                raise ValueError(
-                    f"sae.encode returned shape {tuple(f_ns.shape)}, expected {(len(image_id), d_sae)}"
-                )
+            x = torch.from_numpy(acts).to(device, torch.float32)
+            rows, cols, vals = _positive_codes(sae, x, d_sae)
             label_rows, label_codes = labels.lookup(image_id, token)
-            acc.update(f_ns, token, uniq, inv, label_rows, label_codes, img_labels.lookup(uniq))
+            acc.update(
+                (rows, cols, vals),
+                token,
+                uniq,
+                inv,
+                label_rows,
+                label_codes,
+                img_labels.lookup(uniq),
+            )
         neighbor, neighbor_cos = decoder_neighbors(sae.W_dec, cfg.n_neighbors)
     if acc.n_tokens == 0:
         raise ValueError(f"compute_stats({run!r}): the batches held no activations")
@@ -354,6 +359,19 @@ def exemplar_heatmaps(
             out[feat[sel], rank[sel]] = np.where(rows >= 0, vals, np.nan)
     stats.heatmaps = out
     return out
+
+
+def _positive_codes(sae: Any, x_nd: torch.Tensor, d_sae: int) -> tuple[torch.Tensor, ...]:
+    """(rows, cols, vals) of the positive codes, row-major: `sae.encode_sparse` where it exists."""
+    if hasattr(sae, "encode_sparse"):
+        return sae.encode_sparse(x_nd)
+    f_ns = sae.encode(x_nd)
+    if tuple(f_ns.shape) != (x_nd.shape[0], d_sae):
+        raise ValueError(
+            f"sae.encode returned shape {tuple(f_ns.shape)}, expected {(x_nd.shape[0], d_sae)}"
+        )
+    rows, cols = torch.nonzero(f_ns > 0, as_tuple=True)
+    return rows, cols, f_ns[rows, cols]
 
 
 def _all_label_names(patch_labels: Any, image_labels: Any) -> list[str]:
@@ -553,7 +571,7 @@ class _Accumulator:
 
     def update(
         self,
-        f_ns: torch.Tensor,
+        code: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         token: np.ndarray,
         uniq: np.ndarray,
         inv: np.ndarray,
@@ -561,8 +579,9 @@ class _Accumulator:
         label_codes: np.ndarray,
         image_label_pairs: tuple[np.ndarray, np.ndarray],
     ) -> None:
+        """Add one batch: `code` is its positive codes (rows, cols, vals), rows into `token`."""
         dev, s, h = self.device, self.s, self.h
-        n = f_ns.shape[0]
+        n = len(token)
         token_n = torch.from_numpy(token).to(dev)
         is_cls_n = (
             (token_n == 0) if self.n_prefix_tokens >= 1 else torch.zeros_like(token_n, dtype=bool)
@@ -572,8 +591,7 @@ class _Accumulator:
         self.n_cls += int(is_cls_n.sum())
         self.n_patches += int(is_patch_n.sum())
 
-        rows, cols = torch.nonzero(f_ns > 0, as_tuple=True)
-        vals32 = f_ns[rows, cols].float()
+        rows, cols, vals32 = code[0], code[1], code[2].float()
         vals = vals32.to(self.fdtype)
         bins = 1 + torch.bucketize(vals, self.inner_edges, right=True)
         self.n_fires += torch.bincount(cols, minlength=s)

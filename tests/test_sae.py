@@ -439,3 +439,18 @@ def test_reconstruct_is_decode_of_encode(arch):
     x = torch.randn(32, 16)
     with torch.no_grad():
         torch.testing.assert_close(sae.eval().reconstruct(x), sae.decode(sae.encode(x)))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_encode_sparse_is_the_nonzeros_of_encode(arch):
+    torch.manual_seed(4)
+    sae = SAE(SAEConfig(arch=arch, d_model=16, d_sae=64, k=6), torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.5)  # some tokens with fewer than k positive pre-activations
+    x = torch.randn(40, 16)
+    with torch.no_grad():
+        f = sae.eval().encode(x)
+        rows, cols, vals = sae.encode_sparse(x)
+    want_rows, want_cols = torch.nonzero(f > 0, as_tuple=True)
+    assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
+    assert torch.equal(vals, f[want_rows, want_cols])

@@ -14,6 +14,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from saev_core.config import from_dict
+from saev_core.sae import SAE, SAEConfig
 from saev_core.stats import (
     StatsConfig,
     compute_stats,
@@ -234,6 +235,60 @@ def test_streaming_equals_one_batch():
             torch.testing.assert_close(
                 torch.from_numpy(getattr(one, name)), torch.from_numpy(getattr(other, name))
             )
+
+
+class DenseOnly(torch.nn.Module):
+    """Hides `encode_sparse`, so compute_stats scans the dense codes for non-zeros."""
+
+    def __init__(self, sae: SAE) -> None:
+        super().__init__()
+        self.sae, self.cfg, self.W_dec = sae, sae.cfg, sae.W_dec
+
+    def encode(self, x_bd: torch.Tensor) -> torch.Tensor:
+        return self.sae.encode(x_bd)
+
+
+def test_topk_sparse_codes_give_the_dense_path_stats_exactly():
+    rng = np.random.default_rng(5)
+    n_img, n_tok, d_model = 10, 6, 8
+    image_id = np.repeat(np.arange(n_img), n_tok)
+    token = np.tile(np.arange(n_tok), n_img).astype(np.int32)
+    acts = rng.normal(0, 1, (n_img * n_tok, d_model)).astype(np.float32)
+    labels = pd.DataFrame(
+        {"image_id": image_id[token >= 1], "token": token[token >= 1], "label": "x"}
+    )
+    sae = SAE(SAEConfig(arch="topk", d_model=d_model, d_sae=32, k=3)).eval()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    cfg = StatsConfig(n_top=4)
+    runs = [
+        compute_stats(
+            m,
+            per_image_batches(image_id, token, acts, 3),
+            labels,
+            ["x"],
+            1,
+            cfg,
+            "r",
+            progress=False,
+        )
+        for m in (sae, DenseOnly(sae))
+    ]
+    with torch.no_grad():
+        assert runs[0].n_fires.sum() == int((sae.encode(torch.from_numpy(acts)) > 0).sum()) > 0
+    for name in (
+        "n_fires",
+        "n_fires_images",
+        "hist",
+        "top_image",
+        "top_token",
+        "sum_act",
+        "max_act",
+        "top_value",
+        "auroc",
+        "spatial",
+    ):
+        np.testing.assert_array_equal(getattr(runs[0], name), getattr(runs[1], name), err_msg=name)
 
 
 def test_bad_inputs_raise_clear_errors():
