@@ -4,12 +4,12 @@ Writes `--n-vectors` (at least; whole images of `--tokens` tokens) random vector
 `--d-model` in float16 twice into a temporary directory: as a shard set through the real
 `ShardWriter` with a manifest, and as one `.npy`. Then, in one process, it times
 
-  loader:   `shards.iter_shuffled` (background reader + batcher threads), and
+  loader:   `loaders.iter_shuffled` (background reader + batcher threads), and
   baseline: the same row-group order, the same shuffle windows, the same permutation and batch
             size, each batch one `np.take` from a `np.load(mmap_mode="r")` array into a reused
             buffer, inline (no threads): the best case for a raw memmap reader,
 
-both casting to float32 with the same routine (`shards._convert`, torch in one thread) and
+both casting to float32 with the same routine (`loaders._convert`, torch in one thread) and
 again with no cast at all (the stored float16). A first pass checks that both yield the very same
 batches. Each measurement is repeated `--repeats` times, interleaved, and the median is reported.
 Peak RSS per pass is the kernel's high-water mark (reset through `/proc/self/clear_refs`) above
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from common import write_manifest
 
-from saev_core import shards
+from saev_core import loaders, shards
 
 
 def write_data(root: Path, n_images: int, tokens: int, d_model: int, per_group: int) -> Path:
@@ -64,7 +64,7 @@ def memmap_batches(npy_path, shard_dir, batch_size, seed, buffer_groups, dtype):
     """The baseline: `iter_shuffled`'s order (same rng draws), each batch one memmap gather."""
     mm = np.load(npy_path, mmap_mode="r")
     m = shards.read_manifest(shard_dir)
-    groups = shards._row_groups(m, 0, None)
+    groups = loaders._row_groups(m, 0, None)
     starts = np.cumsum([0] + [g.n_rows for g in groups])  # npy rows are in file order
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(groups))
@@ -82,7 +82,7 @@ def memmap_batches(npy_path, shard_dir, batch_size, seed, buffer_groups, dtype):
         for lo in range(0, n_out, batch_size):
             ids = pool[perm[lo : lo + batch_size]]
             x = np.take(mm, ids, axis=0, out=buf16[: len(ids)])
-            yield x if dtype is None else shards._convert(x, np.dtype(dtype), buf32[: len(ids)])
+            yield x if dtype is None else loaders._convert(x, np.dtype(dtype), buf32[: len(ids)])
         carry = pool[perm[n_out:]]
 
 
@@ -134,7 +134,7 @@ def main() -> None:
         t = time.perf_counter()
         shard_dir = write_data(root, n_images, args.tokens, args.d_model, args.images_per_row_group)
         npy_path = root / "acts.npy"
-        n_groups = len(shards._row_groups(shards.read_manifest(shard_dir), 0, None))
+        n_groups = len(loaders._row_groups(shards.read_manifest(shard_dir), 0, None))
         print(
             f"wrote {n_images * args.tokens:,} x {args.d_model} float16 ({n_groups} row groups) "
             f"twice in {time.perf_counter() - t:.1f} s",
@@ -142,7 +142,7 @@ def main() -> None:
         )
 
         def loader(dtype):
-            return lambda: shards.iter_shuffled(
+            return lambda: loaders.iter_shuffled(
                 shard_dir,
                 0,
                 args.batch_size,

@@ -12,7 +12,7 @@ decoder forward and backward.
 
 Part 2, sweep: a shard set of random float16 vectors is written through the real
 `ShardWriter`, then N TopK SAEs (k = 8, 16, 32, 64) train for one epoch on it through
-`shards.iter_shuffled`, once as one sweep (`train_saes` with N configs: the data is read once)
+`loaders.iter_shuffled`, once as one sweep (`train_saes` with N configs: the data is read once)
 and once as N separate runs; `sweep_speedup` = separate seconds / sweep seconds. A sweep shares
 the reads of the shards, the normalisation fit and b_dec's geometric median, not the training
 steps; `read_s` times one bare read of the epoch (the loader alone) to show how much of a
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from common import write_manifest
 
-from saev_core import shards
+from saev_core import loaders, shards
 from saev_core.training import TrainConfig, resolve_device, train_saes
 
 
@@ -122,7 +122,7 @@ def sweep(args, device: torch.device) -> dict:
         shard_dir = write_shards(Path(tmp), args.sweep_tokens, args.d_model)
 
         def make_batches(epoch):
-            for x in shards.iter_shuffled(shard_dir, 0, args.sweep_batch, seed=epoch, dtype=None):
+            for x in loaders.iter_shuffled(shard_dir, 0, args.sweep_batch, seed=epoch, dtype=None):
                 yield torch.from_numpy(x)
 
         cfgs = [

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from saev_core import shards
+from saev_core import loaders, shards
 from saev_core.config import from_dict, to_dict
 
 Log = Callable[[dict[str, float], int], None]
@@ -147,7 +147,7 @@ def train_stage(
 
     def batches(epoch: int, split: str = io.train_split):
         # dtype=None: batches stay float16 (half the copy); the trainer casts on the device.
-        for x in shards.iter_shuffled(
+        for x in loaders.iter_shuffled(
             io.shard_dir,
             io.layer,
             cfg.batch_size,
@@ -177,7 +177,7 @@ def train_stage(
     )
 
     def eval_batches():
-        for _, _, x in shards.iter_ordered(
+        for _, _, x in loaders.iter_ordered(
             io.shard_dir, io.layer, splits=[io.eval_split], tokens=io.tokens
         ):
             yield torch.from_numpy(x)
@@ -256,7 +256,7 @@ def stats_stage(io: StatsStage, progress: bool = True) -> dict[str, Any]:
     grid = m.data.get("tokens", {}).get("grid")
 
     def batches():
-        return shards.iter_image_batches(
+        return loaders.iter_image_batches(
             io.shard_dir, layer, cfg.batch_images, splits=list(cfg.splits)
         )
 

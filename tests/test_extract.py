@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from saev_core import shards
+from saev_core import loaders, shards
 from saev_core.backbone import load_backbone
 from saev_core.extract import ExtractConfig, extract, patch_majority
 
@@ -56,7 +56,7 @@ def test_vectors_equal_hidden_states(tiny_world, tiny_vit, tmp_path):
     with torch.no_grad():
         hs = bb.model(pixel_values=pixels, output_hidden_states=True).hidden_states
     got = {}
-    for ids, toks, x in shards.iter_ordered(out, 1):
+    for ids, toks, x in loaders.iter_ordered(out, 1):
         for i, t, v in zip(ids, toks, x, strict=True):
             got[(int(i), int(t))] = v
     for row, image_id in enumerate(first["image_id"]):
@@ -104,7 +104,7 @@ def test_token_policy_and_corrupt_image(tiny_world, tiny_vit, tmp_path):
     m = run(world, tiny_vit, tmp_path / "acts", tokens="patches", splits=("train",))
     assert [s["path"] for s in m["skipped"]] == [str(bad)]
     assert m["n_images"] == 11 and m["tokens"]["written"] == list(range(1, 17))
-    ids = np.concatenate([i for i, _, _ in shards.iter_ordered(tmp_path / "acts", 0)])
+    ids = np.concatenate([i for i, _, _ in loaders.iter_ordered(tmp_path / "acts", 0)])
     assert 1 not in set(ids.tolist()) and len(ids) == 11 * 16
 
 

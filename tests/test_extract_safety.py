@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from saev_core import shards
+from saev_core import loaders, shards
 from saev_core.extract import ExtractConfig, ShardSetMismatch, _recover_publication, extract
 from saev_core.validate import ShardValidationError, validate_shards
 
@@ -179,7 +179,7 @@ def test_new_images_in_a_folder_are_appended(tiny_world, tiny_vit, tmp_path):
 def _by_key(out: Path, layer: int) -> dict[str, np.ndarray]:
     key_of = shards.read_images(out).set_index("image_id")["key"].to_dict()
     acts: dict[str, list] = {}
-    for ids, _, x in shards.iter_ordered(out, layer):
+    for ids, _, x in loaders.iter_ordered(out, layer):
         for i, v in zip(ids, x, strict=True):
             acts.setdefault(key_of[int(i)], []).append(v)
     return {k: np.stack(v) for k, v in acts.items()}

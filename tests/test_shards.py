@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from saev_core import shards
+from saev_core import loaders, shards
 
 
 def write_set(
@@ -82,7 +82,7 @@ def test_writer_layout_and_row_groups(tmp_path):
 def test_ordered_round_trip_exact(tmp_path):
     acts = write_set(tmp_path)
     got_ids, got_tok, got = [], [], []
-    for ids, toks, x in shards.iter_ordered(tmp_path, 0):
+    for ids, toks, x in loaders.iter_ordered(tmp_path, 0):
         assert x.dtype == np.float32
         # whole images per batch
         assert all((ids == i).sum() == 5 for i in np.unique(ids))
@@ -94,18 +94,18 @@ def test_ordered_round_trip_exact(tmp_path):
 
 def test_token_filters(tmp_path):
     write_set(tmp_path)
-    toks = np.concatenate([t for _, t, _ in shards.iter_ordered(tmp_path, 0, tokens="patches")])
+    toks = np.concatenate([t for _, t, _ in loaders.iter_ordered(tmp_path, 0, tokens="patches")])
     assert toks.min() == 1 and len(toks) == 40
-    toks = np.concatenate([t for _, t, _ in shards.iter_ordered(tmp_path, 0, tokens="prefix")])
+    toks = np.concatenate([t for _, t, _ in loaders.iter_ordered(tmp_path, 0, tokens="prefix")])
     assert set(toks) == {0}
     with pytest.raises(ValueError, match="tokens"):
-        next(shards.iter_ordered(tmp_path, 0, tokens="cls-ish"))
+        next(loaders.iter_ordered(tmp_path, 0, tokens="cls-ish"))
 
 
 @pytest.mark.parametrize("batch_size", [4, 7, 64])
 def test_shuffled_each_vector_once(tmp_path, batch_size):
     acts = write_set(tmp_path)
-    batches = list(shards.iter_shuffled(tmp_path, 0, batch_size, seed=1, buffer_groups=2))
+    batches = list(loaders.iter_shuffled(tmp_path, 0, batch_size, seed=1, buffer_groups=2))
     assert all(len(b) == batch_size for b in batches[:-1])
     got = np.concatenate(batches)
     want = acts.reshape(-1, 6).astype(np.float32)
@@ -115,17 +115,17 @@ def test_shuffled_each_vector_once(tmp_path, batch_size):
     np.testing.assert_array_equal(key(got), key(want))
     assert not np.array_equal(got, want)
     again = np.concatenate(
-        list(shards.iter_shuffled(tmp_path, 0, batch_size, seed=1, buffer_groups=2))
+        list(loaders.iter_shuffled(tmp_path, 0, batch_size, seed=1, buffer_groups=2))
     )
     np.testing.assert_array_equal(got, again)
 
 
 def test_split_selection_and_missing(tmp_path):
     write_set(tmp_path)
-    n = sum(len(b) for b in shards.iter_shuffled(tmp_path, 0, 8, seed=0, splits=["val"]))
+    n = sum(len(b) for b in loaders.iter_shuffled(tmp_path, 0, 8, seed=0, splits=["val"]))
     assert n == 3 * 5
     with pytest.raises(ValueError, match="layer 3"):
-        list(shards.iter_ordered(tmp_path, 3))
+        list(loaders.iter_ordered(tmp_path, 3))
     with pytest.raises(FileNotFoundError, match="manifest"):
         shards.read_manifest(tmp_path / "nope")
 
@@ -152,7 +152,7 @@ def reader_threads():
 
 def shuffled(root, **kw):
     kw = {"batch_size": 8, "seed": 0, "buffer_groups": 2, **kw}
-    return np.concatenate(list(shards.iter_shuffled(root, 0, **kw)))
+    return np.concatenate(list(loaders.iter_shuffled(root, 0, **kw)))
 
 
 @pytest.mark.parametrize("tokens", ["all", "patches", "prefix"])
@@ -168,11 +168,11 @@ def test_shuffled_each_vector_once_with_token_filters(tmp_path, tokens, dtype):
 
 def test_shuffled_drop_last_and_batch_sizes(tmp_path):
     write_set(tmp_path, n_images=20, n_train=20, per_group=2, per_file=6)  # 100 rows
-    sizes = [len(b) for b in shards.iter_shuffled(tmp_path, 0, 16, seed=3, buffer_groups=3)]
+    sizes = [len(b) for b in loaders.iter_shuffled(tmp_path, 0, 16, seed=3, buffer_groups=3)]
     assert sizes == [16] * 6 + [4]
     sizes = [
         len(b)
-        for b in shards.iter_shuffled(tmp_path, 0, 16, seed=3, buffer_groups=3, drop_last=True)
+        for b in loaders.iter_shuffled(tmp_path, 0, 16, seed=3, buffer_groups=3, drop_last=True)
     ]
     assert sizes == [16] * 6
 
@@ -192,7 +192,7 @@ def test_shuffled_order_depends_on_the_seed_alone(tmp_path):
 def test_shuffled_mixes_row_groups_within_a_batch(tmp_path):
     acts = write_set(tmp_path, n_images=24, n_train=24, n_tokens=4, per_group=1, per_file=6)
     image_of = {acts[i, t].tobytes(): i for i in range(24) for t in range(4)}
-    batches = list(shards.iter_shuffled(tmp_path, 0, 16, seed=0, buffer_groups=8, dtype=None))
+    batches = list(loaders.iter_shuffled(tmp_path, 0, 16, seed=0, buffer_groups=8, dtype=None))
     # one image per row group: a batch drawn from a window of 8 groups holds several images
     n_images = [len({image_of[row.tobytes()] for row in b}) for b in batches[:-1]]
     assert min(n_images) >= 4
@@ -201,13 +201,13 @@ def test_shuffled_mixes_row_groups_within_a_batch(tmp_path):
 def test_kept_batches_are_never_overwritten(tmp_path):
     """Batch buffers are reused only once the caller has let go of them."""
     write_set(tmp_path, n_images=40, n_train=40, per_group=2, per_file=10)
-    kept = list(shards.iter_shuffled(tmp_path, 0, 8, seed=1, buffer_groups=2))
-    copied = [b.copy() for b in shards.iter_shuffled(tmp_path, 0, 8, seed=1, buffer_groups=2)]
+    kept = list(loaders.iter_shuffled(tmp_path, 0, 8, seed=1, buffer_groups=2))
+    copied = [b.copy() for b in loaders.iter_shuffled(tmp_path, 0, 8, seed=1, buffer_groups=2)]
     assert len(kept) == 25
     for a, b in zip(kept, copied, strict=True):
         np.testing.assert_array_equal(a, b)
     # a caller that drops each batch gets the same few buffers back
-    bases = {id(b.base) for b in shards.iter_shuffled(tmp_path, 0, 8, seed=1, prefetch_batches=2)}
+    bases = {id(b.base) for b in loaders.iter_shuffled(tmp_path, 0, 8, seed=1, prefetch_batches=2)}
     assert len(bases) <= 2 + 3
 
 
@@ -215,7 +215,7 @@ def test_kept_batches_are_never_overwritten(tmp_path):
 def test_stopping_early_leaves_no_reader_thread(tmp_path, how):
     write_set(tmp_path, n_images=40, n_train=40, per_group=2, per_file=10)
     assert reader_threads() == []
-    it = shards.iter_shuffled(tmp_path, 0, 4, seed=0, buffer_groups=2, prefetch_batches=1)
+    it = loaders.iter_shuffled(tmp_path, 0, 4, seed=0, buffer_groups=2, prefetch_batches=1)
     if how == "close":
         next(it)
         assert reader_threads()  # they run while the caller holds the generator
@@ -240,8 +240,8 @@ def test_missing_file_is_named(tmp_path):
     write_set(tmp_path)
     (tmp_path / "layer=0/train-00001.parquet").unlink()
     for read in (
-        lambda: next(shards.iter_shuffled(tmp_path, 0, 4, seed=0)),
-        lambda: next(shards.iter_ordered(tmp_path, 0)),
+        lambda: next(loaders.iter_shuffled(tmp_path, 0, 4, seed=0)),
+        lambda: next(loaders.iter_ordered(tmp_path, 0)),
     ):
         with pytest.raises(FileNotFoundError, match="train-00001.parquet"):
             read()
@@ -250,7 +250,7 @@ def test_missing_file_is_named(tmp_path):
 
 def test_error_in_the_reader_thread_reaches_the_caller(tmp_path):
     write_set(tmp_path, n_images=40, n_train=40, per_group=1, per_file=10)
-    it = shards.iter_shuffled(
+    it = loaders.iter_shuffled(
         tmp_path, 0, 5, seed=0, buffer_groups=1, prefetch_groups=1, prefetch_batches=1
     )
     next(it)  # threads running, at most 3 of the 40 row groups read
@@ -269,7 +269,7 @@ def test_changed_file_is_refused(tmp_path):
     m.data["files"][0]["rows"] += 5  # as if the file were rewritten after the manifest
     (tmp_path / shards.MANIFEST).write_text(json.dumps(m.data))
     with pytest.raises(ValueError, match="train-00000.parquet has 20 rows"):
-        next(shards.iter_shuffled(tmp_path, 0, 4, seed=0))
+        next(loaders.iter_shuffled(tmp_path, 0, 4, seed=0))
 
 
 def arrow_and_numpy_peak(root, **kw):
@@ -279,7 +279,7 @@ def arrow_and_numpy_peak(root, **kw):
     arrow_peak = 0
     tracemalloc.start()
     try:
-        for _ in shards.iter_shuffled(root, 0, **kw):
+        for _ in loaders.iter_shuffled(root, 0, **kw):
             arrow_peak = max(arrow_peak, pa.total_allocated_bytes() - arrow_base)
         numpy_peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -314,8 +314,8 @@ def test_memory_is_bounded_whatever_the_dataset_size(tmp_path):
 
 def test_ordered_prefetch_and_native_dtype(tmp_path):
     acts = write_set(tmp_path)
-    inline = list(shards.iter_ordered(tmp_path, 0, prefetch_groups=0, dtype=None))
-    ahead = list(shards.iter_ordered(tmp_path, 0, prefetch_groups=2, dtype=None))
+    inline = list(loaders.iter_ordered(tmp_path, 0, prefetch_groups=0, dtype=None))
+    ahead = list(loaders.iter_ordered(tmp_path, 0, prefetch_groups=2, dtype=None))
     for one, other in zip(inline, ahead, strict=True):
         for a, b in zip(one, other, strict=True):
             np.testing.assert_array_equal(a, b)
@@ -330,12 +330,12 @@ def test_iter_images_groups_every_token_of_an_image(tmp_path, tokens):
     acts = write_set(tmp_path)
     want_tokens = {"all": [0, 1, 2, 3, 4], "patches": [1, 2, 3, 4], "prefix": [0]}[tokens]
     seen = []
-    for image_id, toks, x in shards.iter_images(tmp_path, 0, tokens=tokens):
+    for image_id, toks, x in loaders.iter_images(tmp_path, 0, tokens=tokens):
         seen.append(image_id)
         assert toks.tolist() == want_tokens
         np.testing.assert_array_equal(x, acts[image_id, want_tokens].astype(np.float32))
     assert seen == list(range(10))  # each image once, in file order
-    val = [i for i, _, _ in shards.iter_images(tmp_path, 0, splits=["val"])]
+    val = [i for i, _, _ in loaders.iter_images(tmp_path, 0, splits=["val"])]
     assert val == [7, 8, 9]
 
 
@@ -344,10 +344,10 @@ def test_image_batches_feed_compute_stats(tmp_path):
     from saev_core.stats import StatsConfig, compute_stats
 
     write_set(tmp_path, n_images=12, n_train=12, per_group=5, per_file=12)
-    sizes = [len(np.unique(i)) for i, _, _ in shards.iter_image_batches(tmp_path, 0, 4)]
+    sizes = [len(np.unique(i)) for i, _, _ in loaders.iter_image_batches(tmp_path, 0, 4)]
     assert sizes == [4, 4, 4]  # whole images, across row-group boundaries (groups of 5)
     with pytest.raises(ValueError, match="images_per_batch"):
-        next(shards.iter_image_batches(tmp_path, 0, 0))
+        next(loaders.iter_image_batches(tmp_path, 0, 0))
 
     sae = SAE(
         SAEConfig(arch="topk", d_model=6, d_sae=8, k=2), generator=torch.Generator().manual_seed(0)
@@ -357,8 +357,8 @@ def test_image_batches_feed_compute_stats(tmp_path):
     def stats(batches):
         return compute_stats(sae, batches, None, None, 1, cfg, run="t", progress=False)
 
-    a = stats(shards.iter_image_batches(tmp_path, 0, 4))
-    b = stats(shards.iter_ordered(tmp_path, 0))
+    a = stats(loaders.iter_image_batches(tmp_path, 0, 4))
+    b = stats(loaders.iter_ordered(tmp_path, 0))
     assert a.n_tokens == b.n_tokens == 60 and a.n_images == 12
     np.testing.assert_array_equal(a.n_fires, b.n_fires)
     np.testing.assert_array_equal(a.top_image, b.top_image)
