@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 CACHE_NAME = "sha256.json"
@@ -51,10 +52,13 @@ def sha256_file_cached(path: str | Path) -> str:
     if isinstance(entry, dict) and entry.get("stamp") == stamp and "sha256" in entry:
         return str(entry["sha256"])
     digest = sha256_file(path)
+    st = path.stat()
+    if [st.st_size, st.st_mtime_ns, st.st_ino] != stamp:
+        return digest  # written to while we read it: do not remember a digest of a moving file
     cache[str(path)] = {"stamp": stamp, "sha256": digest}
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f"{CACHE_NAME}.{os.getpid()}.tmp")
+        tmp = cache_path.with_name(f"{CACHE_NAME}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(cache, indent=1))
         os.replace(tmp, cache_path)
     except OSError:

@@ -351,15 +351,22 @@ class Splice:
 
 
 def feature_values(sae: Any, x_nd: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """`sae.encode(x_nd)[:, idx]` without building all of `f` [n, d_sae]: a ReLU SAE needs only
-    the edited columns of `W_enc`; a TopK SAE needs every pre-activation (for the k-th largest)
-    but not the dense scatter of the top k."""
+    """`sae.encode(x_nd)[:, idx]` without building all of `f` [n, d_sae]. Per-latent activations
+    (ReLU, and the JumpReLU that JumpReLU and BatchTopK kinds infer with) need only the edited
+    columns of `W_enc`; TopK needs every pre-activation (for the k-th largest) but not the dense
+    scatter of the top k."""
     cfg = getattr(sae, "cfg", None)
     if cfg is None or not hasattr(sae, "pre_acts"):
         return sae.encode(x_nd)[:, idx]
     x_n = sae.normalise(x_nd)
-    if cfg.arch == "relu":
-        return torch.relu((x_n - sae.b_dec) @ sae.W_enc[:, idx] + sae.b_enc[idx])
+    if cfg.arch != "topk":
+        h_cols = (x_n - sae.b_dec) @ sae.W_enc[:, idx] + sae.b_enc[idx]
+        if cfg.arch == "relu":
+            return torch.relu(h_cols)
+        threshold = sae.jump_threshold()
+        if threshold.dim() == 1:  # JumpReLU: one threshold per latent
+            threshold = threshold[idx]
+        return torch.relu(h_cols) * (h_cols > threshold).to(h_cols.dtype)
     h = sae.pre_acts(x_n)
     kth = h.topk(cfg.k, dim=-1, sorted=False).values.min(dim=-1, keepdim=True).values
     cols = h[:, idx]

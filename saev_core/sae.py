@@ -301,6 +301,8 @@ class SAE(nn.Module):
         A TopK code comes straight from its k entries per token, never as a dense [batch, d_sae]
         tensor to scan for non-zeros (the stats stage reads codes this way).
         """
+        if x_bd.dim() != 2:
+            raise ValueError(f"encode_sparse takes [batch, d_model], got {tuple(x_bd.shape)}")
         if self.cfg.arch != "topk":
             f_bs = self.encode(x_bd)
             rows, cols = torch.nonzero(f_bs > 0, as_tuple=True)
@@ -321,10 +323,12 @@ class SAE(nn.Module):
         """`decode(encode(x))`; a TopK code is decoded from its k rows of `W_dec`, not densely."""
         if self.cfg.arch != "topk":
             return self.decode(self.encode(x_bd))
-        h = self.pre_acts(self.normalise(x_bd))
+        x_2d = x_bd.reshape(-1, x_bd.shape[-1])
+        h = self.pre_acts(self.normalise(x_2d))
         code = sparse_code.top_k(h, self.cfg.k)
         vals = torch.relu(h[code.rows, code.cols])
-        return self.unnormalise(sparse_code.decode(code, vals, self.W_dec) + self.b_dec)
+        x_hat = self.unnormalise(sparse_code.decode(code, vals, self.W_dec) + self.b_dec)
+        return x_hat.reshape(x_bd.shape)
 
     # -- loss ----------------------------------------------------------------------------------
 
@@ -345,7 +349,8 @@ class SAE(nn.Module):
         there `f` is detached, and `dense_f=False` skips building it (`f` is then None; the
         trainer needs only `l0` and `fired`).
         """
-        if self.training and self.cfg.arch in K_SPARSE and self.sparse_kernels:
+        sparse = self.sparse_kernels and self.cfg.arch in K_SPARSE and x_bd.dim() == 2
+        if self.training and sparse:
             return self._forward_sparse(x_bd, dead_mask, dense_f)
         cfg = self.cfg
         x_n = self.normalise(x_bd)
@@ -436,6 +441,10 @@ class SAE(nn.Module):
         self, h_bs: Tensor, x_c_bd: Tensor, e_bd: Tensor, dead_mask: Tensor
     ) -> Tensor:
         """`aux_loss` on the sparse kernels: the top `aux_k` dead latents per token."""
+        if dead_mask.shape != (self.cfg.d_sae,):
+            raise ValueError(
+                f"dead_mask must have shape ({self.cfg.d_sae},), got {tuple(dead_mask.shape)}"
+            )
         dead_idx = dead_mask.nonzero().squeeze(1)
         if dead_idx.numel() == 0:
             return h_bs.new_zeros(())

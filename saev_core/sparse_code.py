@@ -13,8 +13,10 @@ only those entries (Gao et al. 2024, section 5.3 and their `kernels.py`, sketche
 - `decode` is `embedding_bag(cols, W_dec, per_sample_weights=vals)`: the sum of the kept decoder
   rows, whose backward is also O(nnz x d).
 
-Same values and gradients as the dense path up to float summation order; `tests/test_sae.py`
-checks them against it for every k-sparse arch.
+Same values and gradients as the dense path up to float summation order in fp32;
+`tests/test_sae.py` checks them against it for every k-sparse arch. Under bf16 autocast the
+decoder here runs in fp32 (the dense path multiplies in bf16), so x_hat differs by bf16 rounding.
+On CUDA, `index_add_` adds `b_enc`'s gradient with atomics: not bit-reproducible run to run.
 """
 
 from __future__ import annotations

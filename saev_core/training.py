@@ -409,7 +409,11 @@ def train_saes(
     # Impossible configs (k > d_sae, bad prefixes) fail here, before any data is read.
     sae_cfgs = [c.sae_config(d_model) for c in cfgs]
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    fingerprint = {"d_model": d_model, "configs": [to_dict(c) for c in cfgs]}
+    # sparse_kernels changes how, not what, a run computes: a checkpoint resumes across it.
+    fingerprint = {
+        "d_model": d_model,
+        "configs": [{k: v for k, v in to_dict(c).items() if k != "sparse_kernels"} for c in cfgs],
+    }
     state = read_checkpoint_state(ckpt_dir) if ckpt_dir is not None and resume else None
     if state is not None and state.get("fingerprint") != fingerprint:
         if resume is True:

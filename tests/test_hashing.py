@@ -38,3 +38,23 @@ def test_a_corrupt_or_unwritable_cache_is_only_a_miss(tmp_path, monkeypatch):
     # A cache dir that cannot be created (its parent is a file): still the right digest.
     monkeypatch.setenv("SAEV_CACHE_DIR", str(weights / "cache"))
     assert hashing.sha256_file_cached(weights) == hashlib.sha256(b"xyz").hexdigest()
+
+
+def test_a_file_that_changes_while_hashed_is_not_remembered(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAEV_CACHE_DIR", str(tmp_path / "cache"))
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"old")
+    real, calls = hashing.sha256_file, []
+
+    def hash_then_append(p):
+        calls.append(p)
+        digest = real(p)
+        if len(calls) == 1:
+            with open(weights, "ab") as f:  # a writer appends while we read
+                f.write(b" and more")
+        return digest
+
+    monkeypatch.setattr(hashing, "sha256_file", hash_then_append)
+    hashing.sha256_file_cached(weights)
+    want = hashlib.sha256(b"old and more").hexdigest()
+    assert hashing.sha256_file_cached(weights) == want and len(calls) == 2

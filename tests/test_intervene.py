@@ -193,9 +193,16 @@ def test_bootstrap_ci():
     assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("arch", ["topk", "relu"])
+@pytest.mark.parametrize("arch", ["topk", "relu", "batchtopk", "matryoshka", "jumprelu"])
 def test_feature_values_match_encode(arch):
     sae = make_sae(32, arch=arch)
+    with torch.no_grad():  # thresholds that cut some codes, not none
+        if arch == "jumprelu":
+            sae.log_threshold.copy_(torch.linspace(-3, 1, 64))
+        elif arch != "topk" and arch != "relu":
+            sae.threshold.fill_(0.5)
     x = torch.randn(50, 32) * 3
-    idx = torch.tensor([0, 5, 63])
-    torch.testing.assert_close(feature_values(sae, x, idx), sae.encode(x)[:, idx])
+    idx = torch.tensor([0, 5, 40, 63])
+    want = sae.encode(x)[:, idx]
+    assert (want > 0).any() and (want == 0).any()
+    torch.testing.assert_close(feature_values(sae, x, idx), want)

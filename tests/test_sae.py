@@ -454,3 +454,14 @@ def test_encode_sparse_is_the_nonzeros_of_encode(arch):
     want_rows, want_cols = torch.nonzero(f > 0, as_tuple=True)
     assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
     assert torch.equal(vals, f[want_rows, want_cols])
+
+
+def test_reconstruct_takes_any_leading_shape_and_encode_sparse_refuses_it():
+    sae = SAE(SAEConfig(arch="topk", d_model=8, d_sae=32, k=3)).eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.reconstruct(x), sae.decode(sae.encode(x)))
+        with pytest.raises(ValueError, match=r"\[batch, d_model\]"):
+            sae.encode_sparse(x)
+        # Training mode with [batch, tokens, d_model] takes the dense path rather than failing.
+        assert sae.train()(x).x_hat.shape == x.shape

@@ -393,6 +393,17 @@ def test_killed_and_resumed_ends_where_an_uninterrupted_run_ends(tmp_path, arch)
         assert torch.equal(t, resumed.state_dict()[name]), name
     assert summary["last_epoch_fvu"] == pytest.approx(whole_summary["last_epoch_fvu"])
 
+    # The kernels are how, not what: a checkpoint resumes on the dense path too.
+    _, dense_summary = train_sae(
+        batches_of(x, 128),
+        D_MODEL,
+        replace_cfg(cfg, sparse_kernels=False),
+        progress=False,
+        checkpoint_dir=ckpt,
+        resume=True,
+    )
+    # The resumed run's last checkpoint was after step 15 (every 3 steps): one step to go.
+    assert (dense_summary["resumed_from_step"], dense_summary["n_steps"]) == (15, 16)
     with pytest.raises(ValueError, match="other configs"):
         train_sae(
             batches_of(x, 128),
