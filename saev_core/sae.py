@@ -16,7 +16,9 @@ Architectures (`SAEConfig.arch`), which differ only in the activation and the sp
   dictionary (Bussmann et al. 2025), so early latents learn general features.
 
 The k-sparse ones (`topk`, `batchtopk`, `matryoshka`) get the AuxK loss for dead latents (Gao et
-al. 2024, A.2), dead meaning "no firing for `dead_after_tokens` tokens".
+al. 2024, A.2), dead meaning "no firing for `dead_after_tokens` tokens", and train through the
+sparse kernels of `saev_core/sparse_code.py` (same loss and gradients, about 4x faster at k = 32
+of 16k latents); `sparse_kernels = False` keeps the dense reference path below.
 
 Shapes: `x_bd` is [batch, d_model], `f_bs` is [batch, d_sae]. The SAE owns its input
 normalisation (paper: "inputs are mean-centred and scaled so the average norm is sqrt(d)"):
@@ -383,7 +385,8 @@ class SAE(nn.Module):
         loss = recon + coeff * sparsity + cfg.aux_alpha * aux
         with torch.no_grad():
             active = f > 0
-            l0, fired = active.sum(dim=-1).float().mean(), active.any(dim=0)
+            l0 = active.sum(dim=-1).float().mean()
+            fired = active.reshape(-1, active.shape[-1]).any(dim=0)
         return SAEOutput(
             self.unnormalise(x_hat_n), f, loss, mse, l1, aux, sparsity, recon, l0, fired
         )

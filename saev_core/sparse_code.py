@@ -127,9 +127,9 @@ class _GatherPreActs(torch.autograd.Function):
                 grad_W_t = g_sb @ x_c.to(g.dtype)
         # x_c = x_n - b_dec, so b_dec receives minus the sum over tokens of dL/dx_c.
         grad_b_dec = -(W_enc @ grad_b_enc) if ctx.needs_input_grad[6] else None
-        grad_W = (
-            grad_W_t.t() if grad_W_t is not None else None
-        )  # a contiguous copy costs more in Adam than it saves
+        # W_enc is stored as the transpose of a [d_sae, d_model] tensor (SAE.__init__ clones
+        # W_dec.T), so this transposed view already has the parameter's layout: no copy.
+        grad_W = grad_W_t.t() if grad_W_t is not None else None
         return None, None, None, None, grad_W, grad_b_enc, grad_b_dec
 
 

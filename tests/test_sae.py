@@ -464,4 +464,5 @@ def test_reconstruct_takes_any_leading_shape_and_encode_sparse_refuses_it():
         with pytest.raises(ValueError, match=r"\[batch, d_model\]"):
             sae.encode_sparse(x)
         # Training mode with [batch, tokens, d_model] takes the dense path rather than failing.
-        assert sae.train()(x).x_hat.shape == x.shape
+        out = sae.train()(x)
+        assert out.x_hat.shape == x.shape and out.fired.shape == (32,)
