@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -150,6 +151,15 @@ class SAEOutput(NamedTuple):
     "Mean over batch of the number of positive latents (detached)."
     fired: Tensor
     "[d_sae] bool: latents positive on some token of the batch (detached)."
+
+
+def _aux_error(e_bd: Tensor, e_hat_bd: Tensor) -> Tensor:
+    """AuxK's `||e - e_hat||^2 / ||e - mean(e)||^2`; 0 for a residual with no variance (one token,
+    or perfect reconstruction)."""
+    num = (e_bd - e_hat_bd).pow(2).sum()
+    denom = (e_bd - e_bd.mean(dim=0)).pow(2).sum()
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.where(denom > 0, num / safe, torch.zeros_like(num))
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -309,13 +319,17 @@ class SAE(nn.Module):
             f_bs = self.encode(x_bd)
             rows, cols = torch.nonzero(f_bs > 0, as_tuple=True)
             return rows, cols, f_bs[rows, cols]
-        h = self.pre_acts(self.normalise(x_bd))
-        code = sparse_code.top_k(h, self.cfg.k)
-        vals = h[code.rows, code.cols]
+        code, vals = self._topk_code(x_bd)
         pos = vals > 0
-        rows, cols, vals = code.rows[pos], code.cols[pos], torch.relu(vals[pos])
+        rows, cols, vals = code.rows[pos], code.cols[pos], vals[pos]
         order = torch.argsort(rows * self.cfg.d_sae + cols)
         return rows[order], cols[order], vals[order]
+
+    def _topk_code(self, x_bd: Tensor) -> tuple[sparse_code.Code, Tensor]:
+        """TopK's inference code of [batch, d_model] inputs as a sparse Code and its ReLU'd values."""
+        h = self.pre_acts(self.normalise(x_bd))
+        code = sparse_code.top_k(h, self.cfg.k)
+        return code, torch.relu(h[code.rows, code.cols])
 
     def decode(self, f_bs: Tensor) -> Tensor:
         """Reconstruction in the input space: `unnorm(f W_dec + b_dec)`."""
@@ -325,10 +339,7 @@ class SAE(nn.Module):
         """`decode(encode(x))`; a TopK code is decoded from its k rows of `W_dec`, not densely."""
         if self.cfg.arch != "topk":
             return self.decode(self.encode(x_bd))
-        x_2d = x_bd.reshape(-1, x_bd.shape[-1])
-        h = self.pre_acts(self.normalise(x_2d))
-        code = sparse_code.top_k(h, self.cfg.k)
-        vals = torch.relu(h[code.rows, code.cols])
+        code, vals = self._topk_code(x_bd.reshape(-1, x_bd.shape[-1]))
         x_hat = self.unnormalise(sparse_code.decode(code, vals, self.W_dec) + self.b_dec)
         return x_hat.reshape(x_bd.shape)
 
@@ -375,7 +386,9 @@ class SAE(nn.Module):
             sparsity = _Step.apply(h, theta, cfg.jumprelu_bandwidth).sum(dim=-1).mean()
         else:
             if cfg.arch == "matryoshka":
-                recon = self._matryoshka_recon(f, x_n)
+                recon = self._matryoshka_recon(
+                    x_n, lambda start, end: f[:, start:end] @ self.W_dec[start:end]
+                )
             if cfg.aux_alpha > 0:
                 if dead_mask is None:
                     dead_mask = self.dead_mask()
@@ -409,7 +422,12 @@ class SAE(nn.Module):
         l1 = vals.sum() / n_rows
         recon = mse
         if cfg.arch == "matryoshka":
-            recon = self._matryoshka_recon_sparse(code, vals, x_n)
+            recon = self._matryoshka_recon(
+                x_n,
+                lambda start, end: sparse_code.decode(
+                    code, vals * ((code.cols >= start) & (code.cols < end)), self.W_dec
+                ),
+            )
         aux = x_n.new_zeros(())
         if cfg.aux_alpha > 0:
             if dead_mask is None:
@@ -425,30 +443,11 @@ class SAE(nn.Module):
         zero = x_n.new_zeros(())
         return SAEOutput(self.unnormalise(x_hat_n), f, loss, mse, l1, aux, zero, recon, l0, fired)
 
-    def _matryoshka_recon_sparse(
-        self, code: sparse_code.Code, vals: Tensor, x_n_bd: Tensor
-    ) -> Tensor:
-        """`_matryoshka_recon` on a sparse code: each prefix block decodes its own entries."""
-        x_hat = self.b_dec.expand_as(x_n_bd)
-        total = x_n_bd.new_zeros(())
-        start = 0
-        prefixes = self.cfg.prefixes()
-        for end in prefixes:
-            in_block = (code.cols >= start) & (code.cols < end)
-            x_hat = x_hat + sparse_code.decode(code, vals * in_block, self.W_dec)
-            total = total + (x_hat - x_n_bd).pow(2).mean()
-            start = end
-        return total / len(prefixes)
-
     def _aux_loss_sparse(
         self, h_bs: Tensor, x_c_bd: Tensor, e_bd: Tensor, dead_mask: Tensor
     ) -> Tensor:
         """`aux_loss` on the sparse kernels: the top `aux_k` dead latents per token."""
-        if dead_mask.shape != (self.cfg.d_sae,):
-            raise ValueError(
-                f"dead_mask must have shape ({self.cfg.d_sae},), got {tuple(dead_mask.shape)}"
-            )
-        dead_idx = dead_mask.nonzero().squeeze(1)
+        dead_idx = self._dead_indices(dead_mask)
         if dead_idx.numel() == 0:
             return h_bs.new_zeros(())
         h_dead = h_bs[:, dead_idx]
@@ -458,22 +457,22 @@ class SAE(nn.Module):
         z = torch.relu(
             sparse_code.gather_pre_acts(h_bs, code, x_c_bd, self.W_enc, self.b_enc, self.b_dec)
         )
-        e = e_bd.detach()
-        e_hat = sparse_code.decode(code, z, self.W_dec)
-        num = (e - e_hat).pow(2).sum()
-        denom = (e - e.mean(dim=0)).pow(2).sum()
-        safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-        return torch.where(denom > 0, num / safe, torch.zeros_like(num))
+        return _aux_error(e_bd.detach(), sparse_code.decode(code, z, self.W_dec))
 
-    def _matryoshka_recon(self, f_bs: Tensor, x_n_bd: Tensor) -> Tensor:
-        """Mean over nested prefixes m of mse(f[:, :m] W_dec[:m] + b_dec, x_n) (Bussmann et al. 2025)."""
+    def _matryoshka_recon(
+        self, x_n_bd: Tensor, decode_block: Callable[[int, int], Tensor]
+    ) -> Tensor:
+        """Mean over nested prefixes m of mse(f[:, :m] W_dec[:m] + b_dec, x_n) (Bussmann et al. 2025).
+
+        `decode_block(start, end)` is `f[:, start:end] W_dec[start:end]`, densely or sparsely.
+        """
         x_hat = self.b_dec.expand_as(x_n_bd)
         total = x_n_bd.new_zeros(())
         start = 0
         prefixes = self.cfg.prefixes()
         for end in prefixes:
             # Cumulative: each block adds its latents' contribution to the previous prefix.
-            x_hat = x_hat + f_bs[:, start:end] @ self.W_dec[start:end]
+            x_hat = x_hat + decode_block(start, end)
             total = total + (x_hat - x_n_bd).pow(2).mean()
             start = end
         return total / len(prefixes)
@@ -499,25 +498,23 @@ class SAE(nn.Module):
         `e` is detached so only the dead latents learn from this term; `e_hat` uses no bias, and
         the squared error is divided by the residual's total variance about its batch mean.
         """
-        if dead_mask.shape != (self.cfg.d_sae,):
-            raise ValueError(
-                f"dead_mask must have shape ({self.cfg.d_sae},), got {tuple(dead_mask.shape)}"
-            )
-        dead_idx = dead_mask.nonzero().squeeze(1)
+        dead_idx = self._dead_indices(dead_mask)
         if dead_idx.numel() == 0:
             return h_bs.new_zeros(())
-        e = e_bd.detach()
         # Work on the dead columns only: usually few, and then no top-k is needed at all.
         z = torch.relu(h_bs[:, dead_idx])
         if dead_idx.numel() > self.cfg.aux_k:
             vals, idx = z.topk(self.cfg.aux_k, dim=-1, sorted=False)
             z = torch.zeros_like(z).scatter(-1, idx, vals)
-        e_hat = z @ self.W_dec[dead_idx]
-        num = (e - e_hat).pow(2).sum()
-        denom = (e - e.mean(dim=0)).pow(2).sum()
-        # A batch whose residual has no variance (one token, or perfect reconstruction) gives 0.
-        safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-        return torch.where(denom > 0, num / safe, torch.zeros_like(num))
+        return _aux_error(e_bd.detach(), z @ self.W_dec[dead_idx])
+
+    def _dead_indices(self, dead_mask: Tensor) -> Tensor:
+        """The latent indices `dead_mask` [d_sae] marks, refusing a mask of another shape."""
+        if dead_mask.shape != (self.cfg.d_sae,):
+            raise ValueError(
+                f"dead_mask must have shape ({self.cfg.d_sae},), got {tuple(dead_mask.shape)}"
+            )
+        return dead_mask.nonzero().squeeze(1)
 
     # -- dead latents --------------------------------------------------------------------------
 

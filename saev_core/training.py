@@ -96,7 +96,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     "bf16 autocast for the forward pass: 'auto' = on CUDA with bf16 support, else fp32. Weights stay fp32."
     sparse_kernels: bool = True
-    "Train k-sparse archs with sparse kernels (saev_core/sparse_code.py; same gradients, ~3x faster at k=32, d_sae 16k); False = dense reference."
+    "Train k-sparse archs with sparse kernels (saev_core/sparse_code.py; same gradients, ~4x faster at k=32, d_sae 16k); False = dense reference."
     checkpoint_every: int = 500
     "Write a resumable checkpoint every this many steps (needs a checkpoint directory); 0 = never."
     seed: int = 0
