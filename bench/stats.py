@@ -68,21 +68,26 @@ def make_sae(args) -> SAE:
     )
 
 
-def run_stats(args, n_images: int, sae: SAE | None = None) -> float:
-    """Seconds for compute_stats over n_images (no neighbour search: timed apart)."""
+def run_stats(args, n_images: int, sae: SAE | None = None) -> tuple[float, int]:
+    """Seconds for compute_stats over n_images (no neighbour search: timed apart), and the
+    refinement passes it made (the batches are re-streamable, as in the stats stage)."""
     sae = sae or make_sae(args)
     labels = patch_labels(n_images, args.tokens, args.n_labels)
-    cfg = StatsConfig(n_top=16, splits=("train",), n_neighbors=0)
-    gen = batches(n_images, args.tokens, args.d_model, args.images_per_batch)
+    cfg = StatsConfig(n_top=16, splits=("train",), n_neighbors=0, exact_codes=args.exact_codes)
+
+    def gen():
+        return batches(n_images, args.tokens, args.d_model, args.images_per_batch)
+
     t = time.perf_counter()
-    compute_stats(sae, gen, labels, None, 1, cfg, run="bench", progress=False)
-    return time.perf_counter() - t
+    st = compute_stats(sae, gen, labels, None, 1, cfg, run="bench", progress=False)
+    return time.perf_counter() - t, st.refine_passes
 
 
 def child_rss(args, n_images: int) -> float:
     """Peak RSS (MB) of a fresh process that runs the stats over n_images."""
     cmd = [sys.executable, __file__, "--child-images", str(n_images)]
-    for k in ("d_model", "d_sae", "k", "tokens", "images_per_batch", "n_labels", "threads"):
+    for k in ("d_model", "d_sae", "k", "tokens", "images_per_batch", "n_labels", "threads",
+              "exact_codes"):  # fmt: skip
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
@@ -244,6 +249,13 @@ def main() -> None:
     p.add_argument("--n-images", type=int, default=48)
     p.add_argument("--images-per-batch", type=int, default=16)
     p.add_argument("--n-labels", type=int, default=8)
+    p.add_argument(
+        "--exact-codes",
+        type=int,
+        default=StatsConfig().exact_codes,
+        help="stats.exact_codes; 0 forces the histogram path with refinement passes, which "
+        "a corpus too large for exact ranks (ImageNet) takes",
+    )
     p.add_argument("--rss-images", type=int, default=16, help="RSS: this many and 4x as many")
     p.add_argument("--n-exemplars", type=int, default=64)
     p.add_argument("--wh-labels", type=int, default=100)
@@ -271,7 +283,7 @@ def main() -> None:
             for _, _, x in batches(args.n_images, args.tokens, args.d_model, args.images_per_batch):
                 sae.encode(torch.from_numpy(x))
             encode_s = time.perf_counter() - t
-        stats_s = run_stats(args, args.n_images, sae)
+        stats_s, refine_passes = run_stats(args, args.n_images, sae)
         t = time.perf_counter()
         with torch.inference_mode():
             decoder_neighbors(sae.W_dec, 8)
@@ -282,6 +294,8 @@ def main() -> None:
             "encode_tokens_per_s": round(n_tokens / encode_s, 1),
             "stats_tokens_per_s": round(n_tokens / stats_s, 1),
             "ratio_to_encode": round(encode_s / stats_s, 3),
+            "refine_passes": refine_passes,
+            "exact_codes": args.exact_codes,
             "neighbors_s": round(neighbors_s, 2),
         }
         print(json.dumps(result), file=sys.stderr)

@@ -36,11 +36,13 @@ from saev_core.extract import ExtractConfig, pending
 
 
 @task(retries=2, retry_delay_seconds=5)
-def new_images_task(data: str, out_dir: str, splits: tuple[str, ...]) -> int:
+def new_images_task(
+    data: str, out_dir: str, splits: tuple[str, ...], val_fraction: float = 0.1
+) -> int:
     """How many images of the source the shard set does not hold yet (no model loaded)."""
     import pyarrow.parquet as pq
 
-    records = load_records(data, splits)
+    records = load_records(data, splits, val_fraction)
     images = Path(out_dir) / "images.parquet"
     if images.exists():
         if "key" not in pq.read_schema(images).names:
@@ -73,7 +75,7 @@ def refresh_flow(params: str = "params.yaml", partitions: int = 1, version: bool
     p = read_params(params)
     cfg = ExtractConfig(**{k: v for k, v in p["extract"].items() if k in ("data", "out_dir")})
     splits = tuple(p["extract"].get("splits", ExtractConfig.splits))
-    n_new = new_images_task(cfg.data, cfg.out_dir, splits)
+    n_new = new_images_task(cfg.data, cfg.out_dir, splits, cfg.val_fraction)
     if n_new == 0:
         print(f"no new images in {cfg.data}: shards, stats and warehouse are up to date")
         return {"new_images": 0}

@@ -35,6 +35,7 @@ def _log_final(client: Any, run_id: str, metrics: dict, sae_dir: str) -> None:
 
     now = int(time.time() * 1000)
     final = [Metric(k, v, now, 0) for k, v in scalars(metrics).items()]
+    final += [Metric(f"timing/{k}", float(v), now, 0) for k, v in metrics["timing"].items()]
     client.log_batch(run_id, metrics=final)
     fig = density_histogram(metrics["freq"])
     client.log_figure(run_id, fig, "feature_density.png")

@@ -7,7 +7,9 @@ CLIP/SigLIP model, and the block list found as the `nn.ModuleList` with
 (CLS if any, then registers, then patches in row-major order) is measured with one forward pass
 rather than read from per-family tables, and checked against the weights (is there a CLS vector?)
 and the config (`num_register_tokens`); `token_indices` turns a token policy into positions.
-Weights load in float16 on CUDA and float32 elsewhere unless `dtype` says otherwise.
+Weights load in float16 on CUDA and float32 elsewhere unless `dtype` says otherwise. The
+processor's resize and centre crop are read into `Backbone.geometry` (`saev_core.geometry`), the
+map from original pixels to the input that masks and overlays follow.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+from saev_core.geometry import Geometry, read_geometry
 from saev_core.hashing import sha256_file_cached
 
 
@@ -72,6 +75,11 @@ class Backbone:
     """Where the model lives."""
     dtype: str
     """Floating-point type of the weights and of `preprocess`'s output: float32|float16|bfloat16."""
+    geometry: Geometry | None = None
+    """The processor's resize and centre crop (`saev_core.geometry`): where original pixels land;
+    None when `saev_core.geometry` cannot follow this processor (`geometry_error` says why)."""
+    geometry_error: str = ""
+    """Why `geometry` is None: masks, boxes and probe targets then refuse to map to patches."""
 
     @property
     def n_tokens(self) -> int:
@@ -322,6 +330,8 @@ def load_backbone(name_or_path: str, device: str | None = None, dtype: str = "au
         model = model.vision_model  # a multimodal model without an AutoModel class for its tower
     model = model.eval().to(device)
     processor = AutoImageProcessor.from_pretrained(name_or_path)
+    # Checked against the processor itself; a processor it cannot follow still extracts.
+    geometry, geometry_error = read_geometry(processor)
     vcfg = _vision_config(model)
     n_layers = int(vcfg.num_hidden_layers)
     blocks = find_blocks(model, n_layers)
@@ -347,9 +357,17 @@ def load_backbone(name_or_path: str, device: str | None = None, dtype: str = "au
         weights_sha256=weights_sha256(name_or_path),
         device=device,
         dtype=dtype,
+        geometry=geometry,
+        geometry_error=geometry_error,
     )
     pixel_values = preprocess(backbone, [probe])
     h, w = pixel_values.shape[-2:]
+    if geometry is not None and geometry.input_size(*probe.size) != (h, w):
+        raise ValueError(
+            f"{name_or_path}: its processor makes a {h}x{w} input from a {probe.size[1]}x"
+            f"{probe.size[0]} image, but its settings {geometry.to_dict()} say "
+            f"{geometry.input_size(*probe.size)}; saev_core.geometry cannot follow this processor"
+        )
     with torch.inference_mode(), record_blocks(backbone, [0]) as acts:
         model(pixel_values=pixel_values)
     n_tokens = acts[0].shape[1]

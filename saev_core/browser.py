@@ -9,6 +9,10 @@ shows one feature at a time: its top exemplar images with the patch activations 
 its activation histogram, label associations and decoder neighbours. `#feature=12` in the URL
 opens feature 12.
 
+Labels are scored at the level the source gives them: patch AUROC for labels some patch carries
+(masks), image AUROC for labels only whole images carry (class folders), so a class-folder run
+names its features too. A feature's best label is shown only at or above `min_auroc`.
+
 `exemplar_grid` renders the same exemplars and heat maps as one PNG (features as rows), the
 picture the stats flow logs to MLflow.
 """
@@ -43,6 +47,9 @@ class BrowserConfig:
     """Embed only the most frequent features (None: all)."""
     n_labels: int = 5
     """Label associations listed per feature (best AUROC first)."""
+    min_auroc: float = 0.7
+    """A feature's best label is shown only when its AUROC reaches this floor (else "no label");
+    the search by label uses the same floor. 0.5 is chance: below 0.7 a label explains little."""
 
     def __post_init__(self) -> None:
         if self.n_exemplars < 1:
@@ -53,6 +60,8 @@ class BrowserConfig:
             raise ValueError(f"browser.max_features must be >= 1 or null, got {self.max_features}")
         if self.n_labels < 0:
             raise ValueError(f"browser.n_labels must be >= 0, got {self.n_labels}")
+        if not 0 <= self.min_auroc <= 1:
+            raise ValueError(f"browser.min_auroc must be in [0, 1], got {self.min_auroc}")
 
 
 def _read(stats_dir: Path, name: str) -> pd.DataFrame | None:
@@ -69,13 +78,38 @@ def _images(run: pd.Series, root: Path) -> pd.DataFrame:
     return pd.read_parquet(path, columns=["image_id", "path", "labels"])
 
 
-def _thumb(path: Path, px: int):
-    from PIL import Image
+def _geometry(run: pd.Series, root: Path):
+    """The processor's resize and crop from the manifest of the run's shard set, or None (a set
+    from before it was recorded, or no shard set found: thumbnails then show the whole image)."""
+    from saev_core.geometry import Geometry
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail((px, px))
-        return im.copy()
+    shard_dir = Path(str(run.get("shard_dir") or ""))
+    path = (shard_dir if shard_dir.is_absolute() else root / shard_dir) / "manifest.json"
+    if not shard_dir.parts or not path.exists():
+        return None
+    recorded = json.loads(path.read_text()).get("geometry")
+    return None if recorded is None else Geometry.from_dict(recorded, f"{path}: geometry")
+
+
+def _thumb(path: Path, px: int, geometry=None, grid: tuple[int, int] = (0, 0)):
+    """A thumbnail of at most px x px: with a geometry, of the image as the model sees it
+    (resized, centre-cropped, cut to the area the patch grid covers) so heat maps line up.
+    Decoded as extraction decodes it (EXIF orientation, CMYK through its ICC profile, 16-bit
+    grey scaled), so it is the picture the model saw; None for a file that no longer opens."""
+    from saev_core.data import BadImage, ImageRecord, open_image
+
+    try:
+        im = open_image(ImageRecord(0, "", str(path), path, ()))
+    except BadImage:
+        return None
+    if geometry is not None:
+        im = geometry.view(im)
+        rows, cols = grid
+        if rows and cols:  # an input side that is not a multiple of the patch: drop the rest
+            w, h = im.size
+            im = im.crop((0, 0, cols * (w // cols), rows * (h // rows)))
+    im.thumbnail((px, px))
+    return im
 
 
 def _data_uri(im) -> str:
@@ -95,6 +129,9 @@ def browser_data(stats_dir: str | Path, root: str | Path = ".", cfg: BrowserConf
     run_row = run.iloc[0]
     top = _read(stats_dir, "top_examples")
     labels = _read(stats_dir, "feature_labels")
+    report_split = run_row.get("report_split")
+    if labels is not None and "split" in labels and isinstance(report_split, str) and report_split:
+        labels = labels[labels["split"] == report_split]  # one split: the reported one
     neighbors = _read(stats_dir, "neighbors")
     heatmaps = _read(stats_dir, "heatmaps")
     features = features.sort_values("feature")
@@ -120,14 +157,15 @@ def browser_data(stats_dir: str | Path, root: str | Path = ".", cfg: BrowserConf
                  "token": int(row.token)}
             )  # fmt: skip
     assoc_by: dict[int, list[list]] = {}
+    level_of: dict[str, str] = {}
     if labels is not None and len(labels):
-        labels = labels[labels.feature.isin(keep_ids)]
-        ranked = labels.sort_values(["feature", "auroc", "label"], ascending=[True, False, True])
+        labels, level_of = _scored(labels[labels.feature.isin(keep_ids)])
+        ranked = labels.sort_values(["feature", "score", "label"], ascending=[True, False, True])
         for f, group in ranked.groupby("feature", sort=False):
             assoc_by[int(f)] = [
-                [str(r.label), _num(r.auroc), _num(getattr(r, "image_auroc", None)),
-                 _num(getattr(r, "precision", None)), _num(getattr(r, "recall", None)),
-                 _num(r.mean_in), _num(r.mean_out)]
+                [str(r.label), _num(r.score), _num(r.auroc), _num(r.image_auroc),
+                 _num(r.lv_precision), _num(r.lv_recall), _num(r.lv_mean_in),
+                 _num(r.lv_mean_out), str(r.level)]
                 for r in group.head(cfg.n_labels).itertuples(index=False)
             ]  # fmt: skip
     nb_by: dict[int, list[list]] = {}
@@ -167,8 +205,10 @@ def browser_data(stats_dir: str | Path, root: str | Path = ".", cfg: BrowserConf
                 "max": _num(feat.max_act),
                 "hist": [int(x) for x in feat.hist],
                 "spread": _num(getattr(feat, "spatial_entropy", None)),
-                "best": assoc[0][0] if assoc and assoc[0][1] is not None else None,
+                # the best label, unless even it is below the floor: then "no label"
+                "best": assoc[0][0] if assoc and (assoc[0][1] or 0) >= cfg.min_auroc else None,
                 "auroc": assoc[0][1] if assoc else None,
+                "level": assoc[0][8] if assoc else None,
                 "breadth": len(spanned),
                 "ex_label": top_label,
                 "labels": assoc,
@@ -177,14 +217,16 @@ def browser_data(stats_dir: str | Path, root: str | Path = ".", cfg: BrowserConf
             }
         )
     thumbs = {}
+    grid = [int(run_row.get("grid_rows") or 0), int(run_row.get("grid_cols") or 0)]
+    geometry = _geometry(run_row, root) if used_images else None
     for image_id in sorted(used_images):
         path = path_of.get(image_id)
         if path is None:
             continue
         p = Path(path) if Path(path).is_absolute() else root / path
-        if p.exists():
-            thumbs[str(image_id)] = _data_uri(_thumb(p, cfg.thumb_px))
-    grid = [int(run_row.get("grid_rows") or 0), int(run_row.get("grid_cols") or 0)]
+        thumb = _thumb(p, cfg.thumb_px, geometry, tuple(grid)) if p.exists() else None
+        if thumb is not None:
+            thumbs[str(image_id)] = _data_uri(thumb)
     return {
         "run": str(run_row["run"]),
         "backbone": str(run_row.get("backbone") or ""),
@@ -193,6 +235,9 @@ def browser_data(stats_dir: str | Path, root: str | Path = ".", cfg: BrowserConf
         "n_tokens": int(run_row.get("n_tokens") or 0),
         "n_images": int(run_row.get("n_images") or 0),
         "grid": grid,
+        "min_auroc": cfg.min_auroc,
+        # which AUROC names a feature: "patch" (masks), "image" (image labels only) or "mixed"
+        "label_level": _one_level(level_of),
         "hist_edges": [float(x) for x in run_row["hist_edges"]],
         "features": rows,
         "images": thumbs,
@@ -229,7 +274,8 @@ def exemplar_grid(
     n_exemplars: int = 6,
     tile_px: int = 96,
 ) -> Path:
-    """A PNG with one row per feature: its top exemplars, each with the heat map laid over it."""
+    """A PNG with one row per feature: its top exemplars, each with the heat map laid over it
+    (the images as the model saw them, resized and cropped by the shard set's geometry)."""
     from PIL import Image, ImageDraw
 
     cfg = BrowserConfig(n_exemplars=n_exemplars, thumb_px=tile_px)
@@ -272,6 +318,41 @@ def exemplar_grid(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out_path, format="PNG")
     return out_path
+
+
+def _scored(labels: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """`labels` with each row's AUROC at its label's level, and {label: level}.
+
+    A label that some patch carries (masks) is scored by patch AUROC; a label only images carry
+    (class folders, image-level dataset columns) by image AUROC, where an image scores its
+    highest patch code. Columns `score`, `level` and `lv_*` (precision, recall and means at that
+    level) are added."""
+    labels = labels.copy()
+    for col in ("image_auroc", "precision", "recall", "image_precision", "image_recall",
+                "image_mean_in", "image_mean_out"):  # fmt: skip
+        if col not in labels:
+            labels[col] = np.nan
+    patch_level = labels.groupby("label")["auroc"].transform(lambda a: a.notna().any())
+    if "n_pos" in labels:
+        patch_level &= labels["n_pos"].fillna(0) > 0
+    patch_level = patch_level.astype(bool)
+    labels["level"] = np.where(patch_level, "patch", "image")
+    for lv, patch_col, image_col in (
+        ("score", "auroc", "image_auroc"),
+        ("lv_precision", "precision", "image_precision"),
+        ("lv_recall", "recall", "image_recall"),
+        ("lv_mean_in", "mean_in", "image_mean_in"),
+        ("lv_mean_out", "mean_out", "image_mean_out"),
+    ):
+        labels[lv] = labels[patch_col].where(patch_level, labels[image_col])
+    level_of = dict(zip(labels["label"], labels["level"], strict=True))
+    return labels, level_of
+
+
+def _one_level(level_of: dict[str, str]) -> str | None:
+    """The level every label is scored at, "mixed" when they differ, None without labels."""
+    levels = set(level_of.values())
+    return levels.pop() if len(levels) == 1 else ("mixed" if levels else None)
 
 
 def _as_list(x: Any) -> list[str]:

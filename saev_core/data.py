@@ -29,9 +29,20 @@ and folders whose names start with "." are ignored. Image ids are assigned in a 
 when only some are asked for, so a split's ids do not depend on which others were loaded. Keys
 are what identify an image across runs: adding files shifts ids, never keys.
 
+**Held-out split.** A source without a `val` split (a flat folder, a folder of class folders, a
+lone `Dataset`, a DatasetDict of only "train") gets one: `val_fraction` of its train images
+(10% by default) become `val`, chosen by a stable hash of each image's key
+(blake2b-64(key) < val_fraction * 2^64; never Python's salted `hash()`). An image's split thus
+depends only on its key and the fraction: adding files never moves another image, and a larger
+fraction only moves more images from train to val. Ids stay those of the source order (carving
+does not renumber). `held_out_split` says which rule a source gets; extraction records it in the
+manifest.
+
 Records hold no pixels. `open_image(record)` returns the decoded RGB image or raises `BadImage`
-with a short reason (empty, not an image, corrupt, truncated, CMYK, 16-bit, too large), so a
-caller can skip and report bad files instead of feeding the model garbage. `open_mask(record)`
+with a short reason (empty, not an image, corrupt, truncated, unsupported mode, too large), so a
+caller can skip and report bad files instead of feeding the model garbage. CMYK (through its
+embedded ICC profile into sRGB when it has one) and 16-bit grey (value / 257) are converted, and
+`read_image` says so; with `strict=True` both are refused as before. `open_mask(record)`
 returns the mask as an array of class values. A bad or unnamed mask stops `load_records` with
 the file named: masks are the ground truth, and dropping one silently would skew every label.
 """
@@ -39,7 +50,10 @@ the file named: masks are the ground truth, and dropping one silently would skew
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import io
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,11 +67,20 @@ SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"validation": "val", "valid": "val"}
 MAX_PIXELS = 64_000_000
 """Default refusal threshold of `open_image`: 64 MP decodes to about 190 MB of RGB."""
+VAL_FRACTION = 0.1
+"""Default share of a source's train images held out as `val` when it has no val split."""
 BACKGROUND, IGNORE = 0, 255
 MASK_COLUMN_WORDS = ("mask", "annotation", "segment")
 
 # Modes that `convert("RGB")` maps faithfully (alpha is dropped, grey and palettes expanded).
 _RGB_SAFE_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "YCbCr"}
+# Unsigned 16-bit grey as PIL opens PNG and TIFF files (values 0..65535).
+_GREY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+# What `read_image` reports for each conversion (fixed strings, so reports can count them).
+CMYK_ICC = "CMYK -> sRGB through the embedded ICC profile"
+CMYK_PLAIN = "CMYK -> RGB, plain conversion (no ICC profile)"
+CMYK_BAD_ICC = "CMYK -> RGB, plain conversion (embedded ICC profile unreadable)"
+GREY16 = "16-bit grey -> 8-bit (value / 257)"
 # First bytes of the formats in IMAGE_SUFFIXES: a file that starts like one but that PIL cannot
 # identify is a damaged image, not some other kind of file.
 _SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
@@ -97,22 +120,104 @@ class ImageRecord:
 # --- safe opening -----------------------------------------------------------------------------
 
 
-def open_image(record: ImageRecord, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def open_image(
+    record: ImageRecord, max_pixels: int = MAX_PIXELS, strict: bool = False
+) -> Image.Image:
     """The record's image, fully decoded, as RGB; raises BadImage(reason) for an unusable file.
 
     The size is checked from the header before any pixel is decoded. PIL's own decompression-bomb
     limit (`Image.MAX_IMAGE_PIXELS`, about 89 MP) also applies whatever `max_pixels` says.
+    CMYK and 16-bit grey are converted (see `read_image`), or refused when `strict`.
+    """
+    return read_image(record, max_pixels, strict)[0]
+
+
+def read_image(
+    record: ImageRecord, max_pixels: int = MAX_PIXELS, strict: bool = False
+) -> tuple[Image.Image, str | None]:
+    """(RGB image, conversion): as `open_image`, and how a mode without a faithful `convert("RGB")`
+    was converted (one of CMYK_ICC, CMYK_PLAIN, CMYK_BAD_ICC, GREY16), else None.
+
+    `strict` refuses those modes (BadImage) instead, as saev-flow did before converting them.
     """
     src = record.source.image_file(record.key) if record.source else Path(record.path)
     with _open_header(src, max_pixels) as im:
-        if im.mode == "CMYK":
-            raise BadImage("CMYK colour: converting to RGB without its ICC profile shifts colours")
-        if _is_high_depth(im.mode):
-            raise BadImage(f"16-bit or float pixels (mode {im.mode}): RGB conversion clips them")
-        if im.mode not in _RGB_SAFE_MODES:
-            raise BadImage(f"unsupported colour mode {im.mode}")
+        # EXIF orientation applied, as transformers' `load_image` and `datasets` do: the picture
+        # a viewer shows, and the one a mask drawn on it matches (`open_mask` checks the size).
+        orientation = im.getexif().get(_ORIENTATION, 1)
+        image, how = _decode_rgb(im, strict)
+    if orientation in _TRANSPOSE:
+        image = image.transpose(_TRANSPOSE[orientation])
+    return image, how
+
+
+_ORIENTATION = 0x0112  # the EXIF orientation tag
+# EXIF orientation -> the transpose that shows the picture upright (as `ImageOps.exif_transpose`)
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _oriented_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of an open image as shown, after its EXIF orientation."""
+    w, h = im.size
+    return (h, w) if im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
+
+
+def _decode_rgb(im: Image.Image, strict: bool) -> tuple[Image.Image, str | None]:
+    """Decode an open image to RGB, converting the modes `read_image` lists."""
+    if im.mode == "CMYK":
+        if strict:
+            raise BadImage("CMYK colour (strict: not converted to RGB)")
         _decode(im)
-        return im.convert("RGB")
+        return _cmyk_to_rgb(im)
+    if im.mode in _GREY16_MODES:
+        if strict:
+            raise BadImage(f"16-bit grey pixels (mode {im.mode}; strict: not converted)")
+        _decode(im)
+        return _grey16_to_rgb(im), GREY16
+    if _is_high_depth(im.mode):
+        raise BadImage(f"32-bit or float pixels (mode {im.mode}): no known range to scale")
+    if im.mode not in _RGB_SAFE_MODES:
+        raise BadImage(f"unsupported colour mode {im.mode}")
+    _decode(im)
+    return im.convert("RGB"), None
+
+
+def _cmyk_to_rgb(im: Image.Image) -> tuple[Image.Image, str]:
+    """A decoded CMYK image as RGB: through its embedded ICC profile into sRGB when it has one
+    (what a colour-managed viewer shows), else PIL's plain (255-C)(255-K)/255 formula."""
+    icc = im.info.get("icc_profile")
+    if not icc:
+        return im.convert("RGB"), CMYK_PLAIN
+    try:
+        from PIL import ImageCms
+    except ImportError:  # a Pillow built without LittleCMS
+        return im.convert("RGB"), CMYK_BAD_ICC
+
+    # Both profiles are made per image: LittleCMS profile handles are not for sharing between
+    # the decoding threads, and CMYK files are rare (ImageNet train: 22 of 1.28M, the list in
+    # TensorFlow's build_imagenet_data.py).
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        srgb = ImageCms.createProfile("sRGB")
+        return ImageCms.profileToProfile(im, profile, srgb, outputMode="RGB"), CMYK_ICC
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return im.convert("RGB"), CMYK_BAD_ICC
+
+
+def _grey16_to_rgb(im: Image.Image) -> Image.Image:
+    """16-bit grey to 8-bit RGB by value / 257, rounded (65535 -> 255, exact at both ends);
+    PIL's own convert would clip every value above 255 to white."""
+    values = np.asarray(im).astype(np.uint32)
+    grey = ((values + 128) // 257).astype(np.uint8)  # = round(v / 257): v / 257 is never x.5
+    return Image.fromarray(grey).convert("RGB")  # uint8 [H, W] -> mode L
 
 
 def open_mask(record: ImageRecord, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -122,7 +227,18 @@ def open_mask(record: ImageRecord, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     src = record.source.mask_file(record.key) if record.source else Path(record.mask_path)
     if src is None:
         raise BadImage("no mask in this row")
-    return _read_mask(src, max_pixels)
+    mask = _read_mask(src, max_pixels)
+    # The mask is cut like its image (resize, then the processor's crop), so it must have the
+    # image's size: a mask of another shape would label other pixels than it was drawn on.
+    img = record.source.image_file(record.key) if record.source else Path(record.path)
+    with _open_header(img, max_pixels) as im:
+        w, h = _oriented_size(im)
+    if mask.shape != (h, w):
+        raise BadImage(
+            f"mask {record.mask_path} is {mask.shape[1]}x{mask.shape[0]} px but its image "
+            f"{record.path} is {w}x{h} (as shown, after EXIF orientation): they must match"
+        )
+    return mask
 
 
 def _read_mask(src: Path | bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -130,8 +246,11 @@ def _read_mask(src: Path | bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     with _open_header(src, max_pixels) as im:
         if im.mode not in ("1", "L", "P", "I") and not im.mode.startswith("I;16"):
             raise BadImage(f"a mask must have one channel of class values, got mode {im.mode}")
+        orientation = im.getexif().get(_ORIENTATION, 1)
         _decode(im)
-        values = np.asarray(im)
+        values = np.asarray(
+            im.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else im
+        )
     return values.astype(np.uint8) if values.dtype == bool else values
 
 
@@ -202,20 +321,29 @@ def _is_high_depth(mode: str) -> bool:
 # --- loading records --------------------------------------------------------------------------
 
 
-def load_records(data_dir: str | Path, splits: Sequence[str] | None = None) -> list[ImageRecord]:
-    """All image records under `data_dir`, in image_id order, optionally only some splits."""
+def load_records(
+    data_dir: str | Path,
+    splits: Sequence[str] | None = None,
+    val_fraction: float = VAL_FRACTION,
+) -> list[ImageRecord]:
+    """All image records under `data_dir`, in image_id order, optionally only some splits.
+
+    A source without a val split has `val_fraction` of its train images moved to val by a
+    stable hash of their keys (module docstring); 0 leaves it without val.
+    """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"image data directory not found: {data_dir}")
+    carve = _carve_fraction(data_dir, val_fraction)
     wanted = set(splits) if splits is not None else None
     if (data_dir / "images.csv").exists():
-        records = _shapes_records(data_dir)
-    elif (data_dir / "dataset_dict.json").exists() or (data_dir / "state.json").exists():
-        records = _datasets_records(data_dir, wanted)
+        records = _carved(_shapes_records(data_dir), carve)
+    elif _is_datasets(data_dir):
+        records = _datasets_records(data_dir, wanted, carve)
     elif (data_dir / "images").is_dir() and (data_dir / "masks").is_dir():
-        records = _segmentation_records(data_dir, wanted)
+        records = _segmentation_records(data_dir, wanted, carve)
     else:
-        records = _folder_records(data_dir)
+        records = _carved(_folder_records(data_dir), carve)
     if not records:
         raise ValueError(
             f"no images found in {data_dir}: expected a shapes world (images.csv), a datasets "
@@ -230,6 +358,64 @@ def load_records(data_dir: str | Path, splits: Sequence[str] | None = None) -> l
             )
         records = [r for r in records if r.split in wanted]
     return records
+
+
+def held_out_split(data_dir: str | Path, val_fraction: float = VAL_FRACTION) -> dict[str, Any]:
+    """How `load_records` makes the val split of this source, as the manifest records it:
+    `{"from": "source"}` when the source has its own val split (or val_fraction is 0), else
+    `{"from": "train", "fraction": f, "by": "blake2b-64(key) < fraction * 2^64"}`."""
+    f = _carve_fraction(Path(data_dir), val_fraction)
+    if not f:
+        return {"from": "source"}
+    return {"from": "train", "fraction": f, "by": "blake2b-64(key) < fraction * 2^64"}
+
+
+def is_held_out(key: str, val_fraction: float) -> bool:
+    """True when the image with this key goes to val: blake2b-64 of its key (big-endian) is
+    below val_fraction * 2^64. Depends only on the key, so it is the same on every machine and
+    run, and monotone in the fraction."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < val_fraction * 2.0**64
+
+
+def _carve_fraction(data_dir: Path, val_fraction: float) -> float:
+    """The fraction of train images to hold out: val_fraction if the source lacks val, else 0."""
+    if not isinstance(val_fraction, int | float) or not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    if not val_fraction or not data_dir.is_dir():
+        return 0.0
+    named = _source_splits(data_dir)
+    return float(val_fraction) if "val" not in named and "train" in named else 0.0
+
+
+def _is_datasets(data_dir: Path) -> bool:
+    return (data_dir / "dataset_dict.json").exists() or (data_dir / "state.json").exists()
+
+
+def _source_splits(data_dir: Path) -> set[str]:
+    """The split names the source itself gives (read cheaply: no image or mask is opened)."""
+    if (data_dir / "images.csv").exists():
+        with (data_dir / "images.csv").open(newline="") as f:
+            return {row["split"] for row in csv.DictReader(f)}
+    if (data_dir / "dataset_dict.json").exists():
+        names = json.loads((data_dir / "dataset_dict.json").read_text()).get("splits", [])
+        return {SPLIT_ALIASES.get(k, k) for k in names}
+    if (data_dir / "state.json").exists():
+        return {"train"}  # a lone Dataset is read as train
+    if (data_dir / "images").is_dir() and (data_dir / "masks").is_dir():
+        return {s for s, _ in _split_roots(data_dir / "images")}
+    return {s for s, _ in _split_roots(data_dir)}
+
+
+def _split_of(split: str, key: str, carve: float) -> str:
+    """The split a record goes to: train images move to val by `is_held_out` when carving."""
+    return "val" if carve and split == "train" and is_held_out(key, carve) else split
+
+
+def _carved(records: list[ImageRecord], carve: float) -> list[ImageRecord]:
+    if not carve:
+        return records
+    return [dataclasses.replace(r, split=_split_of(r.split, r.key, carve)) for r in records]
 
 
 def _ordered(splits: Iterable[str]) -> list[str]:
@@ -305,7 +491,9 @@ def _folder_records(data_dir: Path) -> list[ImageRecord]:
     return records
 
 
-def _segmentation_records(data_dir: Path, wanted: set[str] | None) -> list[ImageRecord]:
+def _segmentation_records(
+    data_dir: Path, wanted: set[str] | None, carve: float = 0.0
+) -> list[ImageRecord]:
     """Records of a segmentation folder (images/, masks/, classes.txt); labels from the masks."""
     classes_txt = data_dir / "classes.txt"
     if not classes_txt.exists():
@@ -317,9 +505,10 @@ def _segmentation_records(data_dir: Path, wanted: set[str] | None) -> list[Image
     images_dir, masks_dir = data_dir / "images", data_dir / "masks"
     records: list[ImageRecord] = []
     image_id = 0
-    for split, root in _split_roots(images_dir):
+    for source_split, root in _split_roots(images_dir):
         for path in _image_files(root):
             key = path.relative_to(images_dir).as_posix()
+            split = _split_of(source_split, key, carve)
             mask = (masks_dir / key).with_suffix(".png")
             if wanted is None or split in wanted:  # ids count every split; masks are read only here
                 mask_path, labels, mask_labels = None, (), {}
@@ -433,7 +622,9 @@ def _load_splits(root: Path) -> dict[str, Any]:
     return {k: v.with_format(None) for k, v in loaded.items()}
 
 
-def _datasets_records(data_dir: Path, wanted: set[str] | None) -> list[ImageRecord]:
+def _datasets_records(
+    data_dir: Path, wanted: set[str] | None, carve: float = 0.0
+) -> list[ImageRecord]:
     """Records of a Hugging Face datasets directory written by save_to_disk."""
     import datasets
 
@@ -465,16 +656,24 @@ def _datasets_records(data_dir: Path, wanted: set[str] | None) -> list[ImageReco
 
     records: list[ImageRecord] = []
     image_id = 0
-    for split in _ordered(split_keys):
-        ds = parts[split_keys[split]]
+    for source_split in _ordered(split_keys):
+        ds = parts[split_keys[source_split]]
         if features != ds.features:
-            raise ValueError(f"{data_dir}: split {split_keys[split]!r} has different columns")
-        if wanted is not None and split not in wanted:
+            raise ValueError(
+                f"{data_dir}: split {split_keys[source_split]!r} has different columns"
+            )
+        # the splits this part's rows can go to: itself, and val when val is carved from train
+        targets = {source_split} | ({"val"} if carve and source_split == "train" else set())
+        if wanted is not None and not targets & wanted:
             image_id += len(ds)  # ids count every split, as in the folders
             continue
         columns = ds.select_columns(list(label_cols)).to_dict() if label_cols else {}
         for index in range(len(ds)):
-            key = f"{split}/{index}"
+            key = f"{source_split}/{index}"  # the row's address in the dataset (never the carve)
+            split = _split_of(source_split, key, carve)
+            if wanted is not None and split not in wanted:
+                image_id += 1
+                continue
             labels: set[str] = set()
             for c, f in label_cols.items():
                 value = columns[c][index]

@@ -481,6 +481,8 @@ def train_backbone(
     The saved directory holds the classifier (safetensors + config.json with id2label), its image
     processor and metrics.json (per-concept val accuracy and AUROC); it loads with both
     `load_backbone(out_dir)` and `load_classifier(out_dir)`. It appears complete or not at all.
+    The returned metrics also hold timings (`TIMING_KEYS`, for MLflow); metrics.json does not,
+    so the same config on the same machine writes the same bytes.
     """
     import torch
     import torch.nn.functional as F
@@ -638,7 +640,8 @@ def train_backbone(
         "train_s": round(t_train, 3),
         "device": device,
         "history": history,
-        "config": to_dict(cfg),
+        # where it was written is no property of the model (and would differ between copies)
+        "config": {k: v for k, v in to_dict(cfg).items() if k != "out_dir"},
     }
     _save(model, cfg, metrics)
     log(
@@ -647,6 +650,22 @@ def train_backbone(
         cfg.epochs,
     )
     return metrics
+
+
+TIMING_KEYS = ("data_s", "train_s", "elapsed_s")
+"""Wall-clock seconds: they go to MLflow, never into a DVC-tracked file (whose hash they would
+change on every run, invalidating every later stage)."""
+
+
+def tracked_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` without timings (also inside `history`): what metrics.json and the DVC metric
+    hold, identical for identical training."""
+    out = {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+    if "history" in out:
+        out["history"] = [
+            {k: v for k, v in row.items() if k not in TIMING_KEYS} for row in out["history"]
+        ]
+    return out
 
 
 def _save(model: Any, cfg: BackboneConfig, metrics: dict[str, Any]) -> None:
@@ -659,7 +678,9 @@ def _save(model: Any, cfg: BackboneConfig, metrics: dict[str, Any]) -> None:
     model.to("cpu").save_pretrained(tmp)
     build_processor(cfg.image_size).save_pretrained(tmp)
     metrics["weights_sha256"] = weights_sha256(str(tmp))
-    (tmp / "metrics.json").write_text(json.dumps(metrics, sort_keys=True, indent=2) + "\n")
+    (tmp / "metrics.json").write_text(
+        json.dumps(tracked_metrics(metrics), sort_keys=True, indent=2) + "\n"
+    )
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -16,8 +16,13 @@ Safety, in the order a run meets it:
   the bytes an uninterrupted run writes.
 - **Atomic publication.** The finished staging directory replaces `out_dir` by renames, so
   `out_dir` is always either absent, the previous complete set, or the new complete set.
-- **Bad images** (corrupt, truncated, empty, not an image, CMYK, 16-bit, huge) are skipped and
-  listed with the reason in `skipped.json` and the manifest, or stop the run with `strict`.
+- **Bad images** (corrupt, truncated, empty, not an image, huge) are skipped and listed with the
+  reason in `skipped.json` and the manifest, or stop the run with `strict`. CMYK and 16-bit grey
+  images are converted (`data.read_image`) and listed in `converted.json`, counted by kind in the
+  manifest's `converted`; `strict` refuses them as bad images instead.
+- **Held-out split.** A source without a val split gets one by a stable hash of the image keys
+  (`extract.val_fraction`, see `saev_core.data`); the rule is part of the set's identity
+  (`val_split` in the manifest), so a changed fraction is refused like any other change.
 
 Nothing time- or machine-dependent is written into the shard set, so two extractions of the
 same inputs give identical files and hashes.
@@ -29,6 +34,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +46,23 @@ import pyarrow.parquet as pq
 
 from saev_core import shards
 from saev_core.config import json_safe
-from saev_core.data import BadImage, ImageRecord, load_records, open_image, open_mask
+from saev_core.data import (
+    VAL_FRACTION,
+    BadImage,
+    ImageRecord,
+    held_out_split,
+    load_records,
+    open_mask,
+    read_image,
+)
+from saev_core.geometry import Geometry
 
 PLAN = "plan.json"
 CHUNKS = "chunks"
 SKIPPED = "skipped.json"
+CONVERTED = "converted.json"
+# Reasons older versions skipped images for that `read_image` now converts.
+_CONVERTED_NOW = ("CMYK colour: converting", "16-bit or float pixels (mode I;16")
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,9 @@ class ExtractConfig:
     """Images per forward pass."""
     splits: tuple[str, ...] = ("train", "val", "test")
     """Which splits of the source to extract."""
+    val_fraction: float = VAL_FRACTION
+    """Share of train images held out as val (by a stable hash of each image's key) when the
+    source has no val split, e.g. a flat class-folder set; 0 = none. Ignored when it has one."""
     images_per_row_group: int = 128
     """Whole images per Parquet row group (the unit of shuffling and per-image reading)."""
     images_per_file: int = 4096
@@ -80,7 +101,8 @@ class ExtractConfig:
     max_pixels: int = 64_000_000
     """Images with more pixels than this are skipped (decompression-bomb guard)."""
     strict: bool = False
-    """Stop at the first bad image instead of skipping it and listing it in skipped.json."""
+    """Stop at the first bad image instead of skipping it and listing it in skipped.json; also
+    refuse CMYK and 16-bit grey images instead of converting them."""
     overwrite: bool = False
     """Replace an existing shard set that was made differently instead of refusing."""
 
@@ -96,6 +118,8 @@ class ExtractConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"extract.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"extract.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.tokens not in ("all", "cls", "registers", "patches"):
             raise ValueError(
                 f"extract.tokens must be all|cls|registers|patches, got {self.tokens!r}"
@@ -112,20 +136,27 @@ class ShardSetMismatch(ValueError):
     """An existing shard set was made differently from what this run asks for."""
 
 
-def patch_majority(mask, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """Per patch (row-major), the mask value covering most of its pixels after resizing the
-    mask (nearest neighbour) to the model's input `size` (h, w)."""
-    from PIL import Image
+def patch_majority(mask, grid: tuple[int, int], geometry: Geometry | tuple[int, int]) -> np.ndarray:
+    """Per patch (row-major), the mask value covering most of its pixels in the model's input.
 
-    h, w = size
+    `geometry` is the processor's resize and crop (`Backbone.geometry`), so the mask goes through
+    the same steps as the image; a plain (h, w) means the whole mask squashed to that size (a
+    processor that resizes without cropping). Ties go to the lower value (background first).
+    """
+    if not isinstance(geometry, Geometry):
+        geometry = Geometry.squash(*geometry)
+    m = geometry.transform_mask(np.asarray(mask))
+    h, w = m.shape
     gh, gw = grid
-    m = np.asarray(Image.fromarray(np.asarray(mask)).resize((w, h), Image.NEAREST))
     ph, pw = h // gh, w // gw
+    if ph == 0 or pw == 0:
+        raise ValueError(f"a {h}x{w} model input cannot hold a {gh}x{gw} patch grid")
     blocks = m[: gh * ph, : gw * pw].reshape(gh, ph, gw, pw).transpose(0, 2, 1, 3)
-    blocks = blocks.reshape(gh * gw, ph * pw)
-    n_values = int(m.max()) + 1
-    counts = np.stack([(blocks == v).sum(1) for v in range(n_values)], axis=1)
-    return counts.argmax(1)  # ties go to the lower value (background first)
+    values, inverse = np.unique(blocks.reshape(gh * gw, ph * pw), return_inverse=True)
+    inverse = inverse.reshape(gh * gw, ph * pw)
+    counts = np.stack([(inverse == i).sum(1) for i in range(len(values))], axis=1)
+    # values are sorted, and argmax takes the first maximum: the lowest value wins a tie
+    return values[counts.argmax(1)].astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +177,7 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbone: Any = None) -> 
     old = out_dir.parent / f".{out_dir.name}.old"
     _recover_publication(out_dir, partial, old)
 
-    records = load_records(cfg.data, cfg.splits)
+    records = load_records(cfg.data, cfg.splits, cfg.val_fraction)
     device = None if cfg.device == "auto" else cfg.device
     bb = backbone or load_backbone(cfg.model, device=device, dtype=cfg.precision)
     if bb.name != str(cfg.model):
@@ -187,7 +218,8 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbone: Any = None) -> 
     added = manifest["n_images"] - (base["manifest"]["n_images"] if base else 0)
     print(
         f"{out_dir}: {added} images extracted in {time.time() - started:.1f} s "
-        f"({manifest['n_images']} in the set, {len(manifest['skipped'])} skipped in all)"
+        f"({manifest['n_images']} in the set, {len(manifest['skipped'])} skipped and "
+        f"{sum(manifest['converted'].values())} converted in all)"
     )
     return manifest
 
@@ -203,6 +235,8 @@ def _identity(cfg: ExtractConfig, bb: Any, layers: list[int], written: np.ndarra
                 "precision": str(bb.dtype).removeprefix("torch."),
             },
             "preprocessing": bb.processor.to_dict(),
+            # How original pixels map to the input (resize, centre crop): patch labels use it.
+            "geometry": bb.geometry.to_dict() if bb.geometry is not None else None,
             "layers": layers,
             "tokens": {
                 "policy": cfg.tokens,
@@ -218,6 +252,8 @@ def _identity(cfg: ExtractConfig, bb: Any, layers: list[int], written: np.ndarra
             "dtype": cfg.dtype,
             "d_model": bb.d_model,
             "source": _same_path(cfg.data),
+            # Which images are val: the source's own split, or a hash of the key (data.py).
+            "val_split": held_out_split(cfg.data, cfg.val_fraction),
         }
     )
 
@@ -255,6 +291,17 @@ def _existing(out_dir: Path, identity: dict, overwrite: bool) -> dict | None:
             "to re-extract it, or choose another out_dir"
         )
     theirs = {k: manifest.get(k) for k in identity}
+    if (
+        "geometry" not in manifest
+        and identity["geometry"] is not None
+        and Geometry.from_dict(identity["geometry"]).squashes
+    ):
+        # A set from before geometry was recorded squashed masks to the input size: the same
+        # patch labels as now when the processor does not crop. A cropping one must re-extract.
+        theirs["geometry"] = identity["geometry"]
+    if "val_split" not in manifest and identity["val_split"] == {"from": "source"}:
+        # A set from before the held-out split was recorded used the source's splits as is.
+        theirs["val_split"] = identity["val_split"]
     if theirs != identity:
         if overwrite:
             print(f"{out_dir}: made differently, replacing it (overwrite=True)")
@@ -263,9 +310,15 @@ def _existing(out_dir: Path, identity: dict, overwrite: bool) -> dict | None:
         detail = "; ".join(
             f"{k}: has {_short(theirs.get(k))}, this run {_short(identity[k])}" for k in diffs
         )
+        hint = ""
+        if "val_split" in diffs and "val_split" not in manifest:
+            hint = (
+                " This set predates held-out splits of sources without a val folder: "
+                "val_fraction 0 keeps extending it as it was made."
+            )
         raise ShardSetMismatch(
             f"{out_dir} holds shards made differently ({detail}). Refusing to mix them: choose "
-            "another out_dir, or set overwrite to replace the set."
+            f"another out_dir, or set overwrite to replace the set.{hint}"
         )
     images = pq.read_table(out_dir / shards.IMAGES, columns=["key"]).column("key").to_pylist()
     return {"manifest": manifest, "keys": images}
@@ -274,11 +327,15 @@ def _existing(out_dir: Path, identity: dict, overwrite: bool) -> dict | None:
 def pending(records: list[ImageRecord], manifest: dict | None, keys) -> list[ImageRecord]:
     """The records a shard set still lacks: neither extracted nor skipped as they are now.
 
-    A skipped image is tried again only when its bytes changed (a fixed file); otherwise every
-    rerun (a scheduled refresh) would retry and re-list the same bad file.
+    A skipped image is tried again only when its bytes changed (a fixed file), or when it was
+    skipped for a reason this version converts instead (CMYK, 16-bit grey: the reasons older
+    versions wrote); otherwise every rerun (a scheduled refresh) would retry and re-list the
+    same bad file.
     """
     known = set(keys)
     for entry in (manifest or {}).get("skipped", []):
+        if str(entry.get("reason", "")).startswith(_CONVERTED_NOW):
+            continue
         record_sha = entry.get("sha256")
         if record_sha is None or record_sha == _file_digest(entry.get("path")):
             known.add(entry["key"])
@@ -403,25 +460,30 @@ class _ChunkExtractor:
         self.decoders.shutdown(wait=True, cancel_futures=True)
 
     def _decode(self, rec: ImageRecord):
+        """(image or None, skipped entry or None, converted entry or None) of one record."""
         try:
-            return open_image(rec, max_pixels=self.cfg.max_pixels), None
+            im, how = read_image(rec, max_pixels=self.cfg.max_pixels, strict=self.cfg.strict)
         except BadImage as e:
             if self.cfg.strict:
                 raise BadImage(f"{rec.path}: {e} (strict mode stops at bad images)") from e
             entry = {"key": rec.key, "path": str(rec.path), "reason": str(e)}
-            return None, {**entry, "sha256": _file_digest(rec.path)}
+            return None, {**entry, "sha256": _file_digest(rec.path)}, None
+        converted = {"key": rec.key, "path": str(rec.path), "conversion": how} if how else None
+        return im, None, converted
 
     def _prepare(self, recs: list[ImageRecord]):
-        """Decode and preprocess one batch: (kept records, pixel_values or None, skipped)."""
+        """Decode and preprocess one batch: (kept records, pixel_values or None, skipped,
+        converted)."""
         from saev_core.backbone import preprocess
 
         decoded = list(self.decoders.map(self._decode, recs))
-        kept = [(r, im) for r, (im, _) in zip(recs, decoded, strict=True) if im is not None]
-        skipped = [s for _, s in decoded if s is not None]
+        kept = [(r, im) for r, (im, _, _) in zip(recs, decoded, strict=True) if im is not None]
+        skipped = [s for _, s, _ in decoded if s is not None]
+        converted = [c for _, _, c in decoded if c is not None]
         if not kept:
-            return [], None, skipped
+            return [], None, skipped, converted
         pixels = preprocess(self.bb, [im for _, im in kept])
-        return [r for r, _ in kept], pixels, skipped
+        return [r for r, _ in kept], pixels, skipped, converted
 
     def run(self, chunk: dict, recs: list[ImageRecord], bar: Any) -> None:
         import torch
@@ -448,19 +510,21 @@ class _ChunkExtractor:
         image_rows: list[dict] = []
         label_rows: dict[str, list] = {"image_id": [], "token": [], "label": []}
         skipped: list[dict] = []
+        converted: list[dict] = []
         written_t = torch.as_tensor(self.written, device=bb.device, dtype=torch.long)
         store = getattr(torch, cfg.dtype)
         pending: Future | None = (
             self.prefetch.submit(self._prepare, batches[0]) if batches else None
         )
         for b in range(len(batches)):
-            kept, pixels, bad = pending.result()
+            kept, pixels, bad, changed = pending.result()
             pending = (
                 self.prefetch.submit(self._prepare, batches[b + 1])
                 if b + 1 < len(batches)
                 else None
             )
             skipped += bad
+            converted += changed
             bar.update(len(batches[b]))
             if not kept:
                 continue
@@ -495,12 +559,19 @@ class _ChunkExtractor:
         stem = self.partial / CHUNKS / chunk["name"]
         shards.atomic_write_table(_images_table(image_rows), Path(f"{stem}.images.parquet"))
         shards.atomic_write_table(_labels_table(label_rows), Path(f"{stem}.labels.parquet"))
-        shards.atomic_write_json(Path(f"{stem}.json"), {"files": files, "skipped": skipped})
+        shards.atomic_write_json(
+            Path(f"{stem}.json"), {"files": files, "skipped": skipped, "converted": converted}
+        )
 
 
 def _add_patch_labels(rows: dict, record: ImageRecord, image_id: int, bb: Any) -> None:
+    if bb.geometry is None:
+        raise ValueError(
+            f"{record.mask_path}: cannot label patches from masks, the processor's resize and "
+            f"crop are unknown ({bb.geometry_error})"
+        )
     mask = np.asarray(open_mask(record))
-    values = patch_majority(mask, bb.grid, bb.image_size)
+    values = patch_majority(mask, bb.grid, bb.geometry)
     for patch, value in enumerate(values):
         for label in record.mask_labels.get(int(value), ()):
             rows["image_id"].append(image_id)
@@ -541,6 +612,7 @@ def _assemble(partial, plan, base, cfg, out_dir, written, identity) -> dict[str,
     files = list(base["manifest"]["files"]) if base else []
     retried = {k for c in plan["chunks"] for k in c["keys"]}
     skipped = [s for s in (base["manifest"]["skipped"] if base else []) if s["key"] not in retried]
+    converted = [c for c in (_read_converted(out_dir) if base else []) if c["key"] not in retried]
     chunk_names = list(base["manifest"]["chunks"]) if base else []
     for chunk in plan["chunks"]:
         stem = partial / CHUNKS / chunk["name"]
@@ -549,6 +621,7 @@ def _assemble(partial, plan, base, cfg, out_dir, written, identity) -> dict[str,
         record = _chunk_record(partial, chunk["name"])
         files += record["files"]
         skipped += record["skipped"]
+        converted += record.get("converted", [])
         if record["files"]:  # a chunk of only bad images wrote nothing to remember
             chunk_names.append(chunk["name"])
     images_t = pa.concat_tables(images).sort_by("image_id")
@@ -558,6 +631,8 @@ def _assemble(partial, plan, base, cfg, out_dir, written, identity) -> dict[str,
     shards.atomic_write_table(images_t, partial / shards.IMAGES)
     shards.atomic_write_table(labels_t, partial / shards.PATCH_LABELS)
     shards.atomic_write_json(partial / SKIPPED, skipped)
+    converted.sort(key=lambda c: c["key"])
+    shards.atomic_write_json(partial / CONVERTED, converted)
 
     files.sort(key=lambda f: (f["layer"], f["split"], f["path"]))
     splits = images_t.column("split").to_pylist()
@@ -571,6 +646,10 @@ def _assemble(partial, plan, base, cfg, out_dir, written, identity) -> dict[str,
         "rows_per_layer": images_t.num_rows * len(written),
         "labels": sorted({lab for labs in labels_list for lab in labs}),
         "skipped": skipped,
+        # images converted to RGB (CMYK, 16-bit grey), by conversion; listed in converted.json
+        "converted": {
+            how: n for how, n in sorted(Counter(c["conversion"] for c in converted).items())
+        },
         "files": files,
         "chunks": chunk_names,
         "next_image_id": max(
@@ -585,6 +664,12 @@ def _assemble(partial, plan, base, cfg, out_dir, written, identity) -> dict[str,
     (partial / PLAN).unlink()
     shutil.rmtree(partial / CHUNKS)
     return manifest
+
+
+def _read_converted(out_dir: Path) -> list[dict]:
+    """The converted-image list of an existing set ([] for a set from before it was kept)."""
+    path = out_dir / CONVERTED
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def _publish(out_dir: Path, partial: Path, old: Path) -> None:
@@ -632,7 +717,7 @@ def plan_partitions(cfg: ExtractConfig, n_partitions: int) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     partial = out_dir.parent / f".{out_dir.name}.partial"
     _recover_publication(out_dir, partial, out_dir.parent / f".{out_dir.name}.old")
-    records = load_records(cfg.data, cfg.splits)
+    records = load_records(cfg.data, cfg.splits, cfg.val_fraction)
     # Loaded as the partitions load it: the identity records the precision it computes in.
     bb = load_backbone(
         cfg.model, device=None if cfg.device == "auto" else cfg.device, dtype=cfg.precision
@@ -680,7 +765,9 @@ def extract_partition(cfg: ExtractConfig, chunks: list[str], progress: bool = Fa
         raise ValueError(f"chunks {unknown} are not in the plan staged in {partial}")
     todo = [by_name[n] for n in chunks if not (partial / CHUNKS / f"{n}.json").exists()]
     wanted = {k for c in todo for k in c["keys"]}
-    by_key = {r.key: r for r in load_records(cfg.data, cfg.splits) if r.key in wanted}
+    by_key = {
+        r.key: r for r in load_records(cfg.data, cfg.splits, cfg.val_fraction) if r.key in wanted
+    }
     extractor = _ChunkExtractor(cfg, bb, layers, written, partial)
     with tqdm(total=len(wanted), desc="extract", unit="img", disable=not progress) as bar:
         try:

@@ -21,11 +21,12 @@ import json
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 
+from saev_core.geometry import read_geometry
 from saev_core.intervene import (
     FeatureEdit,
     Splice,
@@ -88,6 +89,9 @@ class Hypothesis:
     """Evaluation images (`load_records` source)."""
     split: str = "test"
     """Their split."""
+    val_fraction: float = 0.1
+    """A source without its own val split: the share held out as val (the extract stage's
+    `val_fraction`, so that these images are split as the shards were)."""
     images: Literal["with_target", "all"] = "with_target"
     """Evaluate on the images labelled with the target, or on all of them."""
     max_images: int = 500
@@ -210,6 +214,8 @@ def load_reader(h: Hypothesis, device: str = "cpu") -> Reader:
             return processor(images=images, return_tensors="pt")["pixel_values"].to(device)
 
         layout = measure_layout(model, blocks, prep(images=[_blank()]))
+        geometry, why = read_geometry(processor)
+        layout = replace(layout, geometry=geometry, geometry_error=why)
         multi = model.config.problem_type == "multi_label_classification"
 
         def forward(px):
@@ -252,8 +258,27 @@ def _blank():
 # features and controls
 
 
-def best_features(h: Hypothesis, label: str, n: int) -> tuple[list[int], float]:
-    """The `n` features with the highest `h.select_by` AUROC for `label`, and that AUROC."""
+class Choice(NamedTuple):
+    """The features chosen for a label, on which split, and their scores on the other."""
+
+    features: list[int]
+    auroc: float
+    """The first feature's `select_by` AUROC on the report split (what an experiment reports)."""
+    select_split: str | None
+    """The split the features were ranked on (None: stats from before splits were kept apart)."""
+    select_auroc: float
+    """The first feature's AUROC on the select split (the ranking score)."""
+    report_split: str | None
+    control_auroc: float
+    """The best AUROC any feature reaches on the label shuffled across the select split's
+    images: what the best of d_sae features reaches by chance (NaN: no control recorded)."""
+
+
+def best_features(h: Hypothesis, label: str, n: int) -> Choice:
+    """The `n` features with the highest `h.select_by` AUROC for `label` on the stats' select
+    split, with the first one's AUROC on the report split and on the select split, and the
+    label's shuffled-label control (see `Choice`)."""
+    nan = float("nan")
     if h.warehouse:
         from saev_core.warehouse import run_query
 
@@ -266,28 +291,73 @@ def best_features(h: Hypothesis, label: str, n: int) -> tuple[list[int], float]:
                 fmt="json",
             )
         )
+        if not rows:
+            raise ValueError(f"no feature statistics for label {label!r} in {h.warehouse}")
         key = "auroc" if h.select_by == "patch" else "image_auroc"
-        feats, aurocs = [int(r["feature"]) for r in rows], [r[key] for r in rows]
-    else:
-        import pandas as pd
+        r = rows[0]
+        return Choice(
+            [int(x["feature"]) for x in rows],
+            _float(r.get(key)),
+            r.get("select_split"),
+            _float(r.get("select_auroc")),
+            r.get("report_split"),
+            _float(r.get("control_auroc")),
+        )
+    import pandas as pd
 
-        fl = pd.read_parquet(Path(h.stats_dir) / "feature_labels.parquet")
-        key, other = (
-            ("auroc", "image_auroc") if h.select_by == "patch" else ("image_auroc", "auroc")
-        )
-        if key not in fl:
-            raise ValueError(f"{h.stats_dir}/feature_labels.parquet has no {key}: re-run stats")
-        # ties (colours reach image AUROC 1.0 with several features) go to the other level
-        order = [key, other, "feature"] if other in fl else [key, "feature"]
-        ranked = fl[fl["label"] == label].sort_values(
-            order, ascending=[False] * (len(order) - 1) + [True]
-        )
-        feats, aurocs = ranked["feature"].head(n).astype(int).tolist(), ranked[key].tolist()
+    stats_dir = Path(h.stats_dir)
+    fl = pd.read_parquet(stats_dir / "feature_labels.parquet")
+    key, other = ("auroc", "image_auroc") if h.select_by == "patch" else ("image_auroc", "auroc")
+    if key not in fl:
+        raise ValueError(f"{h.stats_dir}/feature_labels.parquet has no {key}: re-run stats")
+    fl = fl[fl["label"] == label]
+    select, report = _stats_splits(stats_dir)
+    if "split" in fl and select is not None:
+        if select not in set(fl["split"]):
+            raise ValueError(
+                f"{h.stats_dir}/feature_labels.parquet has no rows of its select split {select!r}"
+            )
+        selecting, reporting = fl[fl["split"] == select], fl[fl["split"] == report]
+    else:  # stats from before splits were kept apart: one block, chosen and reported on it
+        select = report = None
+        selecting = reporting = fl
+    # ties (colours reach image AUROC 1.0 with several features) go to the other level
+    order = [key, other, "feature"] if other in fl else [key, "feature"]
+    ranked = selecting.sort_values(order, ascending=[False] * (len(order) - 1) + [True])
+    feats = ranked["feature"].head(n).astype(int).tolist()
     if not feats:
-        raise ValueError(
-            f"no feature statistics for label {label!r} in {h.warehouse or h.stats_dir}"
-        )
-    return feats, float(aurocs[0])
+        raise ValueError(f"no feature statistics for label {label!r} in {h.stats_dir}")
+    reported = reporting.loc[reporting["feature"] == feats[0], key]
+    control = nan
+    path = stats_dir / "label_controls.parquet"
+    if path.exists() and select is not None:
+        lc = pd.read_parquet(path)
+        col = "control_auroc" if h.select_by == "patch" else "control_image_auroc"
+        hit = lc.loc[(lc["split"] == select) & (lc["label"] == label), col]
+        control = _float(hit.iloc[0]) if len(hit) else nan
+    return Choice(
+        feats,
+        _float(reported.iloc[0]) if len(reported) else nan,
+        select,
+        _float(ranked[key].iloc[0]),
+        report,
+        control,
+    )
+
+
+def _float(x: Any) -> float:
+    return float("nan") if x is None or x != x else float(x)
+
+
+def _stats_splits(stats_dir: Path) -> tuple[str | None, str | None]:
+    """(select_split, report_split) recorded in a stats directory's run.parquet, or Nones."""
+    path = stats_dir / "run.parquet"
+    if not path.exists():
+        return None, None
+    import pyarrow.parquet as pq
+
+    run = pq.read_table(path).to_pylist()[0]
+    return run.get("select_split"), run.get("report_split")
 
 
 def stats_run(stats_dir: str) -> str:
@@ -407,6 +477,7 @@ class Cache:
     saes: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
     sets: dict = field(default_factory=dict)
+    checked: set = field(default_factory=set)
 
     def reader(self, h: Hypothesis) -> Reader:
         key = (h.task, h.model, h.probe_dir)
@@ -414,7 +485,17 @@ class Cache:
             self.readers[key] = load_reader(h, self.settings.device)
         return self.readers[key]
 
-    def sae(self, sae_dir: str):
+    def sae(self, sae_dir: str, model: str | None = None, stats_dir: str | None = None):
+        """The SAE, after refusing a `model` it was not trained on and `stats_dir` stats computed
+        from another SAE (`sae_io.check_sae_model` / `check_stats_match`)."""
+        from saev_core.sae_io import check_sae_model, check_stats_match
+
+        if model is not None and ("model", sae_dir, model) not in self.checked:
+            check_sae_model(sae_dir, model)
+            self.checked.add(("model", sae_dir, model))
+        if stats_dir is not None and ("stats", sae_dir, stats_dir) not in self.checked:
+            check_stats_match(stats_dir, sae_dir)
+            self.checked.add(("stats", sae_dir, stats_dir))
         if sae_dir not in self.saes:
             from saev_core.sae import SAE
 
@@ -429,13 +510,13 @@ class Cache:
         return self.stats[stats_dir]
 
     def evalset(self, h: Hypothesis, reader: Reader) -> EvalSet:
-        key = (h.task, h.model, h.probe_dir, h.data, h.split)
+        key = (h.task, h.model, h.probe_dir, h.data, h.split, h.val_fraction)
         if key not in self.sets:
             from PIL import Image
 
             from saev_core.data import load_records, open_image
 
-            records = load_records(h.data, [h.split])
+            records = load_records(h.data, [h.split], h.val_fraction)
             images = [np.asarray(open_image(r)) for r in records]
             pixels = reader.preprocess([Image.fromarray(im) for im in images])
             p = reader.probs(pixels, self.settings.batch_size)
@@ -445,7 +526,10 @@ class Cache:
 
                 lay = reader.layout
                 gt = np.stack(
-                    [patch_targets(r, reader.labels, lay.grid, lay.image_size) for r in records]
+                    [
+                        patch_targets(r, reader.labels, lay.grid, lay.geometry or lay.image_size)
+                        for r in records
+                    ]
                 )
             self.sets[key] = EvalSet(records, images, pixels, p, gt)
         return self.sets[key]
@@ -491,14 +575,20 @@ def run_hypothesis(h: Hypothesis, cache: Cache | None = None) -> Result:
     if h.target not in reader.labels:
         raise ValueError(f"target {h.target!r} is not a label of the {h.task} ({reader.labels})")
     j = reader.labels.index(h.target)
-    sae = cache.sae(h.sae_dir)
+    sae = cache.sae(h.sae_dir, h.model, h.stats_dir)
     layer = int(h.layer if h.layer is not None else sae.extra.get("layer", 0))
     es = cache.evalset(h, reader)
     feats_df = cache.features(h.stats_dir)
-    auroc = float("nan")
-    feats = list(h.features)
-    if not feats:
-        feats, auroc = best_features(h, h.best_for or h.target, h.n_features)
+    nan = float("nan")
+    choice = Choice(list(h.features), nan, None, nan, None, nan)
+    if not h.features:
+        choice = best_features(h, h.best_for or h.target, h.n_features)
+        if choice.select_split is not None and choice.select_split == h.split:
+            print(
+                f"intervene: {h.title}: evaluating on split {h.split!r}, the split its features "
+                "were chosen on (stats select_split): the effect is not held out"
+            )
+    feats = choice.features
     max_act = feats_df.set_index("feature")["max_act"]
 
     if h.images == "with_target":
@@ -550,7 +640,13 @@ def run_hypothesis(h: Hypothesis, cache: Cache | None = None) -> Result:
             "strength": float(s),
             "scope": h.scope,
             "layer": layer,
-            "auroc": auroc,
+            # chosen on select_split (select_auroc), reported on report_split (auroc), next to
+            # the best AUROC of the target's shuffled-label control
+            "auroc": choice.auroc,
+            "select_split": choice.select_split,
+            "select_auroc": choice.select_auroc,
+            "report_split": choice.report_split,
+            "control_auroc": choice.control_auroc,
             "n_images": len(idx),
             "p_before": float(p0[..., j].mean()),
         }
@@ -586,8 +682,9 @@ def run_hypothesis(h: Hypothesis, cache: Cache | None = None) -> Result:
 
 
 def before_after_figure(images, p_before, p_after, tokens, layout: TokenLayout, title: str):
-    """One column per image, the edited patches outlined; above: the target's probability (or its
-    mean over patches, for segmentation) before -> after."""
+    """One column per image (as the model sees it, when the layout knows the processor's crop),
+    the edited patches outlined; above: the target's probability (or its mean over patches, for
+    segmentation) before -> after."""
     from saev_core.plots import _plt
 
     plt = _plt()
@@ -595,6 +692,8 @@ def before_after_figure(images, p_before, p_after, tokens, layout: TokenLayout, 
     fig, axes = plt.subplots(1, n, figsize=(1.8 * n, 2.3), dpi=100, squeeze=False)
     for i, ax in enumerate(axes[0]):
         im = images[i]
+        if layout.geometry is not None:  # the resized, cropped view the patch grid covers
+            im = np.asarray(layout.geometry.view(im))
         h, w = im.shape[:2]
         ax.imshow(im)
         t = tokens[i] if tokens.dim() == 2 else tokens

@@ -15,7 +15,9 @@ second full decode (`bench/intervene.py` measures it). The no-edit splice takes 
 Edits (`FeatureEdit`): suppress (set to 0), clamp (to a value, absolute or a multiple of each
 feature's max observed activation), scale (multiply), add (add a multiple of the feature's
 decoder direction, i.e. add to f). Scopes pick the tokens: every token, the patches, the CLS
-token, or a region (a patch mask, a pixel bounding box or a pixel mask turned into patches).
+token, or a region (a patch mask, a pixel bounding box or a pixel mask turned into patches;
+boxes and masks in original pixels go through the processor's resize and crop,
+`TokenLayout.geometry`).
 A random-direction control replaces an edit's change of `x` by a fixed random unit vector of the
 same norm on every token (`Splice.direction`).
 """
@@ -30,6 +32,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from saev_core.geometry import Geometry
 
 EDIT_OPS = ("suppress", "clamp", "scale", "add")
 SCOPES = ("all", "patches", "cls", "region")
@@ -179,6 +183,11 @@ class TokenLayout:
     """Patches per column and per row."""
     image_size: tuple[int, int]
     """Height and width in px of the processed image the grid covers."""
+    geometry: Geometry | None = None
+    """The processor's resize and crop, mapping original pixels (boxes, masks) to the input;
+    None: the original image is taken as squashed onto the input."""
+    geometry_error: str = ""
+    """Set when the processor's geometry could not be read: mapping original pixels refuses."""
 
     @property
     def n_patches(self) -> int:
@@ -196,6 +205,8 @@ class TokenLayout:
             bool(backbone.has_cls),
             tuple(backbone.grid),
             tuple(backbone.image_size),
+            getattr(backbone, "geometry", None),
+            getattr(backbone, "geometry_error", ""),
         )
 
 
@@ -216,34 +227,58 @@ def measure_layout(model: Any, blocks: Any, pixel_values: torch.Tensor) -> Token
     return TokenLayout(n_prefix, has_cls, grid, (int(h), int(w)))
 
 
+def _check_geometry(layout: TokenLayout) -> None:
+    if layout.geometry is None and layout.geometry_error:
+        raise ValueError(
+            "cannot map original pixels to patches: the processor's resize and crop are "
+            f"unknown ({layout.geometry_error})"
+        )
+
+
 def patches_in_bbox(
     layout: TokenLayout, bbox: Sequence[float], image_hw: tuple[int, int] | None = None
 ) -> np.ndarray:
     """Bool [grid_h, grid_w]: patches that overlap the box (x0, y0, x1, y1) given in px of the
-    original image of size `image_hw` (default: the processed image)."""
+    original image of size `image_hw` (default: the processed image). With `layout.geometry` the
+    box goes through the processor's resize and crop (a box the crop cuts away touches nothing);
+    without, the original image is taken as squashed onto the input."""
+    _check_geometry(layout)
     x0, y0, x1, y1 = (float(v) for v in bbox)
     if not (x1 > x0 and y1 > y0):
         raise ValueError(f"bbox must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {bbox}")
-    ih, iw = image_hw or layout.image_size
     gh, gw = layout.grid
-    # patch r covers rows [r, r + 1) * ih / gh of the original image
+    if layout.geometry is not None and image_hw is not None:
+        ih, iw = layout.image_size
+        x0, y0, x1, y1 = layout.geometry.box_to_input((x0, y0, x1, y1), image_hw[1], image_hw[0])
+        ph, pw = ih // gh, iw // gw  # the patches cover the input's top-left gh*ph x gw*pw px
+    else:
+        ih, iw = image_hw or layout.image_size
+        ph, pw = ih / gh, iw / gw  # patch r covers rows [r, r + 1) * ih / gh of the image
+    if not (x1 > x0 and y1 > y0):
+        return np.zeros((gh, gw), dtype=bool)
     rows = np.arange(gh)
     cols = np.arange(gw)
-    r_in = ((rows + 1) * ih / gh > y0) & (rows * ih / gh < y1)
-    c_in = ((cols + 1) * iw / gw > x0) & (cols * iw / gw < x1)
+    r_in = ((rows + 1) * ph > y0) & (rows * ph < y1)
+    c_in = ((cols + 1) * pw > x0) & (cols * pw < x1)
     return r_in[:, None] & c_in[None, :]
 
 
 def patches_in_mask(layout: TokenLayout, mask_hw: np.ndarray, min_cover: float = 0.5) -> np.ndarray:
-    """Bool [grid_h, grid_w]: patches at least `min_cover` covered by a boolean pixel mask (any
-    size; resized to the processed image by nearest neighbour first)."""
-    from PIL import Image
-
+    """Bool [grid_h, grid_w]: patches at least `min_cover` covered by a boolean pixel mask of the
+    original image (any size): through `layout.geometry`'s resize and crop by nearest neighbour,
+    or, without a geometry, squashed to the processed image."""
+    _check_geometry(layout)
     h, w = layout.image_size
-    m = np.asarray(Image.fromarray(np.asarray(mask_hw, dtype=np.uint8) * 255).resize((w, h), 0))
+    geometry = layout.geometry or Geometry.squash(h, w)
+    m = geometry.transform_mask(np.asarray(mask_hw, dtype=bool))
+    if m.shape != (h, w):
+        raise ValueError(
+            f"a {np.shape(mask_hw)[0]}x{np.shape(mask_hw)[1]} mask becomes {m.shape[0]}x{m.shape[1]} "
+            f"through {geometry}, not the {h}x{w} input of this layout"
+        )
     gh, gw = layout.grid
     ph, pw = h // gh, w // gw
-    cover = (m[: gh * ph, : gw * pw] > 0).reshape(gh, ph, gw, pw).mean(axis=(1, 3))
+    cover = m[: gh * ph, : gw * pw].reshape(gh, ph, gw, pw).mean(axis=(1, 3))
     return cover >= min_cover
 
 

@@ -20,15 +20,38 @@ def _plt():
     return plt
 
 
-def density_histogram(freq: np.ndarray, title: str = "feature density"):
-    """Histogram of log10 firing frequency per feature; dead features counted apart."""
+def density_histogram(
+    freq: np.ndarray,
+    title: str = "feature density",
+    dense_threshold: float = 0.01,
+    dense_factor: float = 10.0,
+):
+    """Histogram of log10 firing frequency per feature; dead features counted apart.
+
+    Two dense lines (see `training.dense_fractions`): the relative rule, `dense_factor` x the mean
+    firing rate (L0 / d_sae), and the absolute one, `dense_threshold` of tokens.
+    """
     plt = _plt()
     freq = np.asarray(freq, dtype=np.float64)
     alive = freq[freq > 0]
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
     if len(alive):
         ax.hist(np.log10(alive), bins=40, color="#4477aa")
-    ax.axvline(-2, color="#cc3311", ls="--", lw=1, label="dense (1% of tokens)")
+    rate = dense_factor * float(freq.mean()) if len(freq) else 0.0
+    if rate > 0:
+        ax.axvline(
+            np.log10(rate),
+            color="#cc3311",
+            lw=1,
+            label=f"dense: {dense_factor:g} x mean rate ({rate:.2%} of tokens)",
+        )
+    ax.axvline(
+        np.log10(dense_threshold) if dense_threshold > 0 else -2,
+        color="#cc3311",
+        ls="--",
+        lw=1,
+        label=f"dense, absolute: {dense_threshold:.0%} of tokens",
+    )
     ax.set_xlabel("log10 fraction of tokens where the feature fires")
     ax.set_ylabel("features")
     ax.set_title(f"{title}: {len(freq) - len(alive)} of {len(freq)} dead")

@@ -4,7 +4,8 @@ Two kinds (PAPER.md step 5):
 - classification: multi-label (one sigmoid per label) on the output's CLS token or the mean of
   its patch tokens; labels are the images' labels (shapes concepts, image-folder classes, ...);
 - segmentation: one softmax over background + classes per patch token; the target of a patch is
-  the mask value covering most of it (`extract.patch_majority`), named through the record's
+  the mask value covering most of it in the processor's resized and cropped view
+  (`extract.patch_majority`), named through the record's
   `mask_labels` (shapes: an object's colour and shape; segmentation folders: classes.txt).
 
 "The backbone's output" is the model's `last_hidden_state` (after its final norm where it has
@@ -53,6 +54,9 @@ class ProbeConfig:
     """Split the probes learn from."""
     eval_split: str = "val"
     """Held-out split for the saved metrics."""
+    val_fraction: float = 0.1
+    """A source without its own val split: the share held out as val (the extract stage's
+    `val_fraction`, so that the probes see the splits the shards have)."""
     max_images: int = 0
     """At most this many images per split (0 = all)."""
     epochs: int = 30
@@ -168,12 +172,18 @@ def segmentation_classes(records: list, wanted: tuple[str, ...] = ()) -> list[st
     return [BACKGROUND, *(list(wanted) or found)]
 
 
-def patch_targets(record: Any, classes: list[str], grid: tuple[int, int], size: tuple[int, int]):
-    """Class index per patch [n_patches] (0 = background) from the record's mask."""
+def patch_targets(record: Any, classes: list[str], grid: tuple[int, int], geometry: Any):
+    """Class index per patch [n_patches] (0 = background) from the record's mask, seen through
+    `geometry` (`Backbone.geometry`: the processor's resize and crop; a plain (h, w) squashes)."""
     from saev_core.data import open_mask
     from saev_core.extract import patch_majority
 
-    values = patch_majority(open_mask(record), grid, size)
+    if geometry is None:
+        raise ValueError(
+            f"{record.mask_path}: cannot map the mask to patches, the backbone's processor "
+            "geometry is unknown (see Backbone.geometry_error)"
+        )
+    values = patch_majority(open_mask(record), grid, geometry)
     lut = np.zeros(int(values.max(initial=0)) + 1, dtype=np.int64)
     index = {c: i for i, c in enumerate(classes)}
     for v, labs in record.mask_labels.items():
@@ -275,7 +285,7 @@ def train_probes(cfg: ProbeConfig) -> dict[str, dict[str, Any]]:
     bb = load_backbone(cfg.model, device=None if cfg.device == "auto" else cfg.device)
     splits = {}
     for split in (cfg.train_split, cfg.eval_split):
-        recs = load_records(cfg.data, [split])
+        recs = load_records(cfg.data, [split], cfg.val_fraction)
         splits[split] = recs[: cfg.max_images] if cfg.max_images else recs
     hidden = {s: backbone_outputs(bb, recs, cfg.batch_size) for s, recs in splits.items()}
     results = {}
@@ -294,7 +304,7 @@ def train_probes(cfg: ProbeConfig) -> dict[str, dict[str, Any]]:
             classes = segmentation_classes(splits[cfg.train_split], cfg.seg_classes)
             targets = {
                 s: torch.from_numpy(
-                    np.stack([patch_targets(r, classes, bb.grid, bb.image_size) for r in recs])
+                    np.stack([patch_targets(r, classes, bb.grid, bb.geometry) for r in recs])
                 )
                 for s, recs in splits.items()
             }

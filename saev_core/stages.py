@@ -116,6 +116,11 @@ def check_shards(io: TrainStage) -> Any:
     return m
 
 
+TRAIN_TIMING_KEYS = ("train_seconds", "tokens_per_s")
+"""Keys of the training summary that measure time: returned under `metrics["timing"]`, never
+written into the checkpoint, so the same training on the same machine writes the same bytes."""
+
+
 def train_stage(
     io: TrainStage,
     log: Log = no_log,
@@ -124,9 +129,11 @@ def train_stage(
 ) -> dict[str, Any]:
     """Train the SAE (and any sweep members, on the same pass of the data) on a shard set.
 
-    Returns the main SAE's held-out metrics (with per-feature `freq`) and, under `"sweep"`,
-    `{name: metrics}` for each member. `member_log(name)` gives each member's log callback.
+    Returns the main SAE's held-out metrics (with per-feature `freq`, and the wall-clock
+    `timing`, which the checkpoint does not hold) and, under `"sweep"`, `{name: metrics}` for
+    each member. `member_log(name)` gives each member's log callback.
     """
+    from saev_core.sae_io import activation_space
     from saev_core.training import (
         TrainConfig,
         check_shared,
@@ -187,11 +194,15 @@ def train_stage(
     for name, c, (sae, summary) in zip(names, cfgs, results, strict=True):
         sae = sae.cpu()
         metrics = evaluate(sae, eval_batches(), dense_threshold=c.dense_threshold)
+        # wall-clock figures go to the caller (MLflow), not into the DVC-tracked cfg.json
+        metrics["timing"] = {k: summary[k] for k in TRAIN_TIMING_KEYS if k in summary}
+        summary = {k: v for k, v in summary.items() if k not in TRAIN_TIMING_KEYS}
         extra = {
             "shard_dir": str(io.shard_dir),
             "manifest_sha256": m.sha256,
             "backbone": m.data["model"]["name"],
             "backbone_sha256": m.data["model"]["weights_sha256"],
+            "activation_space": activation_space(m.data),
             "layer": io.layer,
             "tokens": io.tokens,
             "train": to_dict(c),
@@ -237,11 +248,23 @@ class StatsStage:
 
 
 def stats_stage(io: StatsStage, progress: bool = True) -> dict[str, Any]:
-    """Per-feature statistics of an SAE over a shard set, streamed image by image."""
-    from saev_core.sae import SAE
-    from saev_core.stats import StatsConfig, compute_stats, exemplar_heatmaps
-    from saev_core.stats_tables import write_stats
+    """Per-feature statistics of an SAE over a shard set, streamed image by image.
 
+    Streams only the tokens the SAE was trained on (its cfg.json `tokens`, unless
+    `stats.options.tokens` says otherwise); whether token 0 is CLS comes from the manifest.
+    `compute_stats` runs once per split of `splits` (with every label's shuffled-label control,
+    see `saev_core.stats_splits`): feature_labels holds every split's scores, leaders are chosen on
+    `select_split` and reported on `report_split`; frequencies, max_act and exemplars are over all
+    the streamed splits together.
+    """
+    from saev_core.sae import SAE
+    from saev_core.sae_io import check_sae_matches
+    from saev_core.stats import StatsConfig, compute_stats, exemplar_heatmaps
+    from saev_core.stats_splits import merge_stats, pop_controls, resolve_splits, shuffled_labels
+    from saev_core.stats_tables import write_stats
+    from saev_core.training import dense_fractions
+
+    sae_sha256 = check_sae_matches(io.sae_dir, io.shard_dir)  # refuse another backbone/shards
     cfg = from_dict(StatsConfig, io.options, where="stats.options")
     sae = SAE.load(io.sae_dir)
     extra = sae.extra
@@ -251,31 +274,65 @@ def stats_stage(io: StatsStage, progress: bool = True) -> dict[str, Any]:
         raise ValueError(
             f"SAE {io.sae_dir} expects d_model {sae.cfg.d_model}, shards {io.shard_dir} have {m.d_model}"
         )
+    tokens = stats_tokens(cfg.tokens, extra, io.sae_dir)
+    if cfg.prefix_apart and tokens != "patches":
+        raise ValueError(
+            f"stats.prefix_apart measures CLS/registers apart for an SAE trained on patches; "
+            f"these stats stream tokens {tokens!r} (stats.tokens {cfg.tokens!r})"
+        )
+    has_cls = manifest_has_cls(m.data.get("tokens", {}))
     patch_labels = shards.read_patch_labels(io.shard_dir)
     image_labels = _image_labels(io.shard_dir)
     grid = m.data.get("tokens", {}).get("grid")
+    present = [s for s in cfg.splits if sum(f["images"] for f in m.files(layer, [s])) > 0]
+    select, report = resolve_splits(cfg, present)
+    split_ids = _split_image_ids(io.shard_dir)
 
-    def batches():
+    def batches(splits: list[str], policy: str = tokens):
         return loaders.iter_image_batches(
-            io.shard_dir, layer, cfg.batch_images, splits=list(cfg.splits)
+            io.shard_dir, layer, cfg.batch_images, splits=splits, tokens=policy
         )
 
-    stats = compute_stats(
-        sae,
-        batches(),
-        patch_labels,
-        None,  # every label of the patches or the images
-        m.n_prefix_tokens,
-        cfg,
-        run=io.run,
-        progress=progress,
-        image_labels=image_labels,
-        patch_grid=tuple(grid) if grid else None,
-    )
+    def stats_of(split: str):
+        labels, img_labels, names = patch_labels, image_labels, None  # None: every label
+        controls = cfg.controls and split in split_ids
+        if controls:
+            labels, img_labels, names = shuffled_labels(
+                patch_labels, image_labels, None, split_ids[split], cfg.control_seed
+            )
+        st = compute_stats(
+            sae,
+            lambda: batches([split]),  # a callable: label statistics may take refining passes
+            labels,
+            names,
+            m.n_prefix_tokens,
+            cfg,
+            run=io.run,
+            progress=progress,
+            image_labels=img_labels,
+            patch_grid=tuple(grid) if grid else None,
+            has_cls=has_cls,
+        )
+        st = pop_controls(st, len(names) // 2) if controls else st
+        st.split = split
+        return st
+
+    by_split = {split: stats_of(split) for split in present}
+    stats = merge_stats(by_split, label_split=select)
+    if cfg.prefix_apart and m.n_prefix_tokens:
+        # CLS and registers in a pass of their own: freq_cls without touching freq or max_act
+        prefix = compute_stats(
+            sae, batches(present, "prefix"), None, [], m.n_prefix_tokens, cfg,
+            run=io.run, progress=progress, has_cls=has_cls,
+        )  # fmt: skip
+        stats.n_cls, stats.n_fires_cls = prefix.n_cls, prefix.n_fires_cls
     if cfg.n_heatmaps:
         # a second pass that encodes only the exemplar images
-        exemplar_heatmaps(sae, batches(), stats, cfg.n_heatmaps, cfg.device, progress)
-    metrics = extra.get("metrics", {})
+        exemplar_heatmaps(sae, batches(present), stats, cfg.n_heatmaps, cfg.device, progress)
+    metrics = dict(extra.get("metrics", {}))
+    if "dense_frac_abs" not in metrics and "dense_frac" in metrics:
+        # an SAE trained before the relative rule: its dense_frac was the absolute one
+        metrics["dense_frac_abs"] = metrics.pop("dense_frac")
     train = extra.get("train", {})
     run_info = {
         "run": io.run,
@@ -291,26 +348,69 @@ def stats_stage(io: StatsStage, progress: bool = True) -> dict[str, Any]:
         "fvu": metrics.get("fvu"),
         "dead_frac": metrics.get("dead_frac"),
         "dense_frac": metrics.get("dense_frac"),
+        "dense_frac_abs": metrics.get("dense_frac_abs"),
         "manifest_sha256": m.sha256,
-        "cfg_json": json.dumps({"train": train, "stats": to_dict(cfg)}),
+        "tokens": tokens,
+        "has_cls": has_cls,
+        "splits": ",".join(present),
+        "select_split": select,
+        "report_split": report,
+        "cfg_json": json.dumps({"train": train, "stats": to_dict(cfg), "sae_sha256": sae_sha256}),
     }
     out_dir = Path(io.out_dir)
     tmp = tmp_dir_for(out_dir)
-    write_stats(stats, tmp, run_info)
+    write_stats(stats, tmp, run_info, by_split=by_split)
     pictures = _pictures(io, stats, tmp)
     replace_dir(tmp, out_dir)
+    dense = dense_fractions(stats.freq, float(train.get("dense_threshold", 0.01)))
     return {
         "n_tokens": stats.n_tokens,
         "n_images": stats.n_images,
         "labels": list(stats.label_names),
+        "tokens": tokens,
+        "select_split": select,
+        "report_split": report,
         "dead_frac": float((stats.n_fires == 0).mean()),
-        "dense_frac": float((stats.freq > 0.01).mean()),
+        "dense_frac": dense["dense_frac"],
+        "dense_frac_abs": dense["dense_frac_abs"],
         **{k: str(out_dir / v) for k, v in pictures.items()},
     }
 
 
+def stats_tokens(option: str, extra: dict[str, Any], sae_dir: str | Path) -> str:
+    """The token policy stats stream: `option`, or for "trained" the SAE's own (cfg.json)."""
+    policy = extra.get("tokens", "all") if option == "trained" else option
+    if policy not in loaders.TOKEN_CHOICES:
+        raise ValueError(
+            f"{sae_dir}/cfg.json: tokens {policy!r} is not one of {loaders.TOKEN_CHOICES}"
+        )
+    return str(policy)
+
+
+def manifest_has_cls(tokens: dict[str, Any]) -> bool | None:
+    """Whether token 0 is CLS, from a manifest's `tokens` entry (`has_cls`, else prefix tokens
+    minus registers); None when the manifest says neither (compute_stats then takes any prefix
+    token 0 to be CLS, as shard sets from before `has_cls` was recorded were laid out)."""
+    if "has_cls" in tokens:
+        return bool(tokens["has_cls"])
+    if "n_registers" in tokens and "n_prefix_tokens" in tokens:
+        return int(tokens["n_prefix_tokens"]) - int(tokens["n_registers"]) >= 1
+    return None
+
+
+def _split_image_ids(shard_dir: str | Path) -> dict[str, Any]:
+    """{split: image ids} from the shard set's images.parquet ({} when it has none)."""
+    if not (Path(shard_dir) / shards.IMAGES).exists():
+        return {}
+    images = shards.read_images(shard_dir)
+    if "split" not in images.columns:
+        return {}
+    return {str(s): g["image_id"].to_numpy() for s, g in images.groupby("split", sort=False)}
+
+
 def _pictures(io: StatsStage, stats: Any, stats_dir: Path) -> dict[str, str]:
-    """The HTML browser and the exemplar grid (each label's best feature by patch AUROC)."""
+    """The HTML browser and the exemplar grid (each label's best feature by patch AUROC on the
+    select split: `stats` carries that split's label scores)."""
     import numpy as np
 
     from saev_core.browser import BrowserConfig, build_browser, exemplar_grid
@@ -320,7 +420,9 @@ def _pictures(io: StatsStage, stats: Any, stats_dir: Path) -> dict[str, str]:
         return {}
     build_browser(stats_dir, stats_dir / "browser.html", ".", cfg)
     if len(stats.label_names):
-        auroc = np.nan_to_num(stats.auroc, nan=-1.0)
+        # a label no patch carries (class folders: image labels only) by its image AUROC
+        patchless = np.isnan(stats.auroc).all(axis=1, keepdims=True)
+        auroc = np.nan_to_num(np.where(patchless, stats.image_auroc, stats.auroc), nan=-1.0)
         best = list(dict.fromkeys(int(x) for x in auroc.argmax(1)))
     else:
         best = [int(x) for x in np.argsort(-stats.freq, kind="stable")[:8]]

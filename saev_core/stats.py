@@ -2,11 +2,12 @@
 
 `compute_stats` runs the SAE encoder over batches of activations (all tokens of an image in one
 batch) and keeps only running counts, sums, histograms and a top-k buffer per feature, so memory is
-bounded by one batch of codes plus O(d_sae x (n_top + n_patches + n_labels x n_bins)) whatever
-the corpus size. Per feature it measures: frequency over tokens, images, CLS and patches; mean
+bounded by one batch of codes plus O(d_sae x (n_top + n_patches + n_labels x n_bins)) and the
+fixed budgets of `saev_core.label_stats` (exact label scores while the corpus is small; bounded
+refinement passes past that) whatever the corpus size. Per feature it measures: frequency over tokens, images, CLS and patches; mean
 (when firing) and max; a log-spaced histogram; the top-k exemplar images (ranked by their highest
 patch); association with every label at patch and image level (AUROC, best-F1 precision and
-recall, mean inside vs outside); where on the patch grid it fires; and its nearest decoder
+recall, mean inside vs outside, each exact or with its proven error bound); where on the patch grid it fires; and its nearest decoder
 neighbours. `exemplar_heatmaps` is a second pass over the exemplar images only, for the per-patch
 heat maps. `saev_core.stats_tables.write_stats` writes the result as the warehouse's tables.
 
@@ -18,15 +19,19 @@ Only the non-zero codes are touched after encoding (SAE codes are sparse), as `(
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
+
+from saev_core import label_stats
+
+Batches = Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -45,13 +50,39 @@ class StatsConfig:
     """Upper edge of the last log bin; larger codes are counted in that bin."""
     device: str = "cpu"
     """Torch device that encodes and accumulates: "cpu", "cuda", "cuda:1", "mps" or "auto"."""
-    splits: tuple[str, ...] = ("val",)
-    """Image splits the caller streams (held-out by default: the paper counts dead on val)."""
+    splits: tuple[str, ...] = ("train", "val", "test")
+    """Image splits the stats stage streams, each apart (those the shard set lacks are skipped):
+    label scores are written per split, frequencies, max_act and exemplars are over all of them."""
+    select_split: str = "auto"
+    """Split on which a label's best feature is chosen (leaders, interventions); "auto": val, or
+    train when the report split is val."""
+    report_split: str = "auto"
+    """Split on which the chosen feature's scores are reported; must differ from select_split.
+    "auto": test when streamed, else the last split of `splits`."""
+    controls: bool = True
+    """Also score, per label, a copy whose labels are shuffled across the split's images (masks
+    move with their image): its best AUROC over all features is what selection alone reaches."""
+    control_seed: int = 0
+    """Seed of the shuffled-label controls' permutation."""
+    tokens: Literal["trained", "all", "patches", "prefix"] = "trained"
+    """Tokens to stream: "trained" = the policy the SAE was trained with (its cfg.json)."""
+    prefix_apart: bool = False
+    """For an SAE trained on patches only: also encode CLS and registers, in a pass of their own,
+    so that freq_cls is measured without mixing them into freq, max_act or the exemplars."""
     n_neighbors: int = 8
     """Nearest other features by decoder cosine kept per feature (0: none)."""
     n_heatmaps: int = 8
     """Exemplars per feature (at most n_top) whose per-patch codes are kept for heat maps, from a
     second pass that encodes only the exemplar images; 0: none."""
+    assoc_tol: float = 0.002
+    """Largest proven bound accepted on a (label, feature)'s AUROC error and best-F1 shortfall
+    before a refinement pass re-streams the batches (see saev_core.label_stats)."""
+    refine_passes: int = 4
+    """Most refinement passes over the batches (0: the first pass only; the bounds are stored)."""
+    exact_codes: int = 16_000_000
+    """Non-zero codes (plus label pairs and items) per level kept to score labels exactly from
+    ranks, ~16 bytes each, with no bound and no refinement pass; a larger corpus falls back to
+    the histograms (0: always)."""
 
     def __post_init__(self) -> None:
         if self.n_top < 1:
@@ -73,12 +104,58 @@ class StatsConfig:
             raise ValueError(f"stats.splits must hold non-empty strings, got {self.splits!r}")
         if self.n_neighbors < 0:
             raise ValueError(f"stats.n_neighbors must be >= 0, got {self.n_neighbors}")
+        for name in ("select_split", "report_split"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"stats.{name} must be a split name or 'auto'")
+        for name in ("select_split", "report_split"):
+            value = getattr(self, name)
+            if value != "auto" and value not in self.splits:
+                raise ValueError(f"stats.{name} {value!r} is not one of stats.splits {self.splits}")
+        if self.select_split == self.report_split != "auto":
+            raise ValueError(
+                f"stats.select_split and report_split are both {self.select_split!r}: choose a "
+                "feature on one split and report it on another"
+            )
+        if self.tokens not in ("trained", "all", "patches", "prefix"):
+            raise ValueError(
+                f"stats.tokens must be trained|all|patches|prefix, got {self.tokens!r}"
+            )
         if self.n_heatmaps < 0:
             raise ValueError(f"stats.n_heatmaps must be >= 0, got {self.n_heatmaps}")
+        if not (0 < self.assoc_tol < 1):
+            raise ValueError(f"stats.assoc_tol must be in (0, 1), got {self.assoc_tol}")
+        if self.exact_codes < 0:
+            raise ValueError(f"stats.exact_codes must be >= 0, got {self.exact_codes}")
+        if self.refine_passes < 0:
+            raise ValueError(f"stats.refine_passes must be >= 0, got {self.refine_passes}")
 
     def hist_edges(self) -> np.ndarray:
         """The n_bins + 1 log-spaced edges of the non-zero histogram bins."""
         return np.logspace(math.log10(self.hist_min), math.log10(self.hist_max), self.n_bins + 1)
+
+
+# FeatureStats fields indexed by label first ([l] or [l, s]): stats_splits slices them (shuffled
+# controls) and takes them from one split when merging; a new per-label field belongs here.
+LABEL_FIELDS = (
+    "auroc",
+    "mean_in",
+    "mean_out",
+    "n_pos",
+    "threshold",
+    "precision",
+    "recall",
+    "image_auroc",
+    "image_mean_in",
+    "image_mean_out",
+    "image_threshold",
+    "image_precision",
+    "image_recall",
+    "image_n_pos",
+    "auroc_err",
+    "image_auroc_err",
+    "f1_err",
+    "image_f1_err",
+)
 
 
 @dataclass
@@ -126,6 +203,19 @@ class FeatureStats:
     neighbor_cos: np.ndarray  # [s, m]
     # [s, t_h, rows * cols] codes on every patch of the first t_h exemplars (NaN: no exemplar)
     heatmaps: np.ndarray | None = None
+    # the split(s) the batches came from ("" = not said); "val+test" for merged splits
+    split: str = ""
+    # [l] the best AUROC any feature reaches on the label's shuffled-label control (patch and
+    # image level, see saev_core.stats_splits); None when no control was scored
+    control_auroc: np.ndarray | None = None
+    control_image_auroc: np.ndarray | None = None
+    # [l, s] proven bounds (saev_core.label_stats): |auroc - exact AUROC| <= auroc_err, and the
+    # reported threshold's F1 is within f1_err of the best F1 over all thresholds; 0 = exact
+    auroc_err: np.ndarray | None = None
+    f1_err: np.ndarray | None = None
+    image_auroc_err: np.ndarray | None = None
+    image_f1_err: np.ndarray | None = None
+    refine_passes: int = 0  # passes over the batches after the first, to tighten those bounds
 
     @property
     def d_sae(self) -> int:
@@ -188,7 +278,7 @@ class FeatureStats:
 
 def compute_stats(
     sae: torch.nn.Module,
-    batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    batches: Batches | Callable[[], Batches],
     patch_labels: pd.DataFrame | pa.Table | None,
     label_names: Sequence[str] | None,
     n_prefix_tokens: int,
@@ -198,6 +288,7 @@ def compute_stats(
     *,
     image_labels: pd.DataFrame | pa.Table | None = None,
     patch_grid: tuple[int, int] | None = None,
+    has_cls: bool | None = None,
 ) -> FeatureStats:
     """Stream `(image_id [n], token [n], acts [n, d_model])` batches through `sae.encode`.
 
@@ -208,18 +299,22 @@ def compute_stats(
     with other labels are ignored. Tokens `0 .. n_prefix_tokens-1` are CLS and registers; only
     patch tokens (`token >= n_prefix_tokens`) enter the label statistics and the exemplars (images
     ranked by their highest patch code, as in the paper); frequencies and `max_act` count every
-    token, `freq_cls` the CLS token alone.
+    token the batches hold (the stats stage streams only the tokens the SAE was trained on, see
+    `StatsConfig.tokens`), `freq_cls` the CLS token alone. `has_cls` says whether token 0 is CLS
+    (the shard manifest's `tokens.has_cls`; None: it is whenever n_prefix_tokens >= 1).
 
-    AUROC is computed from per-label histograms of the code on positive and negative patches.
-    The zero bin is exact (all zeros tie, counted 1/2), and so are comparisons across bins; two
-    codes in the same log bin are counted as a tie (1/2) too, which is the only approximation:
-    the error is at most sum_b pos_b * neg_b / (2 * P * N), small when bins are narrow relative
-    to the spread of the codes (10 bins per decade by default, a width ratio of 1.26).
+    Label association (`saev_core.label_stats`) is exact from ranks while each level's non-zero
+    codes fit in `cfg.exact_codes`; past that it comes from histograms with a proven error bound.
+    `batches` is an iterable of batches, or a callable returning a fresh iterator over the same
+    batches each time: then up to `cfg.refine_passes` further passes, over the few histogram cells
+    that carry the bound, bring every AUROC and best-F1 threshold within `cfg.assoc_tol`; with a
+    plain iterable the first pass's bounds are reported. Either way `auroc_err` / `f1_err` (and the
+    image-level ones) hold each pair's proven bound, and `refine_passes` the passes made.
 
     Image-level association scores each image by its highest patch code against the image's
     labels: `image_labels` is a long table (`image_id`, `label`); None derives them from
     `patch_labels` (an image carries every label one of its patches carries). Precision and
-    recall are reported at the histogram threshold with the best F1.
+    recall are reported at the threshold ("code >= t", t > 0) with the best F1.
 
     `patch_grid` (rows, cols) places patch `token - n_prefix_tokens` on the image for the spatial
     statistics; None takes a square grid when the patch count is a square, else one row.
@@ -241,9 +336,12 @@ def compute_stats(
     labels = _PatchLabels(patch_labels, label_names, n_prefix_tokens)
     img_labels = _ImageLabels(image_labels, labels)
     acc = _Accumulator(d_sae, len(labels.names), n_prefix_tokens, cfg, device, patch_grid)
+    # whether token 0 is CLS is the manifest's to say (`tokens.has_cls`); None: any prefix
+    acc.has_cls = n_prefix_tokens >= 1 and (has_cls is None or bool(has_cls))
     seen: set[int] = set()
     with torch.inference_mode():
-        for batch in tqdm(batches, desc=f"stats {run}", unit="batch", disable=not progress):
+        first = batches() if callable(batches) else batches
+        for batch in tqdm(first, desc=f"stats {run}", unit="batch", disable=not progress):
             image_id, token, acts = _check_batch(batch, d_model)
             if len(image_id) == 0:
                 continue
@@ -272,7 +370,63 @@ def compute_stats(
         raise ValueError(f"compute_stats({run!r}): the batches held no activations")
     stats = acc.finish(run, labels.names, n_images=len(seen))
     stats.neighbor, stats.neighbor_cos = neighbor, neighbor_cos
+    if callable(batches):
+        _refine(sae, batches, acc, labels, img_labels, stats, cfg, progress)
     return stats
+
+
+def _refine(
+    sae: Any,
+    batches: Callable[[], Batches],
+    acc: _Accumulator,
+    labels: _PatchLabels,
+    img_labels: _ImageLabels,
+    stats: FeatureStats,
+    cfg: StatsConfig,
+    progress: bool,
+) -> None:
+    """Passes over the batches that count only the cells of the (label, feature) pairs whose
+    bound exceeds cfg.assoc_tol, until none does or cfg.refine_passes are spent."""
+    refiners = [
+        label_stats.Refiner(lv, acc.n_labels, acc.s, cfg.assoc_tol, acc.device, acc.fdtype)
+        for lv in acc.levels
+    ]
+    d_model, s, dev = int(sae.W_dec.shape[1]), acc.s, acc.device
+    for n_pass in range(1, cfg.refine_passes + 1):
+        if not any([r.plan() for r in refiners]):
+            break
+        patch_ref, image_ref = refiners
+        img_mask = image_ref.feature_mask()
+        with torch.inference_mode():
+            desc = f"refine {stats.run} {n_pass}"
+            for batch in tqdm(batches(), desc=desc, unit="batch", disable=not progress):
+                image_id, token, acts = _check_batch(batch, d_model)
+                if len(image_id) == 0:
+                    continue
+                uniq, inv = np.unique(image_id, return_inverse=True)
+                x = torch.from_numpy(acts).to(dev, torch.float32)
+                rows, cols, vals = _positive_codes(sae, x, s)
+                vals = vals.float()
+                # the same patch codes and image maxima as the first pass (_Accumulator.update)
+                token_n = torch.from_numpy(token).to(dev)
+                p = torch.nonzero(token_n[rows] >= acc.n_prefix_tokens).squeeze(1)
+                rows, cols, vals = rows[p], cols[p], vals[p]
+                patch_ref.update(rows, cols, vals, len(token), *labels.lookup(image_id, token))
+                if img_mask is None:
+                    continue
+                q = torch.nonzero(img_mask[cols]).squeeze(1)
+                img = torch.from_numpy(inv).to(dev)[rows[q]]
+                key, slot = torch.unique(img * s + cols[q], return_inverse=True)
+                img_max = torch.zeros(len(key), dtype=torch.float32, device=dev)
+                img_max.scatter_reduce_(0, slot, vals[q], "amax")
+                image_ref.update(key // s, key % s, img_max, len(uniq), *img_labels.lookup(uniq))
+        for r in refiners:
+            if r.plan_ is not None:
+                r.absorb()
+        stats.refine_passes = n_pass
+    for lv, prefix in zip(acc.levels, ("", "image_"), strict=True):
+        for k in ("auroc", "auroc_err", "threshold", "precision", "recall", "f1_err"):
+            setattr(stats, prefix + k, getattr(lv, k))
 
 
 def decoder_neighbors(
@@ -530,11 +684,13 @@ class _Accumulator:
         patch_grid: tuple[int, int] | None = None,
     ) -> None:
         s, h, t = d_sae, cfg.n_bins + 1, cfg.n_top
+        self.cfg = cfg
         if patch_grid is not None and (len(patch_grid) != 2 or min(patch_grid) < 1):
             raise ValueError(f"patch_grid must be (rows, cols) >= 1, got {patch_grid}")
         self.patch_grid = tuple(int(x) for x in patch_grid) if patch_grid else None
         self.s, self.h, self.n_labels = s, h, n_labels
         self.n_prefix_tokens = n_prefix_tokens
+        self.has_cls = n_prefix_tokens >= 1  # token 0 is CLS; compute_stats sets it from has_cls
         self.device = device
         # MPS has no float64; elsewhere sums of millions of codes keep full precision
         self.fdtype = torch.float32 if device.type == "mps" else torch.float64
@@ -558,6 +714,16 @@ class _Accumulator:
         # image level: each image's highest patch code, as histograms like the patch ones
         self.img_hist_sh = torch.zeros(s, h, dtype=torch.int64, **z)
         self.img_pos_hist_lsh = torch.zeros(n_labels, s, h, dtype=torch.int64, **z)
+        # smallest and largest code per (feature, bin): a one-value bin is an exact tie, and
+        # the range is where refinement splits it (saev_core.label_stats)
+        inf = {"dtype": torch.float32, **z}
+        self.patch_min_sh = torch.full((s, h), math.inf, **inf)
+        self.patch_max_sh = torch.full((s, h), -math.inf, **inf)
+        self.img_min_sh = torch.full((s, h), math.inf, **inf)
+        self.img_max_sh = torch.full((s, h), -math.inf, **inf)
+        # every non-zero code while the corpus is small enough: exact association from ranks
+        self.exact_patch = label_stats.ExactBuffer(cfg.exact_codes)
+        self.exact_image = label_stats.ExactBuffer(cfg.exact_codes)
         self.sum_img = torch.zeros(s, dtype=self.fdtype, **z)
         self.sum_img_in_ls = torch.zeros(n_labels, s, dtype=self.fdtype, **z)
         self.n_pos_img = torch.zeros(n_labels, dtype=torch.int64, **z)
@@ -583,9 +749,7 @@ class _Accumulator:
         dev, s, h = self.device, self.s, self.h
         n = len(token)
         token_n = torch.from_numpy(token).to(dev)
-        is_cls_n = (
-            (token_n == 0) if self.n_prefix_tokens >= 1 else torch.zeros_like(token_n, dtype=bool)
-        )
+        is_cls_n = (token_n == 0) if self.has_cls else torch.zeros_like(token_n, dtype=bool)
         is_patch_n = token_n >= self.n_prefix_tokens
         self.n_tokens += n
         self.n_cls += int(is_cls_n.sum())
@@ -647,23 +811,50 @@ class _Accumulator:
         self.img_hist_sh.view(-1).index_add_(0, img_cols * h + img_bins, torch.ones_like(img_cols))
         self.sum_img.index_add_(0, img_cols, img_vals)
 
-        if self.n_labels and len(label_rows):
-            self._update_labels(
-                (rows, cols, vals, bins),
-                n,
-                label_rows,
-                label_codes,
-                (self.pos_hist_lsh, self.sum_in_ls, self.n_pos),
-            )
-        img_label_rows, img_label_codes = image_label_pairs
-        if self.n_labels and len(img_label_rows):
-            self._update_labels(
-                (img_rows, img_cols, img_vals, img_bins),
-                n_img,
-                img_label_rows,
-                img_label_codes,
-                (self.img_pos_hist_lsh, self.sum_img_in_ls, self.n_pos_img),
-            )
+        if not self.n_labels:
+            return
+        # label statistics: exact from the buffered codes while they fit (saev_core.label_stats);
+        # the label histograms are built only once a level's buffer overflows (its batches so
+        # far replayed into them)
+        levels = (
+            ("patch", (rows, cols, vals32), n, (label_rows, label_codes), self.n_pos),
+            ("image", (img_rows, img_cols, img_vals32), n_img, image_label_pairs, self.n_pos_img),
+        )
+        for level, entries, n_rows, (lab_rows, lab_codes), n_pos in levels:
+            n_pos += torch.bincount(torch.from_numpy(lab_codes).to(dev), minlength=self.n_labels)
+            buf = self.exact_patch if level == "patch" else self.exact_image
+            replay = buf.add(n_rows, *entries, lab_rows, lab_codes)
+            if replay is None:
+                continue
+            for part in replay:
+                self._label_hists(
+                    level, *(torch.from_numpy(x).to(dev) for x in part[:3]), *part[3:]
+                )
+            self._label_hists(level, *entries, n_rows, lab_rows, lab_codes)
+
+    def _label_hists(
+        self,
+        level: str,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        vals32: torch.Tensor,
+        n_rows: int,
+        label_rows: np.ndarray,
+        label_codes: np.ndarray,
+    ) -> None:
+        """Add non-zero codes to one level's label histograms and per-bin min / max."""
+        h = self.h
+        vals = vals32.to(self.fdtype)
+        bins = 1 + torch.bucketize(vals, self.inner_edges, right=True)
+        if level == "patch":
+            lo, hi, into = self.patch_min_sh, self.patch_max_sh, (self.pos_hist_lsh, self.sum_in_ls)
+        else:
+            lo, hi = self.img_min_sh, self.img_max_sh
+            into = (self.img_pos_hist_lsh, self.sum_img_in_ls)
+        lo.view(-1).scatter_reduce_(0, cols * h + bins, vals32, "amin")
+        hi.view(-1).scatter_reduce_(0, cols * h + bins, vals32, "amax")
+        if len(label_rows):
+            self._update_labels((rows, cols, vals, bins), n_rows, label_rows, label_codes, into)
 
     def _merge_top(self, value: torch.Tensor, image: torch.Tensor, token: torch.Tensor) -> None:
         t = self.top_value_ts.shape[0]
@@ -684,19 +875,18 @@ class _Accumulator:
         n: int,
         label_rows: np.ndarray,
         label_codes: np.ndarray,
-        into: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        into: tuple[torch.Tensor, torch.Tensor],
     ) -> None:
         """Add non-zero `(row, col, val, bin)` entries to the histograms of their rows' labels.
 
         Rows are tokens (patch level) or images in the batch (image level); `into` is
-        `(pos_hist_lsh, sum_in_ls, n_pos)` of that level.
+        `(pos_hist_lsh, sum_in_ls)` of that level.
         """
         rows, cols, vals, bins = entries
-        pos_hist_lsh, sum_in_ls, n_pos = into
+        pos_hist_lsh, sum_in_ls = into
         dev, s, h = self.device, self.s, self.h
         label_rows_t = torch.from_numpy(label_rows).to(dev)
         label_codes_t = torch.from_numpy(label_codes).to(dev)
-        n_pos += torch.bincount(label_codes_t, minlength=self.n_labels)
         # label pairs are sorted by row: row r owns pairs starts[r] .. starts[r] + counts[r]
         counts_n = torch.bincount(label_rows_t, minlength=n)
         starts_n = torch.cumsum(counts_n, 0) - counts_n
@@ -723,12 +913,21 @@ class _Accumulator:
         patch_hist[:, 0] = self.n_patches - n_fires_patches
         img_hist = cpu(self.img_hist_sh)
         img_hist[:, 0] = n_images - img_hist[:, 1:].sum(1)
-        patch = self._associate(
-            self.pos_hist_lsh, self.sum_in_ls, cpu(self.n_pos), patch_hist, self.sum_patch
-        )
-        image = self._associate(
-            self.img_pos_hist_lsh, self.sum_img_in_ls, cpu(self.n_pos_img), img_hist, self.sum_img
-        )
+        tol = self.cfg.assoc_tol
+        # kept for the refinement passes (compute_stats -> _refine)
+        self.levels = (
+            label_stats.associate(
+                self.pos_hist_lsh, self.sum_in_ls, cpu(self.n_pos), patch_hist, self.sum_patch,
+                self.patch_min_sh, self.patch_max_sh, self.edges, tol,
+                self.exact_patch.level(self.n_patches, cpu(self.n_pos), self.n_labels, self.s),
+            ),
+            label_stats.associate(
+                self.img_pos_hist_lsh, self.sum_img_in_ls, cpu(self.n_pos_img), img_hist,
+                self.sum_img, self.img_min_sh, self.img_max_sh, self.edges, tol,
+                self.exact_image.level(n_images, cpu(self.n_pos_img), self.n_labels, self.s),
+            ),
+        )  # fmt: skip
+        patch, image = (vars(lv) for lv in self.levels)
         spatial = cpu(self.spatial_sp)
         n_p = spatial.shape[1]
         if self.patch_grid is not None:
@@ -771,69 +970,12 @@ class _Accumulator:
             image_precision=image["precision"],
             image_recall=image["recall"],
             image_n_pos=cpu(self.n_pos_img),
+            auroc_err=patch["auroc_err"],
+            f1_err=patch["f1_err"],
+            image_auroc_err=image["auroc_err"],
+            image_f1_err=image["f1_err"],
             grid=grid,
             spatial=spatial,
             neighbor=np.zeros((self.s, 0), np.int64),
             neighbor_cos=np.zeros((self.s, 0), np.float64),
         )
-
-    def _associate(
-        self,
-        pos_hist_lsh: torch.Tensor,
-        sum_in_ls: torch.Tensor,
-        n_pos: np.ndarray,
-        all_hist_sh: np.ndarray,
-        sum_all_s: torch.Tensor,
-    ) -> dict[str, np.ndarray]:
-        """AUROC, mean in/out and the best-F1 threshold per (label, feature) at one level."""
-        n_total = int(all_hist_sh[0].sum())
-        sum_all = sum_all_s.cpu().numpy().astype(np.float64)
-        sum_in = sum_in_ls.cpu().numpy().astype(np.float64)
-        out = {
-            k: np.full((self.n_labels, self.s), np.nan)
-            for k in ("auroc", "mean_in", "mean_out", "threshold", "precision", "recall")
-        }
-        # threshold of bin b: "code > 0" for b = 1, "code >= lower edge" for b >= 2
-        thresholds = np.concatenate([[0.0], self.edges[1:-1]])
-        for i in range(self.n_labels):
-            n_p, n_n = int(n_pos[i]), n_total - int(n_pos[i])
-            if n_p:
-                out["mean_in"][i] = sum_in[i] / n_p
-            if n_n:
-                out["mean_out"][i] = (sum_all - sum_in[i]) / n_n
-            if n_p and n_n:
-                pos = pos_hist_lsh[i].cpu().numpy().astype(np.float64)
-                pos[:, 0] = n_p - pos[:, 1:].sum(1)
-                neg = all_hist_sh - pos
-                out["auroc"][i] = _auroc_from_hist(pos, neg)
-                b, prec, rec = _best_f1(pos, neg)
-                out["threshold"][i] = np.where(b > 0, thresholds[np.maximum(b, 1) - 1], np.nan)
-                out["precision"][i], out["recall"][i] = prec, rec
-        return out
-
-
-def _best_f1(pos_sh: np.ndarray, neg_sh: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row, the bin b >= 1 where "predict positive iff bin >= b" has the best F1.
-
-    Returns (b, precision, recall); b = 0 (precision and recall NaN) when no positive ever fires.
-    Ties go to the lowest threshold.
-    """
-    # true / false positives when predicting bins >= b, for b = 1 .. h-1
-    tp = np.cumsum(pos_sh[:, :0:-1], axis=1)[:, ::-1]
-    fp = np.cumsum(neg_sh[:, :0:-1], axis=1)[:, ::-1]
-    n_p = pos_sh.sum(1, keepdims=True)
-    f1 = np.where(tp > 0, 2 * tp / np.maximum(tp + fp + n_p, 1), 0.0)
-    best = np.argmax(f1, axis=1)
-    r = np.arange(len(best))
-    ok = f1[r, best] > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        prec = np.where(ok, tp[r, best] / (tp[r, best] + fp[r, best]), np.nan)
-        rec = np.where(ok, tp[r, best] / n_p[:, 0], np.nan)
-    return np.where(ok, best + 1, 0), prec, rec
-
-
-def _auroc_from_hist(pos_sh: np.ndarray, neg_sh: np.ndarray) -> np.ndarray:
-    """AUROC per row from ascending-bin histograms: P(pos > neg) + P(same bin) / 2."""
-    neg_below = np.cumsum(neg_sh, axis=1) - neg_sh
-    wins = (pos_sh * (neg_below + 0.5 * neg_sh)).sum(1)
-    return wins / (pos_sh.sum(1) * neg_sh.sum(1))

@@ -1,8 +1,10 @@
 """The Parquet tables of a stats run, the files the warehouse reads.
 
 `write_stats` turns a `FeatureStats` (from `saev_core.stats.compute_stats`) into `features`,
-`top_examples`, `feature_labels`, `neighbors`, `heatmaps` and `run`, each with a `run` column so
-the warehouse can union runs, and writes them atomically next to each other.
+`top_examples`, `feature_labels`, `label_controls`, `neighbors`, `heatmaps` and `run`, each with
+a `run` column so the warehouse can union runs, and writes them atomically next to each other.
+`feature_labels` and `label_controls` carry a `split` column: one block per split the stats stage
+measured, so a feature can be chosen on one split and reported on another.
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ RUN_INFO_COLUMNS: dict[str, pa.DataType] = {
     "fvu": pa.float64(),
     "dead_frac": pa.float64(),
     "dense_frac": pa.float64(),
+    "dense_frac_abs": pa.float64(),
     "manifest_sha256": pa.string(),
+    "tokens": pa.string(),
+    "has_cls": pa.bool_(),
+    "splits": pa.string(),
+    "select_split": pa.string(),
+    "report_split": pa.string(),
     "cfg_json": pa.string(),
 }
 
@@ -95,7 +103,8 @@ def top_examples_table(stats: FeatureStats) -> pa.Table:
 
 
 def feature_labels_table(stats: FeatureStats) -> pa.Table:
-    """One row per (feature, label): patch-level AUROC, mean code in and out, positives."""
+    """One row per (feature, label): patch-level AUROC, mean code in and out, positives, and the
+    same at image level, with the split they were measured on (`stats.split`, null when unsaid)."""
     n_labels, s = len(stats.label_names), stats.d_sae
     flat = {
         name: _nullable(getattr(stats, name).reshape(-1))
@@ -115,6 +124,7 @@ def feature_labels_table(stats: FeatureStats) -> pa.Table:
     return pa.table(
         {
             "run": pa.array([stats.run] * (n_labels * s), pa.string()),
+            "split": pa.array([stats.split or None] * (n_labels * s), pa.string()),
             "feature": pa.array(np.tile(np.arange(s, dtype=np.int64), n_labels)),
             "label": pa.array(np.repeat(np.array(stats.label_names, dtype=object), s), pa.string()),
             "auroc": _nullable(stats.auroc.reshape(-1)),
@@ -124,6 +134,35 @@ def feature_labels_table(stats: FeatureStats) -> pa.Table:
             **flat,
             **image,
             "image_n_pos": pa.array(np.repeat(stats.image_n_pos.astype(np.int64), s)),
+            # proven bounds (saev_core.label_stats): |auroc - exact| <= auroc_err; the threshold's
+            # F1 is within f1_err of the best over all thresholds; 0 = exact
+            **{
+                name: _nullable(
+                    np.full(n_labels * s, np.nan)
+                    if getattr(stats, name) is None
+                    else getattr(stats, name).reshape(-1)
+                )
+                for name in ("auroc_err", "f1_err", "image_auroc_err", "image_f1_err")
+            },
+        }
+    )
+
+
+def label_controls_table(stats: FeatureStats) -> pa.Table:
+    """One row per label: the best AUROC any feature reaches on its shuffled-label control
+    (saev_core.stats_splits), at patch and image level, on `stats.split`."""
+    n = len(stats.label_names)
+    nan = np.full(n, np.nan)
+    patch = nan if stats.control_auroc is None else stats.control_auroc
+    image = nan if stats.control_image_auroc is None else stats.control_image_auroc
+    return pa.table(
+        {
+            "run": pa.array([stats.run] * n, pa.string()),
+            "split": pa.array([stats.split or None] * n, pa.string()),
+            "label": pa.array(list(stats.label_names), pa.string()),
+            "d_sae": pa.array([stats.d_sae] * n, pa.int64()),
+            "control_auroc": _nullable(patch),
+            "control_image_auroc": _nullable(image),
         }
     )
 
@@ -199,21 +238,29 @@ def run_table(stats: FeatureStats, run_info: dict[str, Any]) -> pa.Table:
 
 
 def write_stats(
-    stats: FeatureStats, out_dir: str | Path, run_info: dict[str, Any]
+    stats: FeatureStats,
+    out_dir: str | Path,
+    run_info: dict[str, Any],
+    by_split: dict[str, FeatureStats] | None = None,
 ) -> dict[str, Path]:
     """Write the stats tables into `out_dir` as `<table>.parquet`, each atomically.
 
-    Tables: features, top_examples, feature_labels, neighbors, heatmaps (when
-    `exemplar_heatmaps` filled `stats.heatmaps`) and run. All are written to `*.tmp` first and
+    Tables: features, top_examples, feature_labels, label_controls (null AUROCs where no
+    shuffled-label control was scored), neighbors, heatmaps (when `exemplar_heatmaps` filled
+    `stats.heatmaps`) and run. `stats` gives the per-feature tables;
+    `by_split` ({split: stats of that split}, from the stats stage) gives feature_labels and
+    label_controls, one block of rows per split (None: those of `stats` itself). All are written to `*.tmp` first and
     renamed only when every one succeeded, with `run.parquet` renamed last, so a directory with a
     `run.parquet` is a complete set.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    parts = list((by_split or {"": stats}).values())
     tables = {
         "features": features_table(stats),
         "top_examples": top_examples_table(stats),
-        "feature_labels": feature_labels_table(stats),
+        "feature_labels": pa.concat_tables([feature_labels_table(st) for st in parts]),
+        "label_controls": pa.concat_tables([label_controls_table(st) for st in parts]),
         "neighbors": neighbors_table(stats),
     }
     if stats.heatmaps is not None:

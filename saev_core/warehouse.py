@@ -16,7 +16,17 @@ Everything the warehouse holds is defined by files in `sql/`:
 Paths stay relative to the project root inside the database, so it keeps working when the
 project moves. DuckDB resolves a relative path against `file_search_path` when set, else the
 working directory: `build_warehouse` and `run_query` set it to the root, and the duckdb CLI works
-as it is when started in the root (`duckdb warehouse/saev.duckdb`).
+as it is when started in the root (`duckdb warehouse/saev.duckdb`). `warehouse_info` records the
+root relative to the database's directory and `sql/` relative to the root, so the file holds no
+absolute path.
+
+`run_query` (and so `saev sql`) runs what a user typed in a sandbox (`_sandbox`): the connection
+is read-only, cannot read or write any other file (`COPY ... TO`, `read_csv('/etc/passwd')`,
+`read_text`, `glob`, `ATTACH`, `EXPORT DATABASE`), install or load an extension, and its
+configuration is locked, so no `SET`, `RESET` or `PRAGMA` turns any of that back on. Only the
+directories the sources read stay readable, and only when the sources are views
+(`materialize=False`) that read them at query time. Two stats directories that give the same
+run name fail the build (every join on `run` would multiply their rows).
 
 By default (`materialize=True`) every source and every file in `views/` becomes a table holding
 its rows, sorted by (run, feature, ...) where it has those columns, so that a query reads DuckDB's
@@ -139,11 +149,33 @@ def _source_sql(src: Source, has_files: bool, present: set[str] | None = None) -
             for c, t in src.columns.items()
         )
         return (
-            f"select\n{cols},\n    filename\n"
+            f"select\n{cols},\n    {_RELATIVE_FILENAME} as filename\n"
             f"from read_parquet({_parquet_glob(src)}, union_by_name = true, filename = true)"
         )
     cols = ",\n".join(f"    cast(null as {t}) as {c}" for c, t in src.columns.items())
     return f"select\n{cols},\n    cast(null as varchar) as filename\nlimit 0"
+
+
+# DuckDB names a file found through `file_search_path` by its absolute path: keep it relative to
+# the root (the search path), as the glob was written
+_RELATIVE_FILENAME = (
+    "case when starts_with(filename, current_setting('file_search_path') || '/') "
+    "then filename[length(current_setting('file_search_path')) + 2:] else filename end"
+)
+
+
+def _relative_to(path: Path, base: Path) -> str:
+    """`path` relative to `base` when inside it (what the database records), else absolute."""
+    # not resolved: `sql` may be a link out of the root, and is still spelled `sql` inside it
+    path, base = Path(os.path.abspath(path)), Path(os.path.abspath(base))
+    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
+
+
+def _root_from(db_dir: Path, root: Path) -> str:
+    """The root as seen from the database's directory: `..` segments when the database lies
+    inside the root (it then moves with the project), else absolute."""
+    db_dir, root = db_dir.resolve(), root.resolve()
+    return os.path.relpath(root, db_dir) if db_dir.is_relative_to(root) else str(root)
 
 
 def _parquet_glob(src: Source) -> str:
@@ -228,6 +260,8 @@ def build_warehouse(
                 t = time.perf_counter()
                 _create_relation(con, name, _read_sql(path), str(path), materialize)
                 seconds[name] = round(time.perf_counter() - t, 3)
+            if any(src.name == "runs" for src in sources):
+                _check_unique_runs(con)
             t = time.perf_counter()
             _create_feature_matches(con, root, n_matches)
             seconds["feature_matches"] = round(time.perf_counter() - t, 3)
@@ -235,19 +269,19 @@ def build_warehouse(
             con.execute(
                 "create table warehouse_info as "
                 "select * from (values ('root', $root), ('sql_dir', $sql_dir), "
-                "('empty_sources', $empty)) as t(key, value)",
-                {"root": str(root), "sql_dir": str(sql_dir), "empty": json.dumps(empty)},
+                "('empty_sources', $empty), ('source_dirs', $dirs)) as t(key, value)",
+                {  # relative to the database's directory and to the root, when inside them
+                    "root": _root_from(db_path.parent, root),
+                    "sql_dir": _relative_to(sql_dir, root),
+                    "empty": json.dumps(empty),
+                    "dirs": json.dumps(source_dirs(sources)),
+                },
             )
             for src in sources:
                 report["sources"][src.name]["rows"] = _count(con, f"src_{src.name}")
             report["views"] = {name: _count(con, name) for name, _ in views}
             report["views"]["feature_matches"] = _count(con, "feature_matches")
             report["empty_sources"] = empty
-            if any(name == "runs" for name, _ in views):
-                dup = con.execute(
-                    "select run from runs group by run having count(*) > 1 order by run"
-                ).fetchall()
-                report["duplicate_runs"] = [r[0] for r in dup]
         finally:
             con.close()
         # a WAL left by an older connection to db_path would be replayed onto the new file
@@ -258,6 +292,21 @@ def build_warehouse(
         Path(f"{tmp}.wal").unlink(missing_ok=True)
         raise
     return report
+
+
+def _check_unique_runs(con: duckdb.DuckDBPyConnection) -> None:
+    """Refuse two stats directories that give the same run name: every join on `run` would
+    multiply their rows."""
+    dup = con.execute(
+        "select run, list(distinct filename order by filename) from src_runs "
+        "group by run having count(*) > 1 order by run"
+    ).fetchall()
+    if dup:
+        detail = "; ".join(f"{run!r} in {', '.join(files)}" for run, files in dup)
+        raise ValueError(
+            f"run names used by more than one stats directory: {detail} "
+            "(give each stats run its own name, or remove the stale directory)"
+        )
 
 
 def _create_feature_matches(con: duckdb.DuckDBPyConnection, root: Path, n_matches: int) -> None:
@@ -454,24 +503,109 @@ def _check_runs(con: duckdb.DuckDBPyConnection, spec: QuerySpec, bound: dict[str
             )
 
 
-def _recorded(con: duckdb.DuckDBPyConnection, key: str) -> Path | None:
-    """A directory recorded in warehouse_info at build time, if it still exists."""
+def source_dirs(sources: Sequence[Source]) -> list[str]:
+    """The directories the sources' globs read (each glob's part before its first wildcard), as
+    written in sources.yaml: what a sandboxed query may still read when the sources are views."""
+    out: list[str] = []
+    for src in sources:
+        parts = Path(src.path).parts
+        fixed = []
+        for part in parts[:-1]:
+            if any(c in part for c in "*?[{"):
+                break
+            fixed.append(part)
+        d = str(Path(*fixed)) if fixed else "."
+        if d not in out:
+            out.append(d)
+    return out
+
+
+# connection options that must be set before the database starts (the rest: `_sandbox`)
+_SANDBOX_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+
+
+def _sandbox(con: duckdb.DuckDBPyConnection, root: Path, sql_dir: Path) -> None:
+    """Lock a connection down for SQL a user typed: no file outside the warehouse can be read or
+    written (`COPY ... TO`, `read_csv`, `read_text`, `glob`, `ATTACH`, `EXPORT`), no extension
+    installed or loaded, and the configuration locked so that no `SET`, `RESET` or `PRAGMA` can
+    switch any of it back on.
+
+    A materialised warehouse reads only its own file. When the sources are views over Parquet
+    (`materialize=False`) the directories their globs start in stay readable, and only those:
+    each relative one as written (DuckDB checks the glob as given) and resolved against the
+    root (it then checks every file it found)."""
+    allowed: list[str] = []
+    views = con.execute(
+        "select count(*) from duckdb_views() where not internal and view_name like 'src\\_%' "
+        "escape '\\'"
+    ).fetchall()[0][0]
+    if views:
+        dirs = _recorded_json(con, "source_dirs")
+        if dirs is None:  # a warehouse built before source_dirs was recorded
+            dirs = source_dirs(load_sources(sql_dir)) if (sql_dir / "sources.yaml").exists() else []
+        for d in dirs:
+            absolute = Path(d) if Path(d).is_absolute() else root / d
+            for path in (d, os.path.abspath(absolute), str(absolute.resolve())):
+                entry = path.rstrip("/") + "/"
+                if entry not in allowed:
+                    allowed.append(entry)
+    literal = ", ".join("'" + a.replace("'", "''") + "'" for a in allowed)
+    con.execute(f"set allowed_directories = [{literal}]")
+    con.execute("set enable_external_access = false")
+    con.execute("set lock_configuration = true")
+
+
+def _only_selects(con: duckdb.DuckDBPyConnection, sql: str, label: str) -> None:
+    """Refuse every statement but a query (SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW,
+    SUMMARIZE): `COPY`, `EXPORT`, `ATTACH`, `SET`, `PRAGMA`, `INSTALL`, `LOAD`, `CALL` and
+    `EXPLAIN` (whose ANALYZE runs its statement) never reach the engine. The sandbox's locked
+    settings hold without this; it also keeps a `COPY ... TO` out of the directories that
+    views mode leaves readable (DuckDB's allowed directories allow writing too)."""
+    for st in con.extract_statements(sql):
+        if st.type != duckdb.StatementType.SELECT:
+            kind = str(st.type).rsplit(".", 1)[-1]
+            raise ValueError(
+                f"{label} refused: only queries (SELECT, WITH, FROM, DESCRIBE, SHOW) run in the "
+                f"warehouse, not {kind}: {st.query.strip()[:80]!r}"
+            )
+
+
+def _recorded_json(con: duckdb.DuckDBPyConnection, key: str) -> Any:
+    """A JSON value recorded in warehouse_info at build time (None if absent)."""
     with contextlib.suppress(duckdb.Error):
         rows = con.execute(
             "select value from warehouse_info where key = $key", {"key": key}
         ).fetchall()
-        if rows and Path(rows[0][0]).is_dir():
-            return Path(rows[0][0])
+        if rows:
+            return json.loads(rows[0][0])
+    return None
+
+
+def _recorded(con: duckdb.DuckDBPyConnection, key: str, base: Path) -> Path | None:
+    """A directory recorded in warehouse_info at build time (relative to `base`, or absolute in
+    a database built before paths were kept relative), if it still exists."""
+    with contextlib.suppress(duckdb.Error):
+        rows = con.execute(
+            "select value from warehouse_info where key = $key", {"key": key}
+        ).fetchall()
+        if rows and (base / rows[0][0]).is_dir():
+            return (base / rows[0][0]).resolve()
     return None
 
 
 def _resolve_dirs(
-    con: duckdb.DuckDBPyConnection, root: str | Path | None, sql_dir: str | Path | None
+    con: duckdb.DuckDBPyConnection,
+    root: str | Path | None,
+    sql_dir: str | Path | None,
+    db_path: str | Path,
 ) -> tuple[Path, Path]:
     """(root, sql_dir): explicit values first, then those recorded at build, then cwd and root/sql."""
-    root_dir = Path(root).resolve() if root is not None else _recorded(con, "root") or Path.cwd()
+    db_dir = Path(db_path).resolve().parent
+    root_dir = (
+        Path(root).resolve() if root is not None else _recorded(con, "root", db_dir) or Path.cwd()
+    )
     if sql_dir is None:
-        return root_dir, _recorded(con, "sql_dir") or root_dir / "sql"
+        return root_dir, _recorded(con, "sql_dir", root_dir) or root_dir / "sql"
     sql_dir = Path(sql_dir)
     return root_dir, sql_dir if sql_dir.is_absolute() else root_dir / sql_dir
 
@@ -484,7 +618,8 @@ def run_query(
     root: str | Path | None = None,
     sql_dir: str | Path | None = None,
 ) -> str:
-    """Run a named query (`<sql_dir>/queries/<name>.sql`) or an ad-hoc SQL text, read-only.
+    """Run a named query (`<sql_dir>/queries/<name>.sql`) or an ad-hoc SQL text, read-only and
+    sandboxed (`_sandbox`: no other file read or written, no extension, no `SET` to undo it).
 
     Parameters are bound as DuckDB named parameters, converted from strings with the type the
     query documents (ad-hoc SQL: passed as strings, DuckDB casts them). `root` and `sql_dir`
@@ -500,10 +635,11 @@ def run_query(
         raise FileNotFoundError(
             f"warehouse not found: {db_path} (build it with `saev warehouse` first)"
         )
-    con = duckdb.connect(str(db_path), read_only=True)
+    con = duckdb.connect(str(db_path), read_only=True, config=_SANDBOX_CONFIG)
     try:
-        root_dir, sql_path = _resolve_dirs(con, root, sql_dir)
+        root_dir, sql_path = _resolve_dirs(con, root, sql_dir, db_path)
         con.execute("set file_search_path = $root", {"root": str(root_dir)})
+        _sandbox(con, root_dir, sql_path)
         text = name_or_sql.strip()
         if _NAME.fullmatch(text):
             qdir = sql_path / "queries"
@@ -527,6 +663,7 @@ def run_query(
                 )
             sql, bound, label = text, params, "ad-hoc query"
         try:
+            _only_selects(con, sql, label)
             cur = con.execute(sql, bound) if bound else con.execute(sql)
             rows = cur.fetchall()
             columns = [d[0] for d in cur.description] if cur.description else []
@@ -631,7 +768,7 @@ def _list_dir(args: argparse.Namespace) -> Path:
     if Path(args.db).exists():
         con = duckdb.connect(str(args.db), read_only=True)
         try:
-            return _resolve_dirs(con, args.root, args.sql_dir)[1]
+            return _resolve_dirs(con, args.root, args.sql_dir, args.db)[1]
         finally:
             con.close()
     root = Path(args.root or ".").resolve()
@@ -674,8 +811,4 @@ def main_build(argv: list[str] | None = None) -> int:
     for name in report["empty_sources"]:
         src = report["sources"][name]
         print(f"  note: no file matches {src['path']}: src_{name} is empty")
-    if report.get("duplicate_runs"):
-        print(
-            f"  warning: run names used by more than one stats directory: {report['duplicate_runs']}"
-        )
     return 0

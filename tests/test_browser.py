@@ -116,6 +116,88 @@ def test_browser_data_embeds_features_exemplars_and_heat_maps(run_dir):
         browser_data(run_dir.root, run_dir.root)
 
 
+@pytest.fixture(scope="module")
+def class_run(tmp_path_factory):
+    """A stats run over a class-folder source: image labels, no masks (so no patch labels).
+
+    Feature 0 reads "ant" images (strongly), feature 1 "bee" (through noise), feature 2 is noise
+    that no label explains, feature 3 reads both ant and bee."""
+    root = tmp_path_factory.mktemp("classes")
+    rng = np.random.default_rng(1)
+    n_img, n_tok = 60, 1 + GRID * GRID
+    classes = np.array(["ant", "bee", "cow"])[np.arange(n_img) % 3]
+    image_id = np.repeat(np.arange(n_img), n_tok)
+    token = np.tile(np.arange(n_tok), n_img)
+    acts = rng.normal(0, 0.3, (len(token), 3)).astype(np.float32)
+    for i, c in enumerate(classes):
+        where = i * n_tok + 1 + rng.integers(GRID * GRID)  # some patch of the image
+        if c == "ant":
+            acts[where, 0] += 2.0
+        if c == "bee":
+            acts[where, 1] += rng.uniform(0, 1.0)
+    act_dir = root / "acts"
+    act_dir.mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                "image_id": pa.array(np.arange(n_img), pa.int64()),
+                "split": ["val"] * n_img,
+                "path": [f"images/{c}/{i}.png" for i, c in enumerate(classes)],
+                "labels": pa.array([[c] for c in classes], pa.list_(pa.string())),
+            }
+        ),
+        act_dir / "images.parquet",
+    )
+    W = torch.tensor([[1.0, 0, 0, 0.7], [0, 1.0, 0, 0.7], [0, 0, 1.0, 0]])
+    sae = LinearReluSAE(W)
+    image_labels = pd.DataFrame({"image_id": np.arange(n_img), "label": classes})
+    st = compute_stats(
+        sae, [(image_id, token, acts)], None, None, 1, StatsConfig(n_top=4), "cls", False,
+        image_labels=image_labels,
+    )  # fmt: skip
+    info = {"run": "cls", "shard_dir": "acts", "backbone": "tiny", "layer": 1, "d_sae": D}
+    out = root / "stats" / "cls"
+    write_stats(st, out, info)
+    # each image's score for a feature: its highest patch code (CLS excluded), as in the paper
+    codes = torch.relu(torch.from_numpy(acts) @ W).numpy().reshape(n_img, n_tok, D)[:, 1:]
+    return SimpleNamespace(root=root, stats_dir=out, classes=classes, image_max=codes.max(1))
+
+
+def test_class_folder_runs_show_image_level_labels(class_run):
+    from sklearn.metrics import roc_auc_score
+
+    data = browser_data(class_run.stats_dir, class_run.root)
+    assert data["label_level"] == "image" and data["min_auroc"] == 0.7
+    table = pd.read_parquet(class_run.stats_dir / "feature_labels.parquet")
+    assert table["auroc"].isna().all()  # no patch labels: patch AUROC cannot name anything
+    shown = {}
+    for f in data["features"]:
+        exact = {
+            c: roc_auc_score(class_run.classes == c, class_run.image_max[:, f["id"]])
+            for c in ("ant", "bee", "cow")
+        }
+        best = max(exact, key=exact.get)
+        assert f["level"] == "image" and f["labels"][0][0] == best
+        assert f["auroc"] == pytest.approx(exact[best], abs=0.02)
+        assert f["best"] == (best if exact[best] >= 0.7 else None)
+        assert [lab[8] for lab in f["labels"]] == ["image"] * 3
+        shown[f["id"]] = f["best"]
+    assert shown[0] == "ant" and shown[1] == "bee"
+    assert shown[2] is None  # noise: its best label is below the floor and shows as no label
+    lenient = browser_data(class_run.stats_dir, class_run.root, BrowserConfig(min_auroc=0.5))
+    assert next(f for f in lenient["features"] if f["id"] == 2)["best"] is not None
+    with pytest.raises(ValueError, match="min_auroc"):
+        BrowserConfig(min_auroc=1.5)
+
+
+def test_floor_applies_to_patch_labels_too(run_dir):
+    data = browser_data(run_dir.stats_dir, run_dir.root, BrowserConfig(min_auroc=0.99))
+    assert data["label_level"] == "patch"
+    for f in data["features"]:
+        assert f["best"] == (f["labels"][0][0] if f["auroc"] >= 0.99 else None), f["id"]
+    assert [f["best"] for f in data["features"]][:2] == ["red", "blue"]
+
+
 def test_exemplar_grid_png(run_dir, tmp_path):
     path = exemplar_grid(run_dir.stats_dir, [0, 1], tmp_path / "grid.png", run_dir.root, 3, 32)
     im = Image.open(path)
@@ -295,3 +377,31 @@ def test_browser_in_headless_chromium(run_dir, tmp_path):
     png = out_dir / "browser.png"
     png.write_bytes(base64.b64decode(shot))
     assert Image.open(png).size == (1280, 900)
+
+
+@pytest.mark.skipif(chromium() is None, reason="no chromium installed (make test installs it)")
+def test_class_folder_browser_in_headless_chromium(class_run, tmp_path):
+    html = build_browser(class_run.stats_dir, tmp_path / "cls.html", class_run.root)
+    chrome = DevTools(chromium(), tmp_path / "chromium")
+    try:
+        for domain in ("Page", "Runtime", "Log"):
+            chrome.send(f"{domain}.enable")
+        chrome.send("Page.navigate", url=html.resolve().as_uri() + "#feature=2")
+        chrome.wait_for("Page.loadEventFired")
+        best = (
+            "Object.fromEntries([...document.querySelectorAll('#rows tr')]"
+            ".map((r) => [r.dataset.id, r.children[1].textContent]))"
+        )
+        # image-level associations name the features; the noise feature shows no label
+        assert chrome.eval(best) == {"0": "ant", "1": "bee", "2": "", "3": "ant"}
+        assert chrome.eval("document.getElementById('best').textContent") == "no label"
+        assert "image level" in chrome.eval("document.getElementById('legend').textContent")
+        chrome.eval("document.getElementById('q').focus()")
+        # every feature lists "cow", none at or above the floor: the search finds none
+        chrome.send("Input.insertText", text="cow")
+        assert chrome.eval("document.querySelectorAll('#rows tr').length") == 0
+        assert chrome.eval("document.getElementById('count').textContent").startswith("0 of 4")
+        assert chrome.eval("window.saevErrors") == []
+        assert chrome.errors() == []
+    finally:
+        chrome.close()

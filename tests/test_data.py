@@ -1,15 +1,28 @@
 """Image sources and safe opening: every source yields the right records; bad files are refused."""
 
+import hashlib
 import io
+import itertools
 import pickle
 import struct
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image, ImageCms, ImageFile
 
-from saev_core.data import BadImage, ImageRecord, load_records, open_image, open_mask
+from saev_core.data import (
+    CMYK_ICC,
+    CMYK_PLAIN,
+    GREY16,
+    BadImage,
+    ImageRecord,
+    held_out_split,
+    load_records,
+    open_image,
+    open_mask,
+    read_image,
+)
 
 
 def save(path, array_or_image, fmt=None):
@@ -61,14 +74,80 @@ def test_folder_with_splits(tmp_path):
     ]
 
 
-def test_folder_without_splits_is_train(tmp_path):
-    save(tmp_path / "cat/a.png", rgb(1))
-    save(tmp_path / "loose.png", rgb(2))  # no class folder: no label
+def hashed_val(key, fraction=0.1):
+    """The held-out rule, written out independently: blake2b-64 of the key below f * 2^64."""
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    return h < fraction * 2**64
+
+
+def flat_folder(root, n=100, classes=("cat", "dog", "fox")):
+    """`n` tiny PNGs per class folder, plus one loose image without a class."""
+    for c, i in itertools.product(classes, range(n)):
+        save(root / c / f"{i:03d}.png", rgb(i % 250, (2, 2)))
+    save(root / "loose.png", rgb(2, (2, 2)))  # no class folder: no label
+
+
+def test_flat_folder_holds_out_a_hashed_val_split(tmp_path):
+    flat_folder(tmp_path)
     records = load_records(tmp_path)
-    assert [(r.split, r.key, r.labels) for r in records] == [
-        ("train", "cat/a.png", ("cat",)),
-        ("train", "loose.png", ()),
-    ]
+    keys = sorted(f"{c}/{i:03d}.png" for c in ("cat", "dog", "fox") for i in range(100))
+    keys.append("loose.png")
+    # ids in sorted key order, whatever the split; labels from the class folders
+    assert [(r.image_id, r.key) for r in records] == list(enumerate(sorted(keys)))
+    assert all(r.labels == ((r.key.split("/")[0],) if "/" in r.key else ()) for r in records)
+    want = {k: "val" if hashed_val(k) else "train" for k in keys}
+    assert {r.key: r.split for r in records} == want
+    n_val = sum(r.split == "val" for r in records)
+    assert 0.05 * len(keys) < n_val < 0.15 * len(keys)  # about 10% (301 keys: 30 +- 15)
+    assert held_out_split(tmp_path) == {
+        "from": "train",
+        "fraction": 0.1,
+        "by": "blake2b-64(key) < fraction * 2^64",
+    }
+    # deterministic, and the val records alone keep their ids
+    assert load_records(tmp_path) == records
+    assert load_records(tmp_path, ["val"]) == [r for r in records if r.split == "val"]
+    # a larger fraction only moves more images to val; 0 holds none out
+    wider = {r.key: r.split for r in load_records(tmp_path, val_fraction=0.3)}
+    assert {k for k, s in wider.items() if s == "val"} >= {k for k, s in want.items() if s == "val"}
+    assert {k for k, s in wider.items() if s == "val"} == {k for k in keys if hashed_val(k, 0.3)}
+    assert {r.split for r in load_records(tmp_path, val_fraction=0)} == {"train"}
+    assert held_out_split(tmp_path, 0) == {"from": "source"}
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        load_records(tmp_path, val_fraction=1.5)
+
+
+def test_held_out_split_is_stable_when_files_are_added(tmp_path):
+    flat_folder(tmp_path, n=40)
+    before = {r.key: r.split for r in load_records(tmp_path)}
+    for i in range(40, 120):
+        save(tmp_path / "cat" / f"{i:03d}.png", rgb(1, (2, 2)))
+    save(tmp_path / "aardvark/000.png", rgb(1, (2, 2)))  # sorts first: every id shifts
+    after = {r.key: r.split for r in load_records(tmp_path)}
+    assert {k: after[k] for k in before} == before
+    assert set(after) - set(before) == {f"cat/{i:03d}.png" for i in range(40, 120)} | {
+        "aardvark/000.png"
+    }
+
+
+def test_val_is_carved_only_when_the_source_has_none(tmp_path):
+    # split folders with val: used as they are
+    save(tmp_path / "a/train/cat/x.png", rgb(1))
+    save(tmp_path / "a/val/cat/y.png", rgb(1))
+    assert held_out_split(tmp_path / "a") == {"from": "source"}
+    assert [r.split for r in load_records(tmp_path / "a")] == ["train", "val"]
+    # train and test but no val: val comes out of train, test stays test
+    for i in range(60):
+        save(tmp_path / "b/train/cat" / f"{i}.png", rgb(1, (2, 2)))
+    save(tmp_path / "b/test/cat/t.png", rgb(1))
+    records = load_records(tmp_path / "b")
+    assert held_out_split(tmp_path / "b")["from"] == "train"
+    assert {r.key: r.split for r in records} == {
+        **{f"train/cat/{i}.png": "val" if hashed_val(f"train/cat/{i}.png") else "train"
+           for i in range(60)},
+        "test/cat/t.png": "test",
+    }  # fmt: skip
+    assert "val" in {r.split for r in records}
 
 
 def test_keys_stay_stable_when_a_folder_grows(tmp_path):
@@ -129,6 +208,20 @@ def test_segmentation_folder(tmp_path):
     assert [r.key for r in load_records(tmp_path, ["val"])] == ["val/c.png", "val/sub/b.jpg"]
 
 
+def test_segmentation_folder_without_splits_holds_out_val(tmp_path):
+    (tmp_path / "classes.txt").write_text("background\ncat\n")
+    for i in range(40):
+        save(tmp_path / f"images/{i:02d}.png", rgb(5, (2, 2)))
+        save(tmp_path / f"masks/{i:02d}.png", np.array([[0, 1], [1, 1]], dtype=np.uint8))
+    records = load_records(tmp_path)
+    assert {r.key: r.split for r in records} == {
+        f"{i:02d}.png": "val" if hashed_val(f"{i:02d}.png") else "train" for i in range(40)
+    }
+    val = load_records(tmp_path, ["val"])
+    assert val and [r.key for r in val] == [r.key for r in records if r.split == "val"]
+    assert all(r.labels == ("cat",) and r.mask_labels == {1: ("cat",)} for r in val)
+
+
 def test_segmentation_problems_are_named(tmp_path):
     make_segmentation(tmp_path)
     save(tmp_path / "masks/train/a.png", np.array([[0, 3]], dtype=np.uint8))
@@ -177,6 +270,33 @@ def test_datasets_dict(tmp_path):
     again = pickle.loads(pickle.dumps(load_records(root, ["val"])))
     assert [r.image_id for r in again] == [3, 4]
     assert np.asarray(open_image(again[1]))[0, 0].tolist() == [50, 50, 50]
+
+
+def test_datasets_without_val_hold_out_val(tmp_path):
+    import datasets
+
+    features = datasets.Features(
+        {"img": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])}
+    )
+    n = 60
+    train = datasets.Dataset.from_dict(
+        {
+            "img": [Image.fromarray(rgb(v, (2, 2))) for v in range(n)],
+            "label": [v % 2 for v in range(n)],
+        },
+        features=features,
+    )
+    root = tmp_path / "hf"
+    datasets.DatasetDict({"train": train}).save_to_disk(str(root))
+    records = load_records(root)
+    want_val = [i for i in range(n) if hashed_val(f"train/{i}")]
+    assert want_val and [r.image_id for r in records if r.split == "val"] == want_val
+    assert [r.image_id for r in records] == list(range(n))  # carving does not renumber
+    val = load_records(root, ["val"])
+    assert [(r.image_id, r.key) for r in val] == [(i, f"train/{i}") for i in want_val]
+    # the record still reads its own row
+    assert np.asarray(open_image(val[0]))[0, 0, 0] == want_val[0]
+    assert val[0].labels == (("cat", "dog")[want_val[0] % 2],)
 
 
 def test_datasets_single_dataset_with_masks(tmp_path):
@@ -248,13 +368,6 @@ def corrupt_png():
     return bytes(data)
 
 
-def cmyk_jpeg():
-    """A CMYK JPEG (as print workflows write them)."""
-    buf = io.BytesIO()
-    Image.new("CMYK", (4, 4), (0, 255, 0, 0)).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
 BAD_FILES = {
     # name: (file name, bytes, max_pixels, expected start of the reason)
     "empty": ("a.png", b"", None, "empty file"),
@@ -263,8 +376,7 @@ BAD_FILES = {
     "damaged pixel data": ("a.png", corrupt_png(), None, "corrupt image data"),
     "truncated png": ("a.png", png_bytes(noise())[:600], None, "truncated file"),
     "truncated jpeg": ("a.jpg", None, None, "truncated file"),  # made in the test
-    "cmyk": ("a.jpg", cmyk_jpeg(), None, "CMYK"),
-    "16-bit grey": ("a.png", png_bytes(np.full((4, 4), 40000, np.uint16)), None, "16-bit"),
+    "32-bit int": ("a.tif", None, None, "32-bit or float"),  # made in the test
     "over max_pixels": ("a.png", png_bytes(rgb(1, (10, 10))), 99, "too large: 10x10"),
     # 81 MP declared, a few bytes of data: refused from the header, before any decoding
     # (decoding would have said "truncated")
@@ -284,6 +396,10 @@ def test_bad_files_raise_with_their_reason(tmp_path, kind):
         buf = io.BytesIO()
         Image.fromarray(noise()).save(buf, format="JPEG")
         data = buf.getvalue()[: len(buf.getvalue()) // 2]
+    if kind == "32-bit int":
+        buf = io.BytesIO()
+        Image.fromarray(np.full((4, 4), 70000, np.int32)).save(buf, format="TIFF")
+        data = buf.getvalue()
     path = tmp_path / name
     path.write_bytes(data)
     kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
@@ -295,7 +411,7 @@ def test_bad_files_raise_with_their_reason(tmp_path, kind):
 
 def test_bad_file_reasons_are_distinct():
     kinds = {reason.split(":")[0] for _, _, _, reason in BAD_FILES.values()}
-    assert len(kinds) == 8  # empty, not an image, 2 x corrupt, truncated, CMYK, 16-bit, too large
+    assert len(kinds) == 7  # empty, not an image, 2 x corrupt, truncated, 32-bit, too large
 
 
 def test_missing_file_is_bad(tmp_path):
@@ -324,6 +440,118 @@ def test_good_modes_open_as_rgb(tmp_path, kind):
     out = open_image(file_record(path))
     assert out.mode == "RGB" and out.size == (5, 3)
     assert tuple(np.asarray(out)[1, 2]) == pixel
+
+
+# --- converted modes: CMYK and 16-bit grey ------------------------------------------------------
+
+
+def s15(x):
+    return struct.pack(">i", round(x * 65536))
+
+
+def cmyk_profile():
+    """A minimal ICC v2 CMYK printer profile (CMYK -> Lab through a 2-point lut8 A2B0) whose
+    cyan ink prints red: honouring it and ignoring it give visibly different colours."""
+
+    def lab(c, m, y, k):
+        if k:
+            return (0, 0, 0)
+        if c and not (m or y):
+            return (54, 80, 67)  # sRGB red's Lab (D50)
+        return (50, 0, 0) if (c or m or y) else (100, 0, 0)
+
+    clut = b"".join(
+        bytes([round(L * 255 / 100), a + 128, b + 128])
+        for L, a, b in (lab(*corner) for corner in itertools.product((0, 1), repeat=4))
+    )  # first input channel varies slowest, as ICC lays out a CLUT
+    ident = bytes(range(256))
+    matrix = b"".join(s15(v) for v in (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    mft1 = b"mft1" + bytes(4) + bytes([4, 3, 2, 0]) + matrix + ident * 4 + clut + ident * 3
+    d50 = s15(0.9642) + s15(1.0) + s15(0.8249)
+    text = b"test CMYK\x00"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(78)
+    tags = [(b"desc", desc), (b"wtpt", b"XYZ " + bytes(4) + d50), (b"A2B0", mft1)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, body = struct.pack(">I", len(tags)), b""
+    for sig, data in tags:
+        data += bytes(-len(data) % 4)
+        table += sig + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    header = (
+        struct.pack(">I", offset + len(body)) + bytes(4) + struct.pack(">I", 0x02100000)
+        + b"prtrCMYKLab " + bytes(12) + b"acsp" + bytes(28) + d50 + bytes(48)
+    )  # fmt: skip
+    assert len(header) == 128
+    return header + table + body
+
+
+def cmyk_file(path, icc=None):
+    """A CMYK JPEG: left half white paper, right half full cyan, right-bottom some of every ink."""
+    arr = np.zeros((16, 16, 4), np.uint8)
+    arr[:, 8:, 0] = 255
+    arr[8:, 8:] = (40, 90, 160, 30)
+    kwargs = {"icc_profile": icc} if icc else {}
+    Image.fromarray(arr, "CMYK").save(path, format="JPEG", quality=100, **kwargs)
+    return path
+
+
+def test_cmyk_with_an_icc_profile_goes_to_srgb_through_it(tmp_path):
+    icc = cmyk_profile()
+    path = cmyk_file(tmp_path / "a.jpg", icc)
+    im, how = read_image(file_record(path))
+    assert how == CMYK_ICC and im.mode == "RGB" and im.size == (16, 16)
+    # the independent conversion: ImageCms directly, from the file's own CMYK pixels
+    src = Image.open(path)
+    want = ImageCms.profileToProfile(
+        src,
+        ImageCms.ImageCmsProfile(io.BytesIO(icc)),
+        ImageCms.createProfile("sRGB"),
+        outputMode="RGB",
+    )
+    np.testing.assert_array_equal(np.asarray(im), np.asarray(want))
+    got = np.asarray(im).astype(int)
+    assert (np.abs(got[4, 2] - (255, 255, 255)) <= 2).all()  # paper is white
+    assert (np.abs(got[4, 12] - (255, 0, 0)) <= 16).all()  # this profile's cyan ink is red
+    assert (np.abs(got[4, 12] - (0, 255, 255)) > 200).all()  # not what the plain formula says
+
+
+def test_cmyk_without_a_profile_gets_the_plain_conversion(tmp_path):
+    path = cmyk_file(tmp_path / "a.jpg")
+    im, how = read_image(file_record(path))
+    assert how == CMYK_PLAIN
+    cmyk = np.asarray(Image.open(path)).astype(float)
+    c, k = cmyk[..., :3], cmyk[..., 3:]
+    want = (255 - c) * (255 - k) / 255  # the textbook CMYK -> RGB, written out here
+    np.testing.assert_allclose(np.asarray(im).astype(float), want, atol=1)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_grey_is_scaled_not_clipped(tmp_path, fmt):
+    values = np.array(
+        [[0, 1, 128, 129, 255, 256], [257, 385, 386, 40000, 65534, 65535]], dtype=np.uint16
+    )
+    path = save(tmp_path / f"a.{fmt.lower()}", values, fmt)
+    im, how = read_image(file_record(path))
+    assert how == GREY16 and im.mode == "RGB"
+    want = np.round(values / 257).astype(np.uint8)  # 65535 -> 255, exact rescale
+    np.testing.assert_array_equal(np.asarray(im), np.repeat(want[..., None], 3, axis=2))
+    assert np.asarray(im)[1, 3, 0] == 156  # 40000 / 257, where PIL's convert gives 255
+
+
+@pytest.mark.parametrize("kind", ["cmyk", "16-bit grey"])
+def test_strict_refuses_what_it_would_convert(tmp_path, kind):
+    if kind == "cmyk":
+        path, reason = cmyk_file(tmp_path / "a.jpg", cmyk_profile()), "CMYK"
+    else:
+        path = save(tmp_path / "a.png", np.full((4, 4), 40000, np.uint16))
+        reason = "16-bit grey"
+    with pytest.raises(BadImage) as err:
+        open_image(file_record(path), strict=True)
+    assert err.value.reason.startswith(reason), err.value.reason
+    assert read_image(file_record(path))[1] is not None  # converted by default
+    # a plain RGB image is the same either way, and not listed as converted
+    plain = save(tmp_path / "b.png", rgb(7))
+    assert read_image(file_record(plain), strict=True)[1] is None
 
 
 def test_open_image_on_the_shapes_world(tiny_world):
@@ -373,16 +601,17 @@ def test_open_image_from_many_threads(tmp_path):
         elif i % 3 == 1:
             paths.append(tmp_path / f"{i}.png")
             paths[-1].write_bytes(png_header(9000, 9000))
-        else:
-            paths.append(tmp_path / f"{i}.jpg")
-            paths[-1].write_bytes(cmyk_jpeg())
+        else:  # converted through its ICC profile: ImageCms from several threads at once
+            paths.append(cmyk_file(tmp_path / f"{i}.jpg", cmyk_profile()))
 
     def outcome(path):
         try:
-            return int(np.asarray(open_image(file_record(path)))[0, 0, 0])
+            return np.asarray(open_image(file_record(path)))[:, :, 0].tolist()
         except BadImage as e:
             return e.reason.split(":")[0]
 
+    red = outcome(paths[2])  # one at a time
+    assert red[4][12] > 230 and red[4][2] > 250
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(outcome, paths))
-    assert got == [[i, "too large", "CMYK colour"][i % 3] for i in range(24)]
+    assert got == [[rgb(i)[..., 0].tolist(), "too large", red][i % 3] for i in range(24)]

@@ -214,10 +214,14 @@ def test_bad_files_are_skipped_and_listed_or_stop_strict_runs(tiny_world, tiny_v
     out = tmp_path / "acts"
     m = extract(cfg_for(tiny_vit, folder, out, max_pixels=10_000), progress=False)
     skipped = json.loads((out / "skipped.json").read_text())
-    assert skipped == m["skipped"] and m["n_images"] == 4
+    assert skipped == m["skipped"] and m["n_images"] == 6
     names = {Path(s["path"]).name: s["reason"] for s in skipped}
-    assert set(names) == {"empty.png", "text.jpg", "truncated.png", "cmyk.jpg", "deep.png"}
-    assert len(set(names.values())) == 5  # a distinct reason for each kind
+    assert set(names) == {"empty.png", "text.jpg", "truncated.png"}
+    assert len(set(names.values())) == 3  # a distinct reason for each kind
+    # CMYK and 16-bit grey are converted (not skipped) and listed as such
+    converted = json.loads((out / "converted.json").read_text())
+    assert {Path(c["path"]).name for c in converted} == {"cmyk.jpg", "deep.png"}
+    assert sum(m["converted"].values()) == 2
 
     # A rerun neither retries nor re-lists the bad files: the set is up to date, bytes unchanged.
     before = digest(out)
@@ -226,7 +230,8 @@ def test_bad_files_are_skipped_and_listed_or_stop_strict_runs(tiny_world, tiny_v
     # A fixed file is tried again: it joins the set and leaves the report.
     shutil.copy(next((folder / "even").glob("img*.png")), folder / "odd" / "empty.png")
     fixed = extract(cfg_for(tiny_vit, folder, out, max_pixels=10_000), progress=False)
-    assert fixed["n_images"] == 5 and len(fixed["skipped"]) == 4
+    assert fixed["n_images"] == 7 and len(fixed["skipped"]) == 2
+    assert fixed["converted"] == m["converted"]  # the converted ones stay listed
     assert "empty.png" not in {Path(s["path"]).name for s in fixed["skipped"]}
 
     with pytest.raises(ValueError, match="empty.png|text.jpg|truncated.png|cmyk.jpg|deep.png"):

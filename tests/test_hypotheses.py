@@ -95,6 +95,8 @@ def test_known_effect_is_detected_and_beats_controls(world):
     zero, strong = result.rows
     # best feature for blue (by AUROC) from the stats Parquet; control = nearest in frequency
     assert strong["feature"] == 0 and strong["auroc"] == pytest.approx(0.95)
+    # stats without splits: the row says it was chosen and reported on the same block
+    assert strong["select_split"] is None and strong["select_auroc"] == pytest.approx(0.95)
     assert strong["control_feature"] == 1
     assert zero["delta"] == pytest.approx(0.0, abs=1e-6)  # adding 0 changes nothing
     # adding 40 u to CLS: the head reads blue along u, so p(blue) goes to ~1 everywhere
@@ -267,8 +269,87 @@ def test_best_feature_by_patch_or_image_auroc(tmp_path):
         }
     ).to_parquet(tmp_path / "feature_labels.parquet")
     by_patch = Hypothesis(target="tri", stats_dir=str(tmp_path))
-    assert best_features(by_patch, "tri", 1) == ([0], 0.88)
+    # stats without splits: chosen and reported on the one block
+    c = best_features(by_patch, "tri", 1)
+    assert (c.features, c.auroc, c.select_auroc, c.select_split) == ([0], 0.88, 0.88, None)
     by_image = Hypothesis(target="tri", stats_dir=str(tmp_path), select_by="image")
-    assert best_features(by_image, "tri", 2) == ([2, 1], 0.97)
+    assert best_features(by_image, "tri", 2)[:2] == ([2, 1], 0.97)
     with pytest.raises(ValueError, match="select_by"):
         Hypothesis(target="tri", select_by="token")
+
+
+def test_best_features_are_chosen_on_the_select_split_and_reported_on_the_other(tmp_path):
+    """val's best feature (0) is edited, with its test AUROC; test's best (1) is not picked;
+    the parquet path and the warehouse path agree; the rows record the splits and control."""
+    import shutil
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from saev_core.hypotheses import best_features
+    from saev_core.warehouse import build_warehouse
+
+    stats = tmp_path / "artifacts" / "stats" / "hyp"
+    stats.mkdir(parents=True)
+    pd.DataFrame(
+        {
+            "run": "hyp",
+            "split": ["val"] * 3 + ["test"] * 3,
+            "feature": [0, 1, 2] * 2,
+            "label": "tri",
+            "auroc": [0.9, 0.8, 0.6, 0.7, 0.95, 0.5],
+            "image_auroc": [0.6, 0.85, 0.7, 0.9, 0.8, 0.75],
+        }
+    ).to_parquet(stats / "feature_labels.parquet")
+    pd.DataFrame(
+        {"run": "hyp", "split": ["val", "test"], "label": "tri", "d_sae": 3,
+         "control_auroc": [0.61, 0.58], "control_image_auroc": [0.66, 0.64]}
+    ).to_parquet(stats / "label_controls.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table({"run": ["hyp"], "select_split": ["val"], "report_split": ["test"]}),
+        stats / "run.parquet",
+    )
+    pd.DataFrame({"run": "hyp", "feature": [0, 1, 2], "freq": 0.1}).to_parquet(
+        stats / "features.parquet"
+    )
+    by_patch = Hypothesis(target="tri", stats_dir=str(stats))
+    want = ([0, 1], 0.7, "val", 0.9, "test", 0.61)
+    assert tuple(best_features(by_patch, "tri", 2)) == want
+    by_image = Hypothesis(target="tri", stats_dir=str(stats), select_by="image")
+    assert tuple(best_features(by_image, "tri", 1)) == ([1], 0.8, "val", 0.85, "test", 0.66)
+
+    shutil.copytree(Path(__file__).resolve().parents[1] / "sql", tmp_path / "sql")
+    db = tmp_path / "w.duckdb"
+    build_warehouse(db, root=tmp_path, sql_dir="sql")
+    via_db = Hypothesis(target="tri", stats_dir=str(stats), warehouse=str(db))
+    got = best_features(via_db, "tri", 2)
+    assert got.features == want[0] and got[2:5] == want[2:5]
+    assert got.auroc == pytest.approx(0.7) and got.control_auroc == pytest.approx(0.61)
+
+
+def test_run_refuses_an_sae_of_another_model_or_stats_of_another_sae(world, tmp_path):
+    """The provenance checks are on the intervene path: nothing is measured with a mismatch."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, base = world
+    sae_dir = tmp_path / "sae"
+    shutil.copytree(base["sae_dir"], sae_dir)
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    cfg["extra"]["backbone_sha256"] = "f" * 64  # trained on other weights than clf
+    (sae_dir / "cfg.json").write_text(json.dumps(cfg))
+    h = Hypothesis(target="blue", features=(0,), op="suppress", **{**base, "sae_dir": str(sae_dir)})
+    with pytest.raises(ValueError, match=f"sha256 {'f' * 64} .*but model .*clf has weights"):
+        run_hypothesis(h, Cache(settings()))
+    stats = tmp_path / "stats"
+    shutil.copytree(base["stats_dir"], stats)
+    pq.write_table(
+        pa.table({"run": ["hyp"], "cfg_json": [json.dumps({"sae_sha256": "0" * 64})]}),
+        stats / "run.parquet",
+    )
+    h = Hypothesis(target="blue", features=(0,), op="suppress", **{**base, "stats_dir": str(stats)})
+    with pytest.raises(ValueError, match=f"computed from an SAE with weights sha256 {'0' * 64}"):
+        run_hypothesis(h, Cache(settings()))

@@ -2,6 +2,7 @@
 in its own process, and DVC re-runs only what a change touches."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,6 +83,107 @@ TINY_PARAMS = {
 }
 
 
+# a key that names a timing or a date; a value that is a date
+TIMING_KEY = re.compile(r"(^|_)(s|sec|secs|seconds|time|timestamp|date|datetime|elapsed|duration)$")
+DATE = re.compile(r"\b(19|20)\d\d-[01]\d-[0-3]\d[T ][0-2]\d:[0-5]\d")
+
+
+def tracked_files(root: Path) -> list[Path]:
+    """Every file of every output dvc.lock records (directories walked)."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    out = []
+    for stage in lock["stages"].values():
+        for entry in stage.get("outs", []):
+            path = root / entry["path"]
+            out += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return out
+
+
+def strings_of(path: Path) -> tuple[list[str], list[str]]:
+    """(keys, string values) a tracked file holds: JSON keys and values, Parquet column names
+    and cells, DuckDB tables, safetensors metadata, text files; other binaries hold none."""
+    import json
+
+    import duckdb
+    import pyarrow.parquet as pq
+
+    keys: list[str] = []
+    values: list[str] = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                keys.append(str(k))
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        elif isinstance(x, str):
+            values.append(x)
+
+    suffix = path.suffix
+    if suffix == ".json":
+        walk(json.loads(path.read_text()))
+    elif suffix == ".parquet":
+        table = pq.read_table(path)
+        keys += table.column_names
+        walk(table.to_pylist())
+        walk(
+            {
+                k.decode(): v.decode(errors="replace")
+                for k, v in (table.schema.metadata or {}).items()
+            }
+        )
+    elif suffix == ".duckdb":
+        con = duckdb.connect(str(path), read_only=True)
+        try:
+            for (name,) in con.execute("select table_name from duckdb_tables()").fetchall():
+                cur = con.execute(f"select * from {name}")
+                rows = cur.fetchall()
+                keys += [d[0] for d in cur.description]
+                walk([[str(v) for v in r] for r in rows])
+            walk(
+                [
+                    r[0]
+                    for r in con.execute(
+                        "select sql from duckdb_views() where not internal"
+                    ).fetchall()
+                ]
+            )
+        finally:
+            con.close()
+    elif suffix == ".safetensors":
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            walk(json.loads(f.read(n)).get("__metadata__", {}))
+    elif suffix in (".html", ".txt", ".csv", ".yaml", ".md"):
+        values.append(path.read_text(errors="replace"))
+    return keys, values
+
+
+def untracked_leaks(root: Path, dirs: list[Path]) -> list[str]:
+    """What in the tracked outputs names a timing, a date, one of `dirs` or this host."""
+    import socket
+
+    needles = {str(d) for d in dirs} | {str(Path(d).resolve()) for d in dirs}
+    host = socket.gethostname()
+    if len(host) >= 4 and host != "localhost":
+        needles.add(host)
+    found = []
+    for path in tracked_files(root):
+        keys, values = strings_of(path)
+        rel = path.relative_to(root)
+        found += [f"{rel}: timing key {k!r}" for k in set(keys) if TIMING_KEY.search(k)]
+        for v in values:
+            for n in needles:
+                if n in v:
+                    i = v.index(n)
+                    found.append(f"{rel}: {n!r} in {v[max(0, i - 60) : i + 60]!r}")
+            if DATE.search(v):
+                found.append(f"{rel}: date {DATE.search(v).group(0)!r}")
+    return sorted(set(found))
+
+
 def dvc(root, *args, env):
     r = subprocess.run(
         [str(BIN / "dvc"), *args], cwd=root, env=env, capture_output=True, text=True, timeout=900
@@ -134,6 +236,16 @@ def test_dvc_repro_end_to_end(tiny_world, tmp_path):
         assert (root / path).exists(), path
     metrics = dvc(root, "metrics", "show", "--json", env=env)
     assert "fvu" in metrics and "l0" in metrics
+
+    # no tracked output holds a timing, a date, an absolute path or the host name
+    lock = (root / "dvc.lock").read_text()
+    found = untracked_leaks(root, [REPO, tmp_path, Path.home()])
+    assert not found, found
+    # same machine, same bytes: forcing the backbone or the SAE to retrain changes no hash
+    for stage in ("backbone", "train"):
+        forced = dvc(root, "repro", "-f", "-s", stage, env=env)
+        assert f"Running stage '{stage}'" in forced
+        assert (root / "dvc.lock").read_text() == lock, f"{stage}: dvc.lock changed"
 
     # nothing changed: nothing runs
     again = dvc(root, "repro", env=env)

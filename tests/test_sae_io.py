@@ -239,3 +239,119 @@ def test_export_to_saelens_round_trip(tmp_path, arch):
         torch.testing.assert_close(x_hat_lens, sae.decode(f), atol=1e-5, rtol=1e-5)
         back = load_saelens(out)
         torch.testing.assert_close(back.decode(back.encode(X)), sae.decode(f), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# provenance: stats and intervene refuse an SAE of another backbone, shards or stats
+
+
+def _trained_sae(tmp_path):
+    """A real train-stage SAE on a tiny shard set (manifest weights sha256 'x'), and that set."""
+    from test_shards import write_set
+
+    from saev_core.stages import TrainStage, train_stage
+
+    shard_dir = tmp_path / "shards"
+    write_set(shard_dir, n_images=12, n_tokens=5, d=6, n_train=9)
+    params = {"arch": "topk", "d_sae": 8, "k": 2, "batch_size": 16, "n_epochs": 1,
+              "warmup_steps": 1, "device": "cpu"}  # fmt: skip
+    io = TrainStage(shard_dir=str(shard_dir), layer=0, out_dir=str(tmp_path / "sae"), sae=params)
+    train_stage(io, progress=False)
+    return tmp_path / "sae", shard_dir
+
+
+def _variant(shard_dir, out, **changes):
+    """A copy of a shard set whose manifest differs by `changes` (dotted keys)."""
+    import shutil
+
+    shutil.copytree(shard_dir, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key, value in changes.items():
+        *path, last = key.split(".")
+        node = manifest
+        for p in path:
+            node = node[p]
+        node[last] = value
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_stats_refuse_an_sae_of_another_backbone_or_kind_of_shards(tmp_path):
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from saev_core.sae_io import check_sae_matches
+    from saev_core.stages import StatsStage, stats_stage
+
+    sae_dir, shard_dir = _trained_sae(tmp_path)
+    extra = json.loads((sae_dir / "cfg.json").read_text())["extra"]
+    assert extra["backbone_sha256"] == "x" and extra["activation_space"]["n_prefix_tokens"] == 1
+
+    def stats(shards, run="t"):
+        io = StatsStage(sae_dir=str(sae_dir), shard_dir=str(shards), out_dir=str(tmp_path / run),
+                        run=run, options={"n_top": 2, "n_heatmaps": 0},
+                        browser={"enabled": False})  # fmt: skip
+        return stats_stage(io, progress=False)
+
+    other_model = _variant(shard_dir, tmp_path / "b", **{"model.weights_sha256": "y" * 64})
+    with pytest.raises(ValueError, match=f"sha256 x .*shards {other_model} .*sha256 {'y' * 64}"):
+        stats(other_model)
+    other_layout = _variant(shard_dir, tmp_path / "c", **{"tokens.n_prefix_tokens": 2})
+    with pytest.raises(ValueError, match=r"n_prefix_tokens 1 .*have n_prefix_tokens 2"):
+        stats(other_layout)
+    other_layer = _variant(shard_dir, tmp_path / "d", layers=[3])
+    with pytest.raises(ValueError, match=r"reads layer 0, .*hold layers \[3\]"):
+        check_sae_matches(sae_dir, other_layer)
+    assert not (tmp_path / "t").exists()
+    # a grown set (another manifest, the same kind of activations) and the training set pass
+    grown = _variant(shard_dir, tmp_path / "e", n_images=13)
+    want = hashlib.sha256((sae_dir / "sae.safetensors").read_bytes()).hexdigest()
+    assert check_sae_matches(sae_dir, grown) == want
+    stats(shard_dir)
+    run = pq.read_table(tmp_path / "t" / "run.parquet").to_pylist()[0]
+    assert json.loads(run["cfg_json"])["sae_sha256"] == want
+
+
+def test_intervene_refuses_stats_of_another_sae_and_another_model(tmp_path, tiny_vit):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from saev_core.hashing import sha256_file
+    from saev_core.sae_io import check_sae_model, check_stats_match
+
+    sae = SAE(SAEConfig(arch="relu", d_model=D, d_sae=S))
+    model_sha = sha256_file(f"{tiny_vit}/model.safetensors")
+    sae.save(tmp_path / "sae", extra={"layer": 1, "backbone_sha256": model_sha})
+    check_sae_model(tmp_path / "sae", str(tiny_vit))
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_vit, other)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(other / "model.safetensors"))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + 1
+    save_file(tensors, str(other / "model.safetensors"))
+    other_sha = sha256_file(other / "model.safetensors")
+    with pytest.raises(
+        ValueError, match=f"sha256 {model_sha} .*{other} has weights sha256 {other_sha}"
+    ):
+        check_sae_model(tmp_path / "sae", str(other))
+
+    def stats_dir(name, cfg_json, **row):
+        d = tmp_path / name
+        d.mkdir()
+        table = {"run": [name], "sae_dir": ["somewhere"], "cfg_json": [json.dumps(cfg_json)]}
+        table.update({k: [v] for k, v in row.items()})
+        pq.write_table(pa.table(table), d / "run.parquet")
+        return d
+
+    own = sha256_file(tmp_path / "sae" / "sae.safetensors")
+    check_stats_match(stats_dir("same", {"sae_sha256": own}), tmp_path / "sae")
+    with pytest.raises(ValueError, match=f"sha256 {'0' * 64} .*has weights sha256 {own}"):
+        check_stats_match(stats_dir("another", {"sae_sha256": "0" * 64}), tmp_path / "sae")
+    # stats written before the sha256 was recorded: the SAE's shape must agree
+    with pytest.raises(ValueError, match=f"d_sae 99 .*has d_sae {S}"):
+        check_stats_match(stats_dir("old", {}, d_sae=99), tmp_path / "sae")

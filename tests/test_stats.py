@@ -319,6 +319,24 @@ def test_config_checks():
         StatsConfig(splits=())
     with pytest.raises(ValueError, match="unknown key"):
         from_dict(StatsConfig, {"n_topp": 3})
+    with pytest.raises(ValueError, match="choose a feature on one split and report it on another"):
+        StatsConfig(splits=("val", "test"), select_split="val", report_split="val")
+    with pytest.raises(ValueError, match="report_split 'test' is not one of"):
+        StatsConfig(splits=("train", "val"), report_split="test")
+    with pytest.raises(ValueError, match="tokens"):
+        StatsConfig(tokens="cls")
+
+
+def test_auto_splits_select_on_val_report_on_test_else_train_val():
+    from saev_core.stats_splits import resolve_splits
+
+    cfg = StatsConfig(splits=("train", "val", "test"))
+    assert resolve_splits(cfg, ["train", "val", "test"]) == ("val", "test")
+    assert resolve_splits(cfg, ["train", "val"]) == ("train", "val")  # a flat folder's split
+    with pytest.raises(ValueError, match="two splits"):
+        resolve_splits(cfg, ["val"])
+    with pytest.raises(ValueError, match="no images"):
+        resolve_splits(StatsConfig(splits=("val", "test"), report_split="test"), ["val"])
 
 
 def test_write_stats_tables(tmp_path):
@@ -338,6 +356,7 @@ def test_write_stats_tables(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "feature_labels.parquet",
         "features.parquet",
+        "label_controls.parquet",
         "neighbors.parquet",
         "run.parquet",
         "top_examples.parquet",
@@ -566,12 +585,19 @@ def test_stats_stage_on_real_shards_writes_tables_heatmaps_and_pictures(tmp_path
     assert summary["n_images"] == n_img and summary["labels"] == ["even", "odd"]
     assert sorted(p.name for p in out.iterdir()) == [
         "browser.html", "exemplars.png", "feature_labels.parquet", "features.parquet",
-        "heatmaps.parquet", "neighbors.parquet", "run.parquet", "top_examples.parquet",
+        "heatmaps.parquet", "label_controls.parquet", "neighbors.parquet", "run.parquet",
+        "top_examples.parquet",
     ]  # fmt: skip
     run = pq.read_table(out / "run.parquet").to_pandas()
     assert (run.grid_rows[0], run.grid_cols[0], run.n_tokens[0]) == (2, 2, n_img * n_tok)
+    # a flat train/val shard set: chosen on train, reported on val
+    assert (run.select_split[0], run.report_split[0], run.tokens[0]) == ("train", "val", "all")
     fl = pq.read_table(out / "feature_labels.parquet").to_pandas()
-    assert set(fl.image_n_pos) == {4} and fl.n_pos.eq(0).all()  # image labels, no patch labels
+    # image labels per split (train: ids 0-4, val: 5-7), no patch labels
+    n_pos = fl.groupby(["split", "label"]).image_n_pos.unique().map(list).to_dict()
+    assert n_pos == {("train", "even"): [3], ("train", "odd"): [2],
+                     ("val", "even"): [1], ("val", "odd"): [2]}  # fmt: skip
+    assert fl.n_pos.eq(0).all() and len(fl) == 2 * 2 * 8
     hm = pq.read_table(out / "heatmaps.parquet").to_pandas()
     top = pq.read_table(out / "top_examples.parquet").to_pandas()
     assert len(hm) == int((top["rank"] <= 2).sum()) and all(len(v) == 4 for v in hm["values"])
@@ -579,3 +605,223 @@ def test_stats_stage_on_real_shards_writes_tables_heatmaps_and_pictures(tmp_path
     merged = hm.merge(top, on=["feature", "rank", "image_id"])
     np.testing.assert_allclose([max(v) for v in merged["values"]], merged.value, rtol=1e-5)
     assert "feature" in (out / "browser.html").read_text()[:2000].lower()
+
+
+# -- the stats stage: token policy, select/report splits, shuffled-label controls ---------------
+
+
+def _shard_set(root, acts_by_split, tokens, image_labels=None, patch_labels=None):
+    """A real shard set: `acts_by_split` {split: (image ids, acts [n_img, n_tok, d])}."""
+    import json
+
+    import pyarrow as pa
+
+    from saev_core import shards
+
+    files, ids_all, split_all = [], [], []
+    for split, (ids, acts) in acts_by_split.items():
+        n_tok, d = acts.shape[1:]
+        w = shards.ShardWriter(root, 0, split, d, np.dtype("float32"), n_tok, 4, 64)
+        w.add(np.asarray(ids), np.arange(n_tok, dtype=np.int32), acts.astype(np.float32))
+        files += w.close()
+        ids_all += list(ids)
+        split_all += [split] * len(ids)
+    tokens = {"policy": "all", "written": list(range(n_tok)), "n_tokens_written": n_tok, **tokens}
+    manifest = {"schema": shards.SCHEMA_VERSION, "model": {"name": "tiny", "weights_sha256": "x"},
+                "layers": [0], "tokens": tokens, "dtype": "float32", "d_model": d,
+                "n_images": len(ids_all), "files": files}  # fmt: skip
+    (root / shards.MANIFEST).write_text(json.dumps(manifest))
+    labels = [image_labels.get(i, []) if image_labels else [] for i in ids_all]
+    pq.write_table(
+        pa.table({"image_id": pa.array(ids_all, pa.int64()), "split": split_all,
+                  "path": [f"img/{i}.png" for i in ids_all],
+                  "labels": pa.array(labels, pa.list_(pa.string()))}),
+        root / shards.IMAGES,
+    )  # fmt: skip
+    if patch_labels is not None:
+        patch_labels.to_parquet(root / shards.PATCH_LABELS)
+
+
+def _identity_sae(path, d, tokens):
+    """A ReLU SAE whose code is relu(x): feature j reads input dimension j."""
+    from saev_core.sae import SAE, SAEConfig
+
+    sae = SAE(SAEConfig(arch="relu", d_model=d, d_sae=d))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(d))
+        sae.W_dec.copy_(torch.eye(d))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    sae.save(path, extra={"layer": 0, "tokens": tokens, "metrics": {"l0": 1.0}})
+    return sae
+
+
+def _run_stage(tmp_path, **options):
+    from saev_core.stages import StatsStage, stats_stage
+
+    io = StatsStage(
+        sae_dir=str(tmp_path / "sae"), shard_dir=str(tmp_path / "acts"),
+        out_dir=str(tmp_path / "stats" / "t"), run="t",
+        options={"n_top": 3, "n_heatmaps": 0, "batch_images": 4, "n_bins": 600, **options},
+        browser={"enabled": False},
+    )  # fmt: skip
+    summary = stats_stage(io, progress=False)
+    out = tmp_path / "stats" / "t"
+    tables = {p.stem: pq.read_table(p).to_pandas() for p in out.glob("*.parquet")}
+    return summary, tables
+
+
+def test_a_patches_only_sae_gets_patch_statistics_and_cls_apart_when_asked(tmp_path):
+    """Stats stream the tokens the SAE was trained on: a CLS spike on feature 0 reaches neither
+    n_tokens, freq nor max_act (the intervention dose); prefix_apart measures CLS on its own."""
+    rng = np.random.default_rng(0)
+    n_tok, d = 5, 3  # CLS + a 2 x 2 patch grid
+    acts = rng.uniform(0.1, 1.0, (10, n_tok, d))
+    acts[:, 0, 0] = 50.0  # CLS
+    acts[:, 0, 1] = -1.0  # feature 1 never fires on CLS
+    by_split = {"val": (np.arange(5), acts[:5]), "test": (np.arange(5, 10), acts[5:])}
+    _shard_set(tmp_path / "acts", by_split, {"n_prefix_tokens": 1, "has_cls": True,
+                                             "n_registers": 0, "grid": [2, 2]})  # fmt: skip
+    _identity_sae(tmp_path / "sae", d, "patches")
+    summary, t = _run_stage(tmp_path)
+    assert summary["n_tokens"] == 10 * 4 and summary["tokens"] == "patches"
+    run, feats = t["run"].iloc[0], t["features"].set_index("feature")
+    assert (run.n_tokens, run.tokens, bool(run.has_cls)) == (40, "patches", True)
+    np.testing.assert_allclose(feats.max_act, acts[:, 1:].max(axis=(0, 1)), rtol=1e-6)
+    assert feats.max_act[0] < 1.0 and feats.freq_cls.isna().all()
+    assert (t["top_examples"].token >= 1).all()
+
+    # asked for: CLS in a pass of its own; the patch statistics stay as they were
+    _, t2 = _run_stage(tmp_path, prefix_apart=True)
+    f2 = t2["features"].set_index("feature")
+    np.testing.assert_allclose(f2.freq_cls, [1.0, 0.0, 1.0])
+    np.testing.assert_allclose(f2.max_act, feats.max_act)
+    assert t2["run"].n_tokens[0] == 40
+
+    # a policy other than the SAE's, when asked: every token (CLS spike included)
+    _, t3 = _run_stage(tmp_path, tokens="all")
+    assert t3["run"].n_tokens[0] == 50 and t3["features"].max_act[0] == pytest.approx(50.0)
+
+
+def test_whether_token_0_is_cls_comes_from_the_manifest(tmp_path):
+    """A backbone with one register and no CLS: token 0 is not counted as CLS."""
+    rng = np.random.default_rng(1)
+    acts = rng.uniform(0.1, 1.0, (8, 5, 2))
+    by_split = {"val": (np.arange(4), acts[:4]), "test": (np.arange(4, 8), acts[4:])}
+    _shard_set(tmp_path / "acts", by_split, {"n_prefix_tokens": 1, "has_cls": False,
+                                             "n_registers": 1, "grid": [2, 2]})  # fmt: skip
+    _identity_sae(tmp_path / "sae", 2, "all")
+    _, t = _run_stage(tmp_path)
+    assert t["features"].freq_cls.isna().all() and not bool(t["run"].has_cls[0])
+    assert t["run"].n_tokens[0] == 8 * 5
+
+
+def _leader_world(tmp_path, n_img=60):
+    """val: feature 0 tracks "red" patches closely, feature 1 loosely; test: the other way."""
+    rng = np.random.default_rng(2)
+    n_tok, d = 5, 3
+    red = rng.random((2 * n_img, 4)) < 0.3
+    acts = rng.uniform(0.05, 1.0, (2 * n_img, n_tok, d))
+    val, test = slice(0, n_img), slice(n_img, 2 * n_img)
+    acts[val, 1:, 0] += 2.0 * red[val] + rng.normal(0, 0.3, red[val].shape)
+    acts[val, 1:, 1] += 1.0 * red[val] + rng.normal(0, 1.0, red[val].shape)
+    acts[test, 1:, 0] += 1.0 * red[test] + rng.normal(0, 1.0, red[test].shape)
+    acts[test, 1:, 1] += 2.0 * red[test] + rng.normal(0, 0.3, red[test].shape)
+    ids = np.arange(2 * n_img)
+    img, patch = np.nonzero(red)
+    patch_labels = pd.DataFrame({"image_id": ids[img], "token": patch + 1, "label": "red"})
+    image_labels = {int(i): ["red"] for i in np.unique(img)}
+    by_split = {"val": (ids[val], acts[val]), "test": (ids[test], acts[test])}
+    _shard_set(tmp_path / "acts", by_split, {"n_prefix_tokens": 1, "has_cls": True,
+               "n_registers": 0, "grid": [2, 2]}, image_labels, patch_labels)  # fmt: skip
+    _identity_sae(tmp_path / "sae", d, "all")
+    codes = np.maximum(acts[:, 1:], 0)
+    return codes, red, val, test
+
+
+def test_leaders_are_chosen_on_val_and_reported_on_test(tmp_path):
+    """feature_labels holds each split's scores (sklearn's AUROC); label_leaders and
+    best_feature_per_concept pick val's best (0), and show its test AUROC, not test's best."""
+    import json
+    import shutil
+
+    from sklearn.metrics import roc_auc_score
+
+    from saev_core.warehouse import build_warehouse, run_query
+
+    codes, red, val, test = _leader_world(tmp_path)
+    summary, t = _run_stage(tmp_path, splits=["val", "test"])
+    assert (summary["select_split"], summary["report_split"]) == ("val", "test")
+    fl = t["feature_labels"].set_index(["split", "feature"])
+    for split, sl in (("val", val), ("test", test)):
+        for f in range(3):
+            want = roc_auc_score(red[sl].ravel(), codes[sl, :, f].ravel())
+            assert fl.loc[(split, f), "auroc"] == pytest.approx(want, abs=2e-3)
+    assert fl.loc[("val", 0), "auroc"] > fl.loc[("val", 1), "auroc"]
+    assert fl.loc[("test", 1), "auroc"] > fl.loc[("test", 0), "auroc"]
+
+    root = tmp_path
+    shutil.copytree(Path(__file__).resolve().parents[1] / "sql", root / "sql")
+    (root / "artifacts").mkdir()
+    shutil.move(str(tmp_path / "stats"), root / "artifacts" / "stats")
+    db = root / "w.duckdb"
+    build_warehouse(db, root=root, sql_dir="sql")
+    rows = json.loads(run_query(db, "best_feature_per_concept", {}, fmt="json", root=root))
+    (r,) = rows
+    assert (r["feature"], r["select_split"], r["report_split"]) == (0, "val", "test")
+    want_test = roc_auc_score(red[test].ravel(), codes[test, :, 0].ravel())
+    want_val = roc_auc_score(red[val].ravel(), codes[val, :, 0].ravel())
+    assert r["auroc"] == pytest.approx(want_test, abs=2e-3)
+    assert r["select_auroc"] == pytest.approx(want_val, abs=2e-3)
+    lc = t["label_controls"].set_index("split")
+    assert r["control_auroc"] == pytest.approx(lc.loc["val", "control_auroc"])
+    top = json.loads(
+        run_query(db, "top_features_for_label", {"label": "red", "run": "t"}, fmt="json", root=root)
+    )
+    assert [x["feature"] for x in top][:2] == [0, 1]
+    assert top[0]["auroc"] == pytest.approx(want_test, abs=2e-3)
+    per_feature = json.loads(
+        run_query(db, "labels_for_feature", {"run": "t", "feature": "0"}, fmt="json", root=root)
+    )
+    assert len(per_feature) == 1 and per_feature[0]["split"] == "test"
+
+
+def test_shuffled_label_control_is_chance_and_matches_sklearn(tmp_path):
+    """Random codes: the control's best AUROC over features is near 0.5, and it equals sklearn's
+    AUROC of the best feature on the shuffled labels (each image's mask moved to another image)."""
+    from sklearn.metrics import roc_auc_score
+
+    from saev_core.stats_splits import CONTROL_PREFIX, pop_controls, shuffled_labels
+
+    rng = np.random.default_rng(3)
+    n_img, n_patch, d = 300, 4, 4
+    codes = rng.exponential(1.0, (n_img, n_patch, d)) * (rng.random((n_img, n_patch, d)) < 0.6)
+    red = np.zeros((n_img, n_patch), bool)
+    red[: n_img // 2, :2] = True  # red on the left half of the first half of the images
+    ids = np.arange(1000, 1000 + n_img)
+    img, patch = np.nonzero(red)
+    labels = pd.DataFrame({"image_id": ids[img], "token": patch + 1, "label": "red"})
+    patch_aug, image_aug, names = shuffled_labels(labels, None, None, ids, seed=7)
+    assert names == ["red", CONTROL_PREFIX + "red"] and image_aug is None
+    shuf = patch_aug[patch_aug.label == CONTROL_PREFIX + "red"]
+    # masks move with their image: every receiving image gets one source image's whole mask
+    assert shuf.groupby("image_id").token.apply(tuple).isin([(1, 2)]).all()
+    assert shuf.image_id.nunique() == n_img // 2 and len(shuf) == len(labels)
+    token = np.tile(np.arange(n_patch + 1), n_img)
+    acts = np.zeros((n_img, n_patch + 1, d), np.float32)
+    acts[:, 1:] = codes
+    batches = per_image_batches(np.repeat(ids, n_patch + 1), token, acts.reshape(-1, d), 50)
+    st = compute_stats(
+        LinearReluSAE(torch.eye(d)), batches, patch_aug, names, 1, StatsConfig(n_bins=600),
+        "r", False,
+    )  # fmt: skip
+    st = pop_controls(st, 1)
+    assert st.label_names == ("red",) and st.auroc.shape == (1, d)
+    y = np.zeros((n_img, n_patch), bool)
+    y[np.searchsorted(ids, shuf.image_id), shuf.token - 1] = True
+    per_feature = [roc_auc_score(y.ravel(), codes[:, :, f].ravel()) for f in range(d)]
+    assert st.control_auroc[0] == pytest.approx(max(per_feature), abs=2e-3)
+    assert abs(st.control_auroc[0] - 0.5) < 0.06  # the best of d random features: near chance
+    y_img = y.any(1)
+    per_feature_img = [roc_auc_score(y_img, codes[:, :, f].max(1)) for f in range(d)]
+    assert st.control_image_auroc[0] == pytest.approx(max(per_feature_img), abs=2e-3)

@@ -286,10 +286,42 @@ def test_evaluate_matches_one_shot_reference(arch):
     assert got["l0"] == pytest.approx((f > 0).sum(dim=1).double().mean().item())
     np.testing.assert_allclose(got["freq"], freq)
     assert 0 < got["dead_frac"] < 1 and got["dead_frac"] == pytest.approx(np.mean(freq == 0))
-    assert 0 < got["dense_frac"] < 1 and got["dense_frac"] == pytest.approx(np.mean(freq > 0.2))
+    assert got["dense_frac_abs"] == pytest.approx(np.mean(freq > 0.2))
+    # dense relative to the mean firing rate: 10 x L0 / d_sae
+    rate = 10 * got["l0"] / 32
+    assert got["dense_rate"] == pytest.approx(rate) and got["dense_frac"] == np.mean(freq > rate)
     firing = f.sum(dim=0) / (f > 0).sum(dim=0).clamp_min(1)
     np.testing.assert_allclose(got["mean_act"], firing.double().numpy(), rtol=1e-5)
     assert got["n_tokens"] == 600
+
+
+def test_dense_is_relative_to_the_mean_firing_rate():
+    """A TopK SAE with k / d_sae = 16 / 1024 (the demo's 1.6%) whose features share the work
+    evenly: the absolute 1% rule calls most of them dense, the relative rule none; one feature
+    firing on every token is dense by both."""
+    torch.manual_seed(0)
+    d_sae, k, n = 1024, 16, 4096
+    sae = SAE(SAEConfig(arch="topk", d_model=d_sae, d_sae=d_sae, k=k))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(d_sae))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    # token t activates features t*16 .. t*16+15 (mod 1024), plus feature 0 on every token
+    x = torch.zeros(n, d_sae)
+    rows = torch.arange(n).repeat_interleave(k - 1)
+    cols = (torch.arange(n)[:, None] * (k - 1) + torch.arange(k - 1)) % (d_sae - 1) + 1
+    x[rows, cols.reshape(-1)] = 1.0
+    x[:, 0] = 2.0
+    got = evaluate(sae, [x[:1000], x[1000:]])
+    freq = (sae.encode(x) > 0).double().mean(0).numpy()
+    assert got["l0"] == pytest.approx(k)
+    assert (
+        got["dense_frac_abs"] == pytest.approx(np.mean(freq > 0.01)) and got["dense_frac_abs"] > 0.9
+    )
+    assert got["dense_rate"] == pytest.approx(10 * k / d_sae)
+    assert got["dense_frac"] == pytest.approx(1 / d_sae)  # feature 0 alone
+    with pytest.raises(ValueError, match="dense_factor"):
+        evaluate(sae, [x], dense_factor=0)
 
 
 # -- recipes: b_dec init, bf16 ------------------------------------------------------------------

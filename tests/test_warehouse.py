@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from saev_core import warehouse
 from saev_core.stats import StatsConfig, compute_stats
 from saev_core.stats_tables import write_stats
 from saev_core.warehouse import (
@@ -229,7 +230,6 @@ def test_required_relations_and_row_counts(project):
     assert views["top_examples"] == top_rows > 0
     assert views["interventions"] == 3
     assert project.report["empty_sources"] == []
-    assert project.report["duplicate_runs"] == []
     assert not Path(f"{project.db}.tmp").exists()
     runs = q(project, "select run, activations, n_prefix_tokens, k from runs order by run")
     assert runs == [
@@ -306,9 +306,14 @@ def test_other_named_queries(project):
     dd = q(project, "dead_and_dense", run="relu_a")
     st = project.stats["relu_a"]
     assert len(dd) == 1 and dd[0]["n_features"] == D_SAE and dd[0]["n_dead"] == 1
-    assert dd[0]["n_dense"] == int((st.freq > 0.01).sum())
+    # dense relative to the mean firing rate (10 x), and absolute (1% of tokens)
+    assert dd[0]["n_dense"] == int((st.freq > 10 * st.freq.mean()).sum())
+    assert dd[0]["n_dense_abs"] == int((st.freq > 0.01).sum()) > dd[0]["n_dense"]
+    assert dd[0]["dense_rate"] == pytest.approx(10 * st.freq.mean())
     dd_hi = q(project, "dead_and_dense", run="relu_a", dense_threshold="0.99")
-    assert dd_hi[0]["n_dense"] == 0 and dd_hi[0]["dense_threshold"] == 0.99
+    assert dd_hi[0]["n_dense_abs"] == 0 and dd_hi[0]["dense_threshold"] == 0.99
+    dd_lo = q(project, "dead_and_dense", run="relu_a", dense_factor="1.5")
+    assert dd_lo[0]["n_dense"] == int((st.freq > 1.5 * st.freq.mean()).sum()) > 0
     fv = q(project, "frequency_value", run="relu_a")
     assert [r["feature"] for r in fv] == [0, 1, 2]  # the dead feature has no point
     assert fv[0]["log10_freq"] == pytest.approx(np.log10(st.freq[0]))
@@ -340,8 +345,14 @@ def test_connection_is_read_only(project):
         "drop view features",
         "insert into warehouse_info values ('a', 'b')",
     ):
-        with pytest.raises(ValueError, match="read-only"):
-            q(project, sql)
+        with pytest.raises(ValueError, match="only queries"):
+            q(project, sql)  # refused before it runs ...
+        con = duckdb.connect(str(project.db), read_only=True)
+        try:
+            with pytest.raises(duckdb.Error, match="read-only"):
+                con.execute(sql)  # ... and the connection is read-only besides
+        finally:
+            con.close()
     assert len(q(project, "select * from features")) == 2 * D_SAE
 
 
@@ -574,3 +585,121 @@ def test_image_level_ranking_and_bad_parameters(project):
         q(project, "feature_exemplars", run="relu_x", feature="0")
     with pytest.raises(ValueError, match="parameter feature: expected integer"):
         q(project, "feature_exemplars", run="relu_a", feature="1.5")
+
+
+ESCAPES = (
+    "copy (select 42 as x) to '{out}/copied.csv'",
+    "copy features to '{out}/features.parquet' (format parquet)",
+    "export database '{out}/exported'",
+    "select * from read_csv('{secret}')",
+    "select * from read_text('{secret}')",
+    "select * from read_blob('{secret}')",
+    "select * from read_parquet('{other}')",
+    "select * from '{other}'",
+    "select * from read_parquet('artifacts/stats/../../elsewhere/other.parquet')",
+    "select * from glob('{out}/*')",
+    "attach '{out}/other.duckdb' as other",
+    "install httpfs",
+    "load httpfs",
+    "set enable_external_access = true",
+    "reset enable_external_access",
+    "set allowed_directories = ['/']",
+    "set lock_configuration = false",
+    "pragma enable_external_access = true",
+    "set autoload_known_extensions = true",
+    "set file_search_path = '/'",
+    "set profiling_output = '{out}/profile.json'",
+    # one statement that unlocks and then escapes
+    "set lock_configuration = false; copy (select 1) to '{out}/two.csv'",
+    "select 1 as a; copy (select 1) to '{out}/after.csv'",
+    # views mode leaves the sources' directories readable: not writable
+    "copy (select 42 as x) to '{stats}/evil.csv'",
+    "explain analyze copy (select 42 as x) to '{stats}/evil2.csv'",
+)
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+def test_user_sql_is_sandboxed(project, tmp_path, materialize):
+    """Each escape from the warehouse fails and writes nothing; the warehouse still answers."""
+    db = tmp_path / "w.duckdb"
+    build_warehouse(db, root=project.root, sql_dir=SQL_DIR, materialize=materialize)
+    out = tmp_path / "out"
+    out.mkdir()
+    secret = tmp_path / "secret.csv"
+    secret.write_text("a,b\n1,2\n")
+    elsewhere = project.root / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    other = elsewhere / "other.parquet"
+    pq.write_table(pa.table({"a": [1]}), other)
+    assert duckdb.sql(f"select * from read_csv('{secret}')").fetchall() == [(1, 2)]  # readable
+    stats = project.root / "artifacts" / "stats"
+    before = sorted(os.listdir(stats))
+    for sql in ESCAPES:
+        text = sql.format(out=out, secret=secret, other=other, stats=stats)
+        with pytest.raises(ValueError, match="failed|refused"):
+            run_query(db, text, {}, "json", project.root, SQL_DIR)
+        if "{stats}" in sql:
+            continue  # only the statement filter stops a write where views mode may read
+        # the sandboxed connection alone, without the statement filter, refuses the rest too
+        con = duckdb.connect(str(db), read_only=True, config=warehouse._SANDBOX_CONFIG)
+        try:
+            con.execute("set file_search_path = $root", {"root": str(project.root)})
+            warehouse._sandbox(con, project.root, SQL_DIR)
+            with pytest.raises(duckdb.Error):
+                con.execute(text).fetchall()
+        finally:
+            con.close()
+    assert sorted(os.listdir(out)) == [] and sorted(os.listdir(stats)) == before
+    assert sorted(os.listdir(tmp_path)) == ["out", "secret.csv", "w.duckdb"]
+    # the CLI refuses too, and says why
+    assert main(["--db", str(db), f"copy (select 42) to '{out}/cli.csv'"]) == 2
+    assert not (out / "cli.csv").exists()
+    # what the warehouse is for still works: views, named queries, the project's own Parquet
+    # (views mode reads it at query time)
+    got = run_query(db, "best_feature_per_concept", {}, "json", project.root, SQL_DIR)
+    assert json.loads(got) == q(project, "best_feature_per_concept") != []
+    n = json.loads(run_query(db, "select count(*) as n from features", {}, "json", project.root))
+    assert n == [{"n": 2 * D_SAE}]
+    setting = run_query(
+        db, "select current_setting('enable_external_access') as on", {}, "json", project.root
+    )
+    assert json.loads(setting) == [{"on": False}]
+
+
+def test_duplicate_run_names_fail_the_build(project, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(project.root, root)
+    shutil.copytree(root / "artifacts/stats/relu_a", root / "artifacts/stats/relu_a_copy")
+    db = root / "w.duckdb"
+    with pytest.raises(ValueError, match=r"'relu_a' in .*relu_a/run.parquet.*relu_a_copy/run"):
+        build_warehouse(db, root=root, sql_dir=SQL_DIR)
+    assert not db.exists() and not Path(f"{db}.tmp").exists()
+    assert main_build(["--db", str(db), "--root", str(root), "--sql-dir", str(SQL_DIR)]) == 2
+
+
+def test_database_holds_no_absolute_path_and_moves_with_the_project(project, tmp_path, monkeypatch):
+    root = tmp_path / "p"
+    shutil.copytree(project.root, root)
+    shutil.copytree(SQL_DIR, root / "sql")
+    for materialize in (True, False):
+        db = root / "warehouse" / "saev.duckdb"
+        build_warehouse(db, root=root, sql_dir="sql", materialize=materialize)
+        con = duckdb.connect(str(db), read_only=True)
+        try:
+            con.execute("set file_search_path = $root", {"root": str(root)})
+            names = [r[0] for r in con.execute("select table_name from duckdb_tables()").fetchall()]
+            text = repr([con.execute(f"select * from {n}").fetchall() for n in names])
+            text += repr(
+                con.execute("select sql from duckdb_views() where not internal").fetchall()
+            )
+        finally:
+            con.close()
+        assert "src_runs" in names or not materialize
+        i = text.find(str(tmp_path))
+        assert i < 0, text[max(0, i - 300) : i + 100]
+        assert "artifacts/stats/" in text
+    moved = tmp_path / "moved"
+    shutil.move(root, moved)
+    monkeypatch.chdir(tmp_path)
+    got = run_query(moved / "warehouse" / "saev.duckdb", "best_feature_per_concept", {}, "json")
+    assert json.loads(got) == q(project, "best_feature_per_concept") != []

@@ -1,5 +1,7 @@
--- For every concept and run, the single feature with the highest patch-level AUROC (ties: the
--- lower feature index): the candidate to inspect and to edit for that concept.
+-- For every concept and run, the single feature with the highest patch-level AUROC on the run's
+-- select split (ties: the lower feature index): the candidate to inspect and to edit for that
+-- concept. Its scores are those of the report split; control_auroc is the best AUROC any feature
+-- reaches on the concept shuffled across images (chance for the best of d_sae features).
 -- param run: stats run name; every run when omitted (default null)
 with leaders as (
     select * from label_leaders
@@ -12,6 +14,10 @@ final as (
         leaders.run,
         leaders.label,
         leaders.feature,
+        leaders.select_split,
+        leaders.select_auroc,
+        leaders.control_auroc,
+        leaders.report_split,
         leaders.auroc,
         leaders.feature_image_auroc as image_auroc,
         leaders.mean_in,

@@ -1,9 +1,15 @@
--- Per run: how many features never fire (dead) and how many fire on more than a given share of
--- tokens (dense; the paper's threshold is 1%).
+-- Per run: how many features never fire (dead) and how many are dense: relative, firing on more
+-- than dense_factor x the run's mean firing rate (L0 / d_sae, k / d_sae for TopK: comparable
+-- across k and width), and absolute, on more than dense_threshold of tokens (the paper's 1%,
+-- which a TopK SAE with k / d_sae above 1% meets by arithmetic; see training.dense_fractions).
 -- param run: stats run name; every run when omitted (default null)
--- param dense_threshold double: token frequency above which a feature is dense (default 0.01)
+-- param dense_factor double: multiple of the mean firing rate above which a feature is dense (default 10)
+-- param dense_threshold double: token frequency above which a feature is dense, absolute rule (default 0.01)
 with selected as (
-    select * from features
+    select
+        *,
+        avg(freq) over (partition by run) as mean_freq
+    from features
     where $run is null or run = $run
 ),
 
@@ -12,7 +18,9 @@ counts as (
         run,
         count(*) as n_features,
         count(*) filter (where n_fires = 0) as n_dead,
-        count(*) filter (where freq > $dense_threshold) as n_dense
+        any_value(mean_freq) as mean_freq,
+        count(*) filter (where freq > $dense_factor * mean_freq) as n_dense,
+        count(*) filter (where freq > $dense_threshold) as n_dense_abs
     from selected
     group by run
 ),
@@ -25,6 +33,9 @@ final as (
         n_dead / n_features as dead_frac,
         n_dense,
         n_dense / n_features as dense_frac,
+        $dense_factor * mean_freq as dense_rate,
+        n_dense_abs,
+        n_dense_abs / n_features as dense_frac_abs,
         $dense_threshold as dense_threshold
     from counts
     order by run

@@ -1,5 +1,5 @@
 -- The nearest features of one feature in the same SAE by decoder cosine, each with the label it
--- detects best (patch AUROC) and how often it fires.
+-- detects best (patch AUROC on the run's report split) and how often it fires.
 -- param run: stats run name
 -- param feature integer: feature index
 with selected as (
@@ -16,6 +16,7 @@ best_label as (
         max(auroc) as best_auroc
     from feature_labels
     where run = $run
+        and is_report_split
         and feature in (select neighbor from selected)
     group by all
 ),

@@ -1,22 +1,36 @@
 -- Features of one run that detect a concept but have no counterpart in another run: neither a
 -- feature with a similar decoder direction nor one whose exemplar images overlap (for example a
--- concept one backbone's SAE isolates and the other's does not). Uses feature_matches.
+-- concept one backbone's SAE isolates and the other's does not). Uses feature_matches. Detectors
+-- are chosen on the run's select split; the auroc and image_auroc shown are the report split's.
 -- param run: the run whose features are tested
 -- param other_run: the run to look for counterparts in
 -- param label: concept name, e.g. red
 -- param min_auroc double: patch AUROC a feature needs to count as detecting the label (default 0.8)
 -- param max_cos double: a partner with decoder cosine at or above this is a counterpart (default 0.7)
 -- param max_overlap double: a partner with exemplar Jaccard at or above this is one (default 0.25)
-with detectors as (
+with chosen as (
     select
         run,
-        feature,
-        auroc,
-        image_auroc
+        feature
     from feature_labels
     where run = $run
         and label = $label
+        and is_select_split
         and auroc >= $min_auroc
+),
+
+detectors as (
+    select
+        feature_labels.run,
+        feature_labels.feature,
+        feature_labels.auroc,
+        feature_labels.image_auroc
+    from feature_labels
+    inner join chosen
+        on feature_labels.run = chosen.run
+        and feature_labels.feature = chosen.feature
+    where feature_labels.label = $label
+        and feature_labels.is_report_split
 ),
 
 partners as (

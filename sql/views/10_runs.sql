@@ -23,8 +23,20 @@ final as (
         l0,
         fvu,
         dead_frac,
+        -- dense: fires on more than 10 x the mean firing rate (L0 / d_sae); _abs: on more than
+        -- 1% of tokens (see saev_core.training.dense_fractions)
         dense_frac,
+        dense_frac_abs,
         manifest_sha256,
+        -- the tokens the stats streamed (the SAE's training policy: all, patches or prefix) and
+        -- whether token 0 is CLS (from the shard manifest)
+        tokens,
+        has_cls,
+        -- the splits streamed (comma-separated); a label's feature is chosen on select_split and
+        -- its scores are reported on report_split
+        splits,
+        select_split,
+        report_split,
         n_tokens,
         n_images,
         -- CLS + register tokens before the patches: patch index = token - n_prefix_tokens

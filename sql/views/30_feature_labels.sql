@@ -1,15 +1,23 @@
 -- One row per (run, feature, label): how well the feature's code tells what carries the label,
 -- at patch level (the code on a patch vs the patch's labels) and at image level (the image's
--- highest patch code vs the image's labels). AUROC comes from histograms (see saev_core.stats);
--- precision and recall are at the histogram threshold with the best F1, where "code >= threshold"
--- predicts the label (threshold 0: "code > 0").
+-- highest patch code vs the image's labels). AUROC is exact, or within the proven bound
+-- `auroc_err` of exact (<= 0.002 unless refinement was cut short; see saev_core.label_stats);
+-- precision and recall are exact at the threshold with the best F1 (within `f1_err` of the best
+-- over all thresholds), where "code >= threshold" predicts the label (threshold 0: "code > 0").
+-- One block of rows per split the stats measured:
+-- choose a feature on the run's select split (is_select_split), read its scores on the report
+-- split (is_report_split); stats written before splits were kept apart have split null and count
+-- as both.
 with source as (
     select * from src_feature_labels
 ),
 
 final as (
     select
-        run,
+        source.run,
+        source.split,
+        source.split is not distinct from runs.select_split as is_select_split,
+        source.split is not distinct from runs.report_split as is_report_split,
         feature,
         label,
         auroc,
@@ -29,8 +37,14 @@ final as (
         image_threshold,
         image_precision,
         image_recall,
-        2 * image_precision * image_recall / nullif(image_precision + image_recall, 0) as image_f1
+        2 * image_precision * image_recall / nullif(image_precision + image_recall, 0) as image_f1,
+        auroc_err,
+        f1_err,
+        image_auroc_err,
+        image_f1_err
     from source
+    left join runs
+        on source.run = runs.run
 )
 
 select * from final

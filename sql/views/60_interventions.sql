@@ -23,7 +23,13 @@ final as (
         strength,
         scope,
         layer,
+        -- the edited feature's AUROC on the stats' report split; it was chosen on select_split
+        -- (select_auroc there), next to the best AUROC of the target's shuffled-label control
         auroc,
+        select_split,
+        select_auroc,
+        report_split,
+        control_auroc,
         n_images,
         p_before,
         p_after,
