@@ -142,10 +142,10 @@ def read_image(
     """
     src = record.source.image_file(record.key) if record.source else Path(record.path)
     with _open_header(src, max_pixels) as im:
+        image, how = _decode_rgb(im, strict)  # a broken file fails here, with its reason
         # EXIF orientation applied, as transformers' `load_image` and `datasets` do: the picture
-        # a viewer shows, and the one a mask drawn on it matches (`open_mask` checks the size).
+        # a viewer shows, and the one a mask drawn on it matches (`open_mask` checks the shape).
         orientation = im.getexif().get(_ORIENTATION, 1)
-        image, how = _decode_rgb(im, strict)
     if orientation in _TRANSPOSE:
         image = image.transpose(_TRANSPOSE[orientation])
     return image, how
@@ -167,7 +167,11 @@ _TRANSPOSE = {
 def _oriented_size(im: Image.Image) -> tuple[int, int]:
     """(width, height) of an open image as shown, after its EXIF orientation."""
     w, h = im.size
-    return (h, w) if im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
+    try:
+        orientation = im.getexif().get(_ORIENTATION, 1)
+    except Exception:  # an unreadable EXIF block: the stored orientation
+        orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def _decode_rgb(im: Image.Image, strict: bool) -> tuple[Image.Image, str | None]:
@@ -228,15 +232,17 @@ def open_mask(record: ImageRecord, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if src is None:
         raise BadImage("no mask in this row")
     mask = _read_mask(src, max_pixels)
-    # The mask is cut like its image (resize, then the processor's crop), so it must have the
-    # image's size: a mask of another shape would label other pixels than it was drawn on.
+    # The mask is cut like its image (resize, then the processor's crop, computed from the
+    # mask's own size), so it must have the image's shape: the same size or an exact scale of it.
+    # A mask of another aspect ratio would label other pixels than the ones it was drawn on.
     img = record.source.image_file(record.key) if record.source else Path(record.path)
     with _open_header(img, max_pixels) as im:
         w, h = _oriented_size(im)
-    if mask.shape != (h, w):
+    mh, mw = mask.shape[:2]
+    if mw * h != mh * w:
         raise BadImage(
-            f"mask {record.mask_path} is {mask.shape[1]}x{mask.shape[0]} px but its image "
-            f"{record.path} is {w}x{h} (as shown, after EXIF orientation): they must match"
+            f"mask {record.mask_path} is {mw}x{mh} px but its image {record.path} is {w}x{h} "
+            "(as shown, after EXIF orientation): a mask must have its image's aspect ratio"
         )
     return mask
 
@@ -246,8 +252,8 @@ def _read_mask(src: Path | bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     with _open_header(src, max_pixels) as im:
         if im.mode not in ("1", "L", "P", "I") and not im.mode.startswith("I;16"):
             raise BadImage(f"a mask must have one channel of class values, got mode {im.mode}")
-        orientation = im.getexif().get(_ORIENTATION, 1)
         _decode(im)
+        orientation = im.getexif().get(_ORIENTATION, 1)
         values = np.asarray(
             im.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else im
         )

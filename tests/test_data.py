@@ -1,5 +1,6 @@
 """Image sources and safe opening: every source yields the right records; bad files are refused."""
 
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -615,3 +616,37 @@ def test_open_image_from_many_threads(tmp_path):
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(outcome, paths))
     assert got == [[rgb(i)[..., 0].tolist(), "too large", red][i % 3] for i in range(24)]
+
+
+# --- orientation and mask shape ----------------------------------------------------------------
+
+
+def test_exif_orientation_is_applied_as_pil_does(tmp_path):
+    """A phone photo stored sideways (EXIF orientation 6) opens upright, as ImageOps shows it."""
+    from PIL import ImageOps
+
+    from saev_core.data import read_image
+
+    pixels = np.zeros((4, 6, 3), np.uint8)
+    pixels[0, 0] = (255, 0, 0)  # a marker in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "sideways.jpg"
+    Image.fromarray(pixels).save(path, exif=exif.tobytes(), quality=100)
+    image, _ = read_image(file_record(path))
+    with Image.open(path) as im:
+        want = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    assert image.size == (4, 6)  # turned by 90 degrees
+    np.testing.assert_array_equal(np.asarray(image), want)
+
+
+def test_a_mask_of_another_aspect_ratio_is_refused(tmp_path):
+    from saev_core.data import open_mask
+
+    save(tmp_path / "a.png", rgb(5, (8, 8)))
+    save(tmp_path / "half.png", np.zeros((4, 4), np.uint8))  # an exact scale: accepted
+    save(tmp_path / "wide.png", np.zeros((8, 12), np.uint8))
+    record = ImageRecord(0, "val", "a.png", tmp_path / "a.png", (), tmp_path / "half.png", {})
+    assert open_mask(record).shape == (4, 4)
+    with pytest.raises(BadImage, match=r"wide.png is 12x8 px but its image .*a.png is 8x8"):
+        open_mask(dataclasses.replace(record, mask_path=tmp_path / "wide.png"))

@@ -235,6 +235,7 @@ CLASSES = {42: "cat", 300: "dog"}
 def _record(tmp_path: Path, mask: np.ndarray) -> ImageRecord:
     path = tmp_path / "mask.png"
     Image.fromarray(mask.astype(np.uint16)).save(path)
+    Image.fromarray(np.zeros((*mask.shape, 3), np.uint8)).save(tmp_path / "a.png")  # its image
     return ImageRecord(
         0, "val", "a.png", tmp_path / "a.png", (), path, {v: (c,) for v, c in CLASSES.items()}
     )
@@ -388,3 +389,45 @@ def test_browser_thumbnail_is_the_processors_view(backbones, tmp_path):
     got = np.asarray(_thumb(path, 64, bb.geometry, bb.grid)).transpose(2, 0, 1)
     np.testing.assert_array_equal(got, want["pixel_values"][0].astype(np.uint8))
     assert _thumb(path, 64).size == (64, 48)  # no geometry: the whole image, as before
+
+
+# ---------------------------------------------------------------------------------------------
+# a processor the geometry cannot follow: checked against the processor itself, refused clearly
+
+
+class _Flipping:
+    """A processor that mirrors its output: settings read like CLIP's, pixels land elsewhere."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.inner(*args, **kwargs)
+        out["pixel_values"] = out["pixel_values"][..., ::-1].copy()
+        return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_read_geometry_checks_the_processor_itself(family):
+    from saev_core.geometry import read_geometry
+
+    processor = _processor(family)
+    geometry, why = read_geometry(processor)
+    assert why == "" and geometry == Geometry.from_processor(processor)
+    geometry, why = read_geometry(_Flipping(processor))
+    assert geometry is None and "moves pixels otherwise" in why
+
+
+def test_without_a_geometry_pixels_refuse_to_map_to_patches(tmp_path):
+    from saev_core.extract import _add_patch_labels
+
+    record = _record(tmp_path, np.zeros((8, 8), np.uint8))
+    bb = SimpleNamespace(geometry=None, geometry_error="it mirrors", grid=(2, 2))
+    with pytest.raises(ValueError, match="cannot label patches.*it mirrors"):
+        _add_patch_labels({"image_id": [], "token": [], "label": []}, record, 0, bb)
+    layout = TokenLayout(1, True, (2, 2), (32, 32), None, "it mirrors")
+    with pytest.raises(ValueError, match="it mirrors"):
+        patches_in_bbox(layout, (0, 0, 4, 4), (8, 8))

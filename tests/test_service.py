@@ -48,6 +48,7 @@ def project(root: Path, tiny_world: Path, tiny_vit: Path) -> dict:
             "data": "data",
             "out_dir": "artifacts/activations/acts",
             "layers": [1],
+            "val_fraction": 0.5,  # a flat folder: half of its 8 images held out as val
             **small,
         },
         "validate": {
@@ -66,7 +67,7 @@ def project(root: Path, tiny_world: Path, tiny_vit: Path) -> dict:
             "shard_dir": "artifacts/activations/acts",
             "out_dir": "artifacts/stats/t",
             "run": "t",
-            "options": {"n_top": 2, "splits": ["train"], "n_heatmaps": 0},
+            "options": {"n_top": 2, "splits": ["train", "val"], "n_heatmaps": 0},
         },
         "warehouse": {"db": "warehouse/saev.duckdb", "sql_dir": "sql"},
     }
