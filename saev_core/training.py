@@ -637,7 +637,7 @@ def dense_fractions(
     on more than `dense_factor` x the mean firing rate, mean(freq) = L0 / d_sae (k / d_sae for
     TopK). A feature 10x above the mean takes the share of ten average features, one decade up on
     the log-density histogram: it is dense whatever k and d_sae, so runs of different width and
-    sparsity compare. Also returns `dense_rate`, the relative rule's threshold.
+    sparsity compare. Also returns `dense_threshold_rel`, the relative rule's threshold.
     """
     freq = np.asarray(freq, dtype=np.float64)
     if not 0 <= dense_threshold <= 1:
@@ -648,7 +648,7 @@ def dense_fractions(
     return {
         "dense_frac": float(np.mean(freq > rate)) if len(freq) else 0.0,
         "dense_frac_abs": float(np.mean(freq > dense_threshold)) if len(freq) else 0.0,
-        "dense_rate": rate,
+        "dense_threshold_rel": rate,
     }
 
 
@@ -665,7 +665,7 @@ def evaluate(
     Returns floats `l0` (mean active features per token), `fvu` (sum ||x - x_hat||^2 /
     sum ||x - mean(x)||^2, mean over all tokens), `mse` (per element), `dead_frac` (never fires
     here), `dense_frac` (fires on more than `dense_factor` x the mean firing rate L0 / d_sae),
-    `dense_frac_abs` (fires on more than `dense_threshold` of tokens) and `dense_rate` (the
+    `dense_frac_abs` (fires on more than `dense_threshold` of tokens) and `dense_threshold_rel` (the
     relative threshold; see `dense_fractions`), the int `n_tokens`, and numpy arrays `freq`
     [d_sae] (fraction of tokens each feature fires on) and `mean_act` [d_sae] (mean activation
     when firing; 0 for features that never fire).

@@ -289,7 +289,9 @@ def test_evaluate_matches_one_shot_reference(arch):
     assert got["dense_frac_abs"] == pytest.approx(np.mean(freq > 0.2))
     # dense relative to the mean firing rate: 10 x L0 / d_sae
     rate = 10 * got["l0"] / 32
-    assert got["dense_rate"] == pytest.approx(rate) and got["dense_frac"] == np.mean(freq > rate)
+    assert got["dense_threshold_rel"] == pytest.approx(rate) and got["dense_frac"] == np.mean(
+        freq > rate
+    )
     firing = f.sum(dim=0) / (f > 0).sum(dim=0).clamp_min(1)
     np.testing.assert_allclose(got["mean_act"], firing.double().numpy(), rtol=1e-5)
     assert got["n_tokens"] == 600
@@ -318,7 +320,7 @@ def test_dense_is_relative_to_the_mean_firing_rate():
     assert (
         got["dense_frac_abs"] == pytest.approx(np.mean(freq > 0.01)) and got["dense_frac_abs"] > 0.9
     )
-    assert got["dense_rate"] == pytest.approx(10 * k / d_sae)
+    assert got["dense_threshold_rel"] == pytest.approx(10 * k / d_sae)
     assert got["dense_frac"] == pytest.approx(1 / d_sae)  # feature 0 alone
     with pytest.raises(ValueError, match="dense_factor"):
         evaluate(sae, [x], dense_factor=0)

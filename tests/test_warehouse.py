@@ -309,7 +309,7 @@ def test_other_named_queries(project):
     # dense relative to the mean firing rate (10 x), and absolute (1% of tokens)
     assert dd[0]["n_dense"] == int((st.freq > 10 * st.freq.mean()).sum())
     assert dd[0]["n_dense_abs"] == int((st.freq > 0.01).sum()) > dd[0]["n_dense"]
-    assert dd[0]["dense_rate"] == pytest.approx(10 * st.freq.mean())
+    assert dd[0]["dense_threshold_rel"] == pytest.approx(10 * st.freq.mean())
     dd_hi = q(project, "dead_and_dense", run="relu_a", dense_threshold="0.99")
     assert dd_hi[0]["n_dense_abs"] == 0 and dd_hi[0]["dense_threshold"] == 0.99
     dd_lo = q(project, "dead_and_dense", run="relu_a", dense_factor="1.5")

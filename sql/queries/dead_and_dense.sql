@@ -33,7 +33,7 @@ final as (
         n_dead / n_features as dead_frac,
         n_dense,
         n_dense / n_features as dense_frac,
-        $dense_factor * mean_freq as dense_rate,
+        $dense_factor * mean_freq as dense_threshold_rel,
         n_dense_abs,
         n_dense_abs / n_features as dense_frac_abs,
         $dense_threshold as dense_threshold
