@@ -531,9 +531,15 @@ def _sandbox(con: duckdb.DuckDBPyConnection, root: Path, sql_dir: Path) -> None:
     switch any of it back on.
 
     A materialised warehouse reads only its own file. When the sources are views over Parquet
-    (`materialize=False`) the directories their globs start in stay readable, and only those:
-    each relative one as written (DuckDB checks the glob as given) and resolved against the
-    root (it then checks every file it found)."""
+    (`materialize=False`) the directories their globs start in stay readable, and only those,
+    resolved against the root (DuckDB checks every file it found), plus the DVC cache when DVC
+    links outputs as symlinks (DuckDB checks a link's target). DuckDB checks a relative entry,
+    and the views' relative globs, against the process's working directory, so the relative
+    spelling is allowed only where it cannot name another folder: the working directory is the
+    root, or holds no folder of that name (files are then found through `file_search_path`, in
+    the root). Run where a folder of that name exists elsewhere, the views are refused rather
+    than that folder opened. A source directory that is the root itself (a glob with no fixed
+    folder) is never allowed."""
     allowed: list[str] = []
     views = con.execute(
         "select count(*) from duckdb_views() where not internal and view_name like 'src\\_%' "
@@ -545,10 +551,21 @@ def _sandbox(con: duckdb.DuckDBPyConnection, root: Path, sql_dir: Path) -> None:
             dirs = source_dirs(load_sources(sql_dir)) if (sql_dir / "sources.yaml").exists() else []
         for d in dirs:
             absolute = Path(d) if Path(d).is_absolute() else root / d
-            for path in (d, os.path.abspath(absolute), str(absolute.resolve())):
+            if absolute.resolve() == root.resolve():
+                continue  # a glob with no fixed folder would open the whole project
+            spellings = [os.path.abspath(absolute), str(absolute.resolve())]
+            here = Path.cwd() / d
+            if not Path(d).is_absolute() and (
+                not here.exists() or here.resolve() == absolute.resolve()
+            ):
+                spellings.insert(0, d)
+            for path in spellings:
                 entry = path.rstrip("/") + "/"
                 if entry not in allowed:
                     allowed.append(entry)
+        cache = root / ".dvc" / "cache"
+        if cache.is_dir():
+            allowed.append(str(cache.resolve()).rstrip("/") + "/")
     literal = ", ".join("'" + a.replace("'", "''") + "'" for a in allowed)
     con.execute(f"set allowed_directories = [{literal}]")
     con.execute("set enable_external_access = false")
@@ -668,7 +685,16 @@ def run_query(
             rows = cur.fetchall()
             columns = [d[0] for d in cur.description] if cur.description else []
         except duckdb.Error as e:
-            raise ValueError(f"{label} failed: {e}") from e
+            hint = ""
+            if (
+                isinstance(e, duckdb.PermissionException)
+                and Path.cwd().resolve() != Path(root_dir).resolve()
+            ):
+                hint = (
+                    f" (a warehouse whose sources are views reads their Parquet relative to the "
+                    f"working directory: run from {root_dir})"
+                )
+            raise ValueError(f"{label} failed: {e}{hint}") from e
     finally:
         con.close()
     return format_rows(columns, rows, fmt)

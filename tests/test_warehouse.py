@@ -429,7 +429,8 @@ def test_undocumented_parameter_is_refused(tmp_path):
         parse_query(path)
 
 
-def test_views_mode_reads_the_parquet_at_query_time(project, tmp_path):
+def test_views_mode_reads_the_parquet_at_query_time(project, tmp_path, monkeypatch):
+    monkeypatch.chdir(project.root)  # views read their Parquet relative to where one runs
     db = tmp_path / "v.duckdb"
     build_warehouse(db, root=project.root, sql_dir=SQL_DIR, materialize=False)
     con = duckdb.connect(str(db), read_only=True)
@@ -618,9 +619,14 @@ ESCAPES = (
 )
 
 
+# What DuckDB says when the sandbox, and not some other error, stops a statement.
+SANDBOXED = "disabled by configuration|configuration has been locked|disabled through configuration"
+
+
 @pytest.mark.parametrize("materialize", [True, False])
-def test_user_sql_is_sandboxed(project, tmp_path, materialize):
+def test_user_sql_is_sandboxed(project, tmp_path, materialize, monkeypatch):
     """Each escape from the warehouse fails and writes nothing; the warehouse still answers."""
+    monkeypatch.chdir(project.root)  # views mode reads its Parquet relative to the root
     db = tmp_path / "w.duckdb"
     build_warehouse(db, root=project.root, sql_dir=SQL_DIR, materialize=materialize)
     out = tmp_path / "out"
@@ -636,7 +642,7 @@ def test_user_sql_is_sandboxed(project, tmp_path, materialize):
     before = sorted(os.listdir(stats))
     for sql in ESCAPES:
         text = sql.format(out=out, secret=secret, other=other, stats=stats)
-        with pytest.raises(ValueError, match="failed|refused"):
+        with pytest.raises(ValueError, match=f"refused: only queries|{SANDBOXED}"):
             run_query(db, text, {}, "json", project.root, SQL_DIR)
         if "{stats}" in sql:
             continue  # only the statement filter stops a write where views mode may read
@@ -645,7 +651,7 @@ def test_user_sql_is_sandboxed(project, tmp_path, materialize):
         try:
             con.execute("set file_search_path = $root", {"root": str(project.root)})
             warehouse._sandbox(con, project.root, SQL_DIR)
-            with pytest.raises(duckdb.Error):
+            with pytest.raises(duckdb.Error, match=SANDBOXED):
                 con.execute(text).fetchall()
         finally:
             con.close()
@@ -702,4 +708,22 @@ def test_database_holds_no_absolute_path_and_moves_with_the_project(project, tmp
     shutil.move(root, moved)
     monkeypatch.chdir(tmp_path)
     got = run_query(moved / "warehouse" / "saev.duckdb", "best_feature_per_concept", {}, "json")
+    assert json.loads(got) == q(project, "best_feature_per_concept") != []
+
+
+def test_views_mode_opens_no_folder_of_the_working_directory(project, tmp_path, monkeypatch):
+    """Run from a folder that has its own artifacts/stats/, a views-mode warehouse must not read
+    it (DuckDB checks relative paths against the working directory), and says where to run."""
+    db = tmp_path / "w.duckdb"
+    build_warehouse(db, root=project.root, sql_dir=SQL_DIR, materialize=False)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "artifacts" / "stats").mkdir(parents=True)
+    (elsewhere / "artifacts" / "stats" / "secret.txt").write_text("not the warehouse's")
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(ValueError, match="Permission Error"):
+        run_query(db, "select content from read_text('artifacts/stats/secret.txt')", {}, "json")
+    with pytest.raises(ValueError, match=f"run from {project.root}"):
+        run_query(db, "best_feature_per_concept", {}, "json", project.root, SQL_DIR)
+    monkeypatch.chdir(tmp_path)  # no folder of that name here: the views read the root's files
+    got = run_query(db, "best_feature_per_concept", {}, "json", project.root, SQL_DIR)
     assert json.loads(got) == q(project, "best_feature_per_concept") != []
