@@ -129,9 +129,15 @@ def browser_data(stats_dir: str | Path, root: str | Path = ".", cfg: BrowserConf
     run_row = run.iloc[0]
     top = _read(stats_dir, "top_examples")
     labels = _read(stats_dir, "feature_labels")
-    report_split = run_row.get("report_split")
-    if labels is not None and "split" in labels and isinstance(report_split, str) and report_split:
-        labels = labels[labels["split"] == report_split]  # one split: the reported one
+    # A feature's labels are ranked on the select split and shown with the report split's scores
+    # (choosing the best label on the split it reports would flatter it).
+    select_labels = None
+    if labels is not None and "split" in labels:
+        report_split, select_split = run_row.get("report_split"), run_row.get("select_split")
+        if isinstance(report_split, str) and report_split:
+            if isinstance(select_split, str) and select_split:
+                select_labels = labels[labels["split"] == select_split]
+            labels = labels[labels["split"] == report_split]
     neighbors = _read(stats_dir, "neighbors")
     heatmaps = _read(stats_dir, "heatmaps")
     features = features.sort_values("feature")
@@ -160,12 +166,21 @@ def browser_data(stats_dir: str | Path, root: str | Path = ".", cfg: BrowserConf
     level_of: dict[str, str] = {}
     if labels is not None and len(labels):
         labels, level_of = _scored(labels[labels.feature.isin(keep_ids)])
-        ranked = labels.sort_values(["feature", "score", "label"], ascending=[True, False, True])
+        labels["rank_score"] = labels["score"]
+        if select_labels is not None and len(select_labels):
+            chosen, _ = _scored(select_labels[select_labels.feature.isin(keep_ids)])
+            by = chosen.set_index(["feature", "label"])["score"]
+            labels["rank_score"] = by.reindex(
+                pd.MultiIndex.from_frame(labels[["feature", "label"]])
+            ).to_numpy()
+        ranked = labels.sort_values(
+            ["feature", "rank_score", "label"], ascending=[True, False, True], na_position="last"
+        )
         for f, group in ranked.groupby("feature", sort=False):
             assoc_by[int(f)] = [
                 [str(r.label), _num(r.score), _num(r.auroc), _num(r.image_auroc),
                  _num(r.lv_precision), _num(r.lv_recall), _num(r.lv_mean_in),
-                 _num(r.lv_mean_out), str(r.level)]
+                 _num(r.lv_mean_out), str(r.level), _num(r.rank_score)]
                 for r in group.head(cfg.n_labels).itertuples(index=False)
             ]  # fmt: skip
     nb_by: dict[int, list[list]] = {}
@@ -205,8 +220,13 @@ def browser_data(stats_dir: str | Path, root: str | Path = ".", cfg: BrowserConf
                 "max": _num(feat.max_act),
                 "hist": [int(x) for x in feat.hist],
                 "spread": _num(getattr(feat, "spatial_entropy", None)),
-                # the best label, unless even it is below the floor: then "no label"
-                "best": assoc[0][0] if assoc and (assoc[0][1] or 0) >= cfg.min_auroc else None,
+                # the best label on the select split, unless even it is below the floor there:
+                # then "no label"; its AUROC shown is the report split's
+                "best": (
+                    assoc[0][0]
+                    if assoc and assoc[0][9] is not None and assoc[0][9] >= cfg.min_auroc
+                    else None
+                ),
                 "auroc": assoc[0][1] if assoc else None,
                 "level": assoc[0][8] if assoc else None,
                 "breadth": len(spanned),

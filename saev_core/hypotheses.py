@@ -274,6 +274,30 @@ class Choice(NamedTuple):
     images: what the best of d_sae features reaches by chance (NaN: no control recorded)."""
 
 
+def _check_warehouse_run(h: Hypothesis, run: str) -> None:
+    """Refuse a warehouse whose run of this name was built from stats of another SAE (a stale
+    build: `check_stats_match` checks the stats directory, not the warehouse's copy of it)."""
+    from saev_core.sae_io import sae_sha256
+    from saev_core.warehouse import run_query
+
+    rows = json.loads(
+        run_query(
+            h.warehouse,
+            "select json_extract_string(cfg_json, '$.sae_sha256') as sha from runs "
+            "where run = $run",
+            {"run": run},
+            fmt="json",
+        )
+    )
+    recorded = rows[0]["sha"] if rows else None
+    if recorded and recorded != sae_sha256(h.sae_dir):
+        raise ValueError(
+            f"warehouse {h.warehouse}: run {run!r} was built from stats of the SAE with weights "
+            f"sha256 {recorded[:12]}..., not {h.sae_dir} ({sae_sha256(h.sae_dir)[:12]}...): "
+            "rebuild the warehouse (saev warehouse)"
+        )
+
+
 def best_features(h: Hypothesis, label: str, n: int) -> Choice:
     """The `n` features with the highest `h.select_by` AUROC for `label` on the stats' select
     split, with the first one's AUROC on the report split and on the select split, and the
@@ -283,6 +307,7 @@ def best_features(h: Hypothesis, label: str, n: int) -> Choice:
         from saev_core.warehouse import run_query
 
         run = stats_run(h.stats_dir)
+        _check_warehouse_run(h, run)
         rows = json.loads(
             run_query(
                 h.warehouse,
@@ -576,7 +601,13 @@ def run_hypothesis(h: Hypothesis, cache: Cache | None = None) -> Result:
         raise ValueError(f"target {h.target!r} is not a label of the {h.task} ({reader.labels})")
     j = reader.labels.index(h.target)
     sae = cache.sae(h.sae_dir, h.model, h.stats_dir)
-    layer = int(h.layer if h.layer is not None else sae.extra.get("layer", 0))
+    trained = sae.extra.get("layer")
+    if h.layer is not None and trained is not None and int(h.layer) != int(trained):
+        raise ValueError(
+            f"{h.title}: layer {h.layer} asked, but the SAE {h.sae_dir} was trained on layer "
+            f"{trained}: its codes mean nothing elsewhere (leave layer unset)"
+        )
+    layer = int(h.layer if h.layer is not None else trained or 0)
     es = cache.evalset(h, reader)
     feats_df = cache.features(h.stats_dir)
     nan = float("nan")

@@ -393,7 +393,8 @@ def check_stats_match(stats_dir: str | Path, sae_dir: str | Path) -> None:
     theirs = {"d_sae": cfg_sae.get("d_sae"), "arch": cfg_sae.get("arch"), **metrics}
     for key in ("d_sae", "arch", "l0", "fvu"):
         a, b = row.get(key), theirs.get(key)
-        if a is not None and b is not None and a != b:
+        both_nan = isinstance(a, float) and isinstance(b, float) and a != a and b != b
+        if a is not None and b is not None and a != b and not both_nan:
             raise ValueError(
                 f"stats {stats_dir} were computed from an SAE with {key} {a} "
                 f"({row.get('sae_dir')}), but the SAE {sae_dir} has {key} {b}"

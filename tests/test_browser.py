@@ -405,3 +405,32 @@ def test_class_folder_browser_in_headless_chromium(class_run, tmp_path):
         assert chrome.errors() == []
     finally:
         chrome.close()
+
+
+def test_best_label_is_chosen_on_the_select_split_and_shown_on_the_report_split(run_dir, tmp_path):
+    """Feature 3 reads red and blue alike; make blue win on val (select) and red on test
+    (report): the page must name blue (chosen on val) and show blue's test AUROC."""
+    stats = tmp_path / "stats" / "toy"
+    shutil.copytree(run_dir.stats_dir, stats)
+    shutil.copytree(run_dir.root / "acts", tmp_path / "acts")
+    shutil.copytree(run_dir.root / "images", tmp_path / "images")
+    labels = pd.read_parquet(stats / "feature_labels.parquet")
+    val, test = labels.assign(split="val"), labels.assign(split="test")
+    f3 = (val.feature == 3) & (val.label == "blue")
+    val.loc[f3, "auroc"] = 0.95
+    val.loc[(val.feature == 3) & (val.label == "red"), "auroc"] = 0.90
+    test.loc[(test.feature == 3) & (test.label == "blue"), "auroc"] = 0.80
+    test.loc[(test.feature == 3) & (test.label == "red"), "auroc"] = 0.97
+    pd.concat([val, test]).to_parquet(stats / "feature_labels.parquet")
+    run = pd.read_parquet(stats / "run.parquet").assign(select_split="val", report_split="test")
+    run.to_parquet(stats / "run.parquet")
+    f = next(f for f in browser_data(stats, tmp_path)["features"] if f["id"] == 3)
+    assert f["best"] == "blue" and f["auroc"] == 0.80
+    assert [lab[0] for lab in f["labels"]][:2] == ["blue", "red"]
+    floor = BrowserConfig(
+        min_auroc=0.96
+    )  # blue's val AUROC is below it: no label, whatever test says
+    assert (
+        next(f for f in browser_data(stats, tmp_path, floor)["features"] if f["id"] == 3)["best"]
+        is None
+    )

@@ -353,3 +353,33 @@ def test_run_refuses_an_sae_of_another_model_or_stats_of_another_sae(world, tmp_
     h = Hypothesis(target="blue", features=(0,), op="suppress", **{**base, "stats_dir": str(stats)})
     with pytest.raises(ValueError, match=f"computed from an SAE with weights sha256 {'0' * 64}"):
         run_hypothesis(h, Cache(settings()))
+
+
+def test_run_refuses_another_layer_and_a_stale_warehouse(world, tmp_path):
+    """An SAE spliced at a layer it was not trained on, or features chosen in a warehouse whose
+    run of that name came from another SAE's stats, are refused before anything is measured."""
+    import shutil
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from saev_core.hypotheses import best_features
+    from saev_core.warehouse import build_warehouse
+
+    root, base = world
+    h = Hypothesis(target="blue", features=(0,), op="suppress", layer=0, **base)
+    with pytest.raises(ValueError, match="layer 0 asked, but the SAE .* trained on layer 1"):
+        run_hypothesis(h, Cache(settings()))
+    stats = tmp_path / "artifacts" / "stats" / "hyp"
+    shutil.copytree(base["stats_dir"], stats)
+    pq.write_table(
+        pa.table({"run": ["hyp"], "cfg_json": [json.dumps({"sae_sha256": "0" * 64})]}),
+        stats / "run.parquet",
+    )
+    shutil.copytree(Path(__file__).resolve().parents[1] / "sql", tmp_path / "sql")
+    db = tmp_path / "w.duckdb"
+    build_warehouse(db, root=tmp_path, sql_dir="sql")
+    h = Hypothesis(target="blue", warehouse=str(db), **{**base, "stats_dir": str(stats)})
+    with pytest.raises(ValueError, match=r"run 'hyp' was built from stats of the SAE .* 000000"):
+        best_features(h, "blue", 1)
