@@ -54,6 +54,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,7 +380,9 @@ def held_out_split(data_dir: str | Path, val_fraction: float = VAL_FRACTION) -> 
 def is_held_out(key: str, val_fraction: float) -> bool:
     """True when the image with this key goes to val: blake2b-64 of its key (big-endian) is
     below val_fraction * 2^64. Depends only on the key, so it is the same on every machine and
-    run, and monotone in the fraction."""
+    run, and monotone in the fraction. The key is NFC-normalised first, so a file name that
+    macOS stores decomposed (NFD) splits as it does on Linux."""
+    key = unicodedata.normalize("NFC", key)
     digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") < val_fraction * 2.0**64
 

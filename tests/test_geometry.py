@@ -55,17 +55,20 @@ def _model(name: str) -> Any:
 def _processor(name: str) -> Any:
     import transformers as tf
 
+    # The PIL backends, as without torchvision; the torchvision ones resample images a grey
+    # level apart (masks go through PIL's nearest either way).
+
     if name == "clip":
-        return tf.CLIPImageProcessor(
+        return tf.CLIPImageProcessorPil(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
         )
     if name in ("dinov2", "dinov2_registers"):
-        return tf.BitImageProcessor(
+        return tf.BitImageProcessorPil(
             size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}
         )
     if name == "siglip":
-        return tf.SiglipImageProcessor(size={"height": 32, "width": 32})
-    return tf.ViTImageProcessor(size={"height": 32, "width": 32})
+        return tf.SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    return tf.ViTImageProcessorPil(size={"height": 32, "width": 32})
 
 
 FAMILIES = ("clip", "siglip", "dinov2", "dinov2_registers", "vit")
