@@ -138,6 +138,12 @@ def browser_data(stats_dir: str | Path, root: str | Path = ".", cfg: BrowserConf
             if isinstance(select_split, str) and select_split:
                 select_labels = labels[labels["split"] == select_split]
             labels = labels[labels["split"] == report_split]
+            # precision and recall at the threshold chosen on the select split, not the report
+            # split's own best-F1 threshold (an oracle on the split it reports)
+            fixed = {c: f"{c}_at_select" for c in ("precision", "recall", "image_precision",
+                                                    "image_recall")}  # fmt: skip
+            if all(v in labels for v in fixed.values()):
+                labels = labels.assign(**{k: labels[v] for k, v in fixed.items()})
     neighbors = _read(stats_dir, "neighbors")
     heatmaps = _read(stats_dir, "heatmaps")
     features = features.sort_values("feature")

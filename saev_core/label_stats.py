@@ -1,8 +1,9 @@
 """Label association per (label, feature): AUROC and the best-F1 threshold with its precision and
 recall, exact or within a bound that is reported with every number.
 
-Exact while small. While a level's non-zero codes (plus its items and their label pairs) fit in
-`StatsConfig.exact_codes`, `ExactBuffer` keeps them as (item, feature, value) and `exact_level`
+Exact while small. While a level's budget units fit in `StatsConfig.exact_codes` (its non-zero
+codes, its items, their (item, label) pairs, and the (code, label of its item) pairs that
+`exact_level` expands every code into: a code of an item with 8 labels counts 1 + 8), `ExactBuffer` keeps them as (item, feature, value) and `exact_level`
 computes AUROC from mid-ranks (Mann-Whitney; ties 1/2 as in scikit-learn; every item without a
 code ties at 0) and the best F1 over every threshold "code >= t", t > 0, whose optimum lies at a
 positive's code. Bounds are then 0 and no further pass is made. A corpus past the budget (the
@@ -35,7 +36,15 @@ are resolved because children span the codes' real range, tied codes end in one-
 or after `StatsConfig.refine_passes`; what is left is in `auroc_err` / `f1_err` (and a single-pass
 caller gets the first pass's bounds).
 
-Memory. The exact buffer holds at most `exact_codes` entries per level (~16 bytes each). The
+Fixed thresholds. A threshold chosen on another split (`compute_stats(thresholds=...)`: the select
+split's best-F1 cut per pair) is a cut between codes, so precision and recall at it need no
+histogram: the first pass counts, per (label, feature), the items reaching it and the positives
+among them (`stats._Accumulator._count_at`), exactly on either route.
+
+Memory. The exact route holds at most `exact_codes` budget units per level: the buffer ~20 bytes
+per code while streaming, and `exact_level`'s sort and rank arrays up to ~160 bytes per unit at
+its peak (measured: ~86 B per unit without labels, ~130 B with one label per item, ~156 B with
+eight), so ~650 MB per level at the default 4M. The
 histograms are O(n_labels x d_sae x n_bins) as before; a refinement pass holds at most
 `max_children` children (count, min, max, and a count per asking label), and between passes the
 cells of the pairs still above `tol` (no more than the first pass's bins plus `max_children` per
@@ -545,7 +554,8 @@ class Refiner:
 
 class ExactBuffer:
     """Every non-zero code of one level as (item, feature, value) plus the items' labels, kept
-    while they fit in `max_codes`: then the association is computed exactly from ranks
+    while codes + label pairs + items + (code, label) pairs fit in `max_codes` (~160 bytes per
+    unit at the peak of `exact_level`, see the module docstring): then the association is computed exactly from ranks
     (`exact_level`) with no histogram bound and no further pass. Past the budget the buffer is
     dropped (`full`), its batches handed back once for the histograms, which take over."""
 
@@ -570,13 +580,18 @@ class ExactBuffer:
         self.n_items += n_rows
         if self.full:
             return []
-        self.n += len(rows) + len(label_rows) + n_rows  # what exact_level holds per item too
+        # what exact_level holds: codes, label pairs, items, and one entry per (code, label of
+        # its item), which it expands every code into (an item with 8 labels: 8 per code)
+        rows_np = rows.cpu().numpy().astype(np.int64)
+        per_row = np.bincount(label_rows.astype(np.int64), minlength=n_rows)
+        n_pairs = int(per_row[rows_np].sum()) if len(rows_np) else 0
+        self.n += len(rows) + len(label_rows) + n_rows + n_pairs
         if self.n > self.max_codes:
             replay, self.parts, self.offsets, self.full = self.parts, [], [], True
             return replay
         self.parts.append(
             (
-                rows.cpu().numpy().astype(np.int64),
+                rows_np,
                 cols.cpu().numpy().astype(np.int64),
                 vals32.cpu().numpy().astype(np.float32),
                 n_rows,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,10 +258,18 @@ def stats_stage(io: StatsStage, progress: bool = True) -> dict[str, Any]:
     `select_split` and reported on `report_split`; frequencies, max_act and exemplars are over all
     the streamed splits together.
     """
+    import numpy as np
+
     from saev_core.sae import SAE
     from saev_core.sae_io import check_sae_matches
     from saev_core.stats import StatsConfig, compute_stats, exemplar_heatmaps
-    from saev_core.stats_splits import merge_stats, pop_controls, resolve_splits, shuffled_labels
+    from saev_core.stats_splits import (
+        CONTROL_PREFIX,
+        merge_stats,
+        pop_controls,
+        resolve_splits,
+        shuffled_labels,
+    )
     from saev_core.stats_tables import write_stats
     from saev_core.training import dense_fractions
 
@@ -283,6 +292,18 @@ def stats_stage(io: StatsStage, progress: bool = True) -> dict[str, Any]:
     has_cls = manifest_has_cls(m.data.get("tokens", {}))
     patch_labels = shards.read_patch_labels(io.shard_dir)
     image_labels = _image_labels(io.shard_dir)
+    if tokens == "prefix":
+        # label association needs patch codes: patch labels sit on patches and an image is
+        # scored by its highest patch code, so a CLS/register SAE would get NaN patch scores and
+        # an image AUROC of 0.5 for every feature. Skip it; frequencies and max_act stay.
+        print(
+            f"stats: {io.sae_dir} streams CLS/register tokens only (tokens 'prefix'); label "
+            "association is measured on patch codes, so it is skipped: no feature_labels rows "
+            "and no label leaders for this run (frequencies and max_act are measured). Stream "
+            "patches (stats.tokens: all or patches) to score labels.",
+            file=sys.stderr,
+        )
+        patch_labels = image_labels = None
     grid = m.data.get("tokens", {}).get("grid")
     present = [s for s in cfg.splits if sum(f["images"] for f in m.files(layer, [s])) > 0]
     select, report = resolve_splits(cfg, present)
@@ -293,13 +314,26 @@ def stats_stage(io: StatsStage, progress: bool = True) -> dict[str, Any]:
             io.shard_dir, layer, cfg.batch_images, splits=splits, tokens=policy
         )
 
-    def stats_of(split: str):
+    def stats_of(split: str, chosen=None):
         labels, img_labels, names = patch_labels, image_labels, None  # None: every label
         controls = cfg.controls and split in split_ids
         if controls:
             labels, img_labels, names = shuffled_labels(
                 patch_labels, image_labels, None, split_ids[split], cfg.control_seed
             )
+        thresholds = None
+        if chosen is not None and len(chosen.label_names):
+            # the select split's best-F1 thresholds, fixed: precision and recall at them here
+            # carry no selection on this split (the controls get none)
+            want = list(chosen.label_names)
+            want += [CONTROL_PREFIX + n for n in want] if controls else []
+            if names is not None and list(names) != want:
+                raise ValueError(f"split {split!r} scores labels {names}, the select split {want}")
+            pad = np.full((len(want) - len(chosen.label_names), chosen.d_sae), np.nan)
+            thresholds = {
+                k: np.concatenate([getattr(chosen, k), pad])
+                for k in ("threshold", "image_threshold")
+            }
         st = compute_stats(
             sae,
             lambda: batches([split]),  # a callable: label statistics may take refining passes
@@ -312,12 +346,23 @@ def stats_stage(io: StatsStage, progress: bool = True) -> dict[str, Any]:
             image_labels=img_labels,
             patch_grid=tuple(grid) if grid else None,
             has_cls=has_cls,
+            thresholds=thresholds,
         )
         st = pop_controls(st, len(names) // 2) if controls else st
+        if chosen is not None and list(st.label_names) != list(chosen.label_names):
+            raise ValueError(
+                f"split {split!r} scored labels {list(st.label_names)}, the select split "
+                f"{list(chosen.label_names)}"
+            )
         st.split = split
         return st
 
-    by_split = {split: stats_of(split) for split in present}
+    chosen = stats_of(select)
+    # at its own thresholds the select split's precision and recall are its best-F1 ones
+    chosen.precision_at_select, chosen.recall_at_select = chosen.precision, chosen.recall
+    chosen.image_precision_at_select = chosen.image_precision
+    chosen.image_recall_at_select = chosen.image_recall
+    by_split = {s: chosen if s == select else stats_of(s, chosen) for s in present}
     stats = merge_stats(by_split, label_split=select)
     if cfg.prefix_apart and m.n_prefix_tokens:
         # CLS and registers in a pass of their own: freq_cls without touching freq or max_act

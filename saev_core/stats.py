@@ -79,10 +79,11 @@ class StatsConfig:
     before a refinement pass re-streams the batches (see saev_core.label_stats)."""
     refine_passes: int = 4
     """Most refinement passes over the batches (0: the first pass only; the bounds are stored)."""
-    exact_codes: int = 16_000_000
-    """Non-zero codes (plus label pairs and items) per level kept to score labels exactly from
-    ranks, ~16 bytes each, with no bound and no refinement pass; a larger corpus falls back to
-    the histograms (0: always)."""
+    exact_codes: int = 4_000_000
+    """Budget units per level kept to score labels exactly from ranks, with no bound and no
+    refinement pass: non-zero codes + items + (item, label) pairs + (code, label of its item)
+    pairs. Up to ~160 bytes per unit at the peak of the exact computation (~650 MB per level at
+    the default; saev_core.label_stats); a larger corpus falls back to the histograms (0: always)."""
 
     def __post_init__(self) -> None:
         if self.n_top < 1:
@@ -155,6 +156,10 @@ LABEL_FIELDS = (
     "image_auroc_err",
     "f1_err",
     "image_f1_err",
+    "precision_at_select",
+    "recall_at_select",
+    "image_precision_at_select",
+    "image_recall_at_select",
 )
 
 
@@ -209,6 +214,9 @@ class FeatureStats:
     # image level, see saev_core.stats_splits); None when no control was scored
     control_auroc: np.ndarray | None = None
     control_image_auroc: np.ndarray | None = None
+    # [l] proven bounds on those maxima: the exact best lies within control_auroc +- this
+    control_auroc_err: np.ndarray | None = None
+    control_image_auroc_err: np.ndarray | None = None
     # [l, s] proven bounds (saev_core.label_stats): |auroc - exact AUROC| <= auroc_err, and the
     # reported threshold's F1 is within f1_err of the best F1 over all thresholds; 0 = exact
     auroc_err: np.ndarray | None = None
@@ -216,6 +224,14 @@ class FeatureStats:
     image_auroc_err: np.ndarray | None = None
     image_f1_err: np.ndarray | None = None
     refine_passes: int = 0  # passes over the batches after the first, to tighten those bounds
+    # [l, s] precision and recall at a fixed threshold per pair chosen elsewhere (the select
+    # split's best-F1 `threshold` / `image_threshold`, `compute_stats(thresholds=...)`), exact
+    # counts; NaN where no threshold was given, nothing reaches it (precision) or the label has
+    # no positives (recall); None when no thresholds were given
+    precision_at_select: np.ndarray | None = None
+    recall_at_select: np.ndarray | None = None
+    image_precision_at_select: np.ndarray | None = None
+    image_recall_at_select: np.ndarray | None = None
 
     @property
     def d_sae(self) -> int:
@@ -289,6 +305,7 @@ def compute_stats(
     image_labels: pd.DataFrame | pa.Table | None = None,
     patch_grid: tuple[int, int] | None = None,
     has_cls: bool | None = None,
+    thresholds: dict[str, np.ndarray] | None = None,
 ) -> FeatureStats:
     """Stream `(image_id [n], token [n], acts [n, d_model])` batches through `sae.encode`.
 
@@ -316,6 +333,12 @@ def compute_stats(
     `patch_labels` (an image carries every label one of its patches carries). Precision and
     recall are reported at the threshold ("code >= t", t > 0) with the best F1.
 
+    `thresholds` (`{"threshold": [l, s], "image_threshold": [l, s]}`, rows in the order of the
+    scored labels, NaN = none; typically the select split's best-F1 thresholds) are fixed cuts
+    "code >= t" (t = 0: "code > 0"): the first pass also counts, per pair, the items reaching the
+    cut and the positives among them, exactly on either route, and reports
+    `precision_at_select` / `recall_at_select` (and the image-level ones) at them.
+
     `patch_grid` (rows, cols) places patch `token - n_prefix_tokens` on the image for the spatial
     statistics; None takes a square grid when the patch count is a square, else one row.
     Each feature's `cfg.n_neighbors` nearest other features by decoder cosine come from
@@ -336,6 +359,7 @@ def compute_stats(
     labels = _PatchLabels(patch_labels, label_names, n_prefix_tokens)
     img_labels = _ImageLabels(image_labels, labels)
     acc = _Accumulator(d_sae, len(labels.names), n_prefix_tokens, cfg, device, patch_grid)
+    acc.set_thresholds(thresholds)
     # whether token 0 is CLS is the manifest's to say (`tokens.has_cls`); None: any prefix
     acc.has_cls = n_prefix_tokens >= 1 and (has_cls is None or bool(has_cls))
     seen: set[int] = set()
@@ -691,6 +715,7 @@ class _Accumulator:
         self.s, self.h, self.n_labels = s, h, n_labels
         self.n_prefix_tokens = n_prefix_tokens
         self.has_cls = n_prefix_tokens >= 1  # token 0 is CLS; compute_stats sets it from has_cls
+        self.at: dict | None = None  # fixed thresholds to count at (set_thresholds)
         self.device = device
         # MPS has no float64; elsewhere sums of millions of codes keep full precision
         self.fdtype = torch.float32 if device.type == "mps" else torch.float64
@@ -734,6 +759,81 @@ class _Accumulator:
         self.top_value_ts = torch.full((t, s), -1.0, dtype=torch.float32, **z)
         self.top_image_ts = torch.full((t, s), -1, dtype=torch.int64, **z)
         self.top_token_ts = torch.full((t, s), -1, dtype=torch.int64, **z)
+
+    def set_thresholds(self, thresholds: dict[str, np.ndarray] | None) -> None:
+        """Fixed per-pair thresholds to count precision and recall at (compute_stats)."""
+        self.at = None
+        if thresholds is None:
+            return
+        unknown = set(thresholds) - {"threshold", "image_threshold"}
+        if unknown:
+            raise ValueError(f"thresholds: unknown key(s) {sorted(unknown)}")
+        shape = (self.n_labels, self.s)
+        self.at = {}
+        for level, key in (("patch", "threshold"), ("image", "image_threshold")):
+            t = np.asarray(thresholds.get(key, np.full(shape, np.nan)), dtype=np.float64)
+            if t.shape != shape:
+                raise ValueError(f"thresholds[{key!r}] has shape {t.shape}, expected {shape}")
+            if (t < 0).any():
+                raise ValueError(f"thresholds[{key!r}] must be >= 0 or NaN")
+            z = {"dtype": torch.int64, "device": self.device}
+            self.at[level] = {
+                "given": ~np.isnan(t),
+                # NaN: no cut, nothing counted (+inf is reached by no code)
+                "t": torch.from_numpy(np.where(np.isnan(t), np.inf, t)).to(self.device),
+                "labels": torch.from_numpy(np.flatnonzero(~np.isnan(t).all(1))).to(self.device),
+                "all": torch.zeros(shape, **z),
+                "pos": torch.zeros(shape, **z),
+            }
+
+    def _count_at(
+        self,
+        level: str,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        vals32: torch.Tensor,
+        n_rows: int,
+        label_rows: np.ndarray,
+        label_codes: np.ndarray,
+    ) -> None:
+        """Count the codes (all, and those of the label's positives) that reach each pair's fixed
+        threshold: exact comparisons of the float32 codes with the float64 thresholds."""
+        at = self.at[level]
+        t_ls, vals, ls = at["t"], vals32.double(), at["labels"]
+        if len(ls) == 0:
+            return
+        t_use = t_ls[ls]  # only labels with a threshold (the controls have none)
+        step = max(1, (1 << 22) // len(ls))
+        for lo in range(0, len(cols), step):
+            c, v = cols[lo : lo + step], vals[lo : lo + step]
+            ge_lc = (v[None, :] >= t_use[:, c]).long()  # codes > 0, so t = 0 is "code > 0"
+            slot = (ls[:, None] * self.s + c[None, :]).reshape(-1)
+            at["all"].view(-1).index_add_(0, slot, ge_lc.reshape(-1))
+        if len(label_rows) == 0 or len(rows) == 0:
+            return
+        dev = self.device
+        lr = torch.from_numpy(label_rows).to(dev)
+        lc = torch.from_numpy(label_codes).to(dev)
+        counts_n = torch.bincount(lr, minlength=n_rows)
+        starts_n = torch.cumsum(counts_n, 0) - counts_n
+        cnt = counts_n[rows]
+        entry = torch.repeat_interleave(torch.arange(len(rows), device=dev), cnt)
+        within = torch.arange(len(entry), device=dev) - (torch.cumsum(cnt, 0) - cnt)[entry]
+        label = lc[starts_n[rows[entry]] + within]
+        col = cols[entry]
+        ge = (vals[entry] >= t_ls[label, col]).long()
+        at["pos"].view(-1).index_add_(0, label * self.s + col, ge)
+
+    def _at_select(self, level: str, n_pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(precision, recall) [l, s] at the fixed thresholds of one level."""
+        at = self.at[level]
+        pred = at["all"].cpu().numpy().astype(np.float64)
+        tp = at["pos"].cpu().numpy().astype(np.float64)
+        p = np.asarray(n_pos, dtype=np.float64)[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            precision = np.where(at["given"] & (pred > 0), tp / pred, np.nan)
+            recall = np.where(at["given"] & (p > 0), tp / p, np.nan)
+        return precision, recall
 
     def update(
         self,
@@ -822,6 +922,8 @@ class _Accumulator:
         )
         for level, entries, n_rows, (lab_rows, lab_codes), n_pos in levels:
             n_pos += torch.bincount(torch.from_numpy(lab_codes).to(dev), minlength=self.n_labels)
+            if self.at is not None:
+                self._count_at(level, *entries, n_rows, lab_rows, lab_codes)
             buf = self.exact_patch if level == "patch" else self.exact_image
             replay = buf.add(n_rows, *entries, lab_rows, lab_codes)
             if replay is None:
@@ -928,6 +1030,15 @@ class _Accumulator:
             ),
         )  # fmt: skip
         patch, image = (vars(lv) for lv in self.levels)
+        at_select = {}
+        if self.at is not None:
+            for level, prefix, n_pos in (
+                ("patch", "", self.n_pos),
+                ("image", "image_", self.n_pos_img),
+            ):
+                prec, rec = self._at_select(level, cpu(n_pos))
+                at_select[prefix + "precision_at_select"] = prec
+                at_select[prefix + "recall_at_select"] = rec
         spatial = cpu(self.spatial_sp)
         n_p = spatial.shape[1]
         if self.patch_grid is not None:
@@ -978,4 +1089,5 @@ class _Accumulator:
             spatial=spatial,
             neighbor=np.zeros((self.s, 0), np.int64),
             neighbor_cos=np.zeros((self.s, 0), np.float64),
+            **at_select,
         )

@@ -10,8 +10,10 @@ The maximum AUROC over d_sae features grows with d_sae even when no feature mean
 every label is also scored as a shuffled copy (`shuffled_labels`): the images' label sets are
 permuted across the split's images with a fixed seed, each patch mask moving with its image, which
 keeps the label's prevalence and spatial shape but breaks its tie to the content. The best AUROC
-any feature reaches on that copy (`FeatureStats.control_auroc`) is the bar a leader of an SAE of
-that width has to clear; `pop_controls` moves it out of the label arrays.
+any feature reaches on that copy (`FeatureStats.control_auroc`, with its proven error bound
+`control_auroc_err`) is the bar a leader of an SAE of that width has to clear; `pop_controls`
+moves it out of the label arrays. Compare it with the leader's select-split AUROC (both are
+maxima over features on the select split), not with the report split's.
 """
 
 from __future__ import annotations
@@ -45,7 +47,15 @@ _SUM = (
 _MAX = ("max_act",)
 _TOP = ("top_value", "top_image", "top_token")
 _SAME = ("run", "hist_edges", "n_prefix_tokens", "grid", "neighbor", "neighbor_cos")
-_LABELS = ("label_names", *LABEL_FIELDS, "control_auroc", "control_image_auroc", "refine_passes")
+_LABELS = (
+    "label_names",
+    *LABEL_FIELDS,
+    "control_auroc",
+    "control_image_auroc",
+    "control_auroc_err",
+    "control_image_auroc_err",
+    "refine_passes",
+)
 
 
 def resolve_splits(cfg: StatsConfig, present: Sequence[str]) -> tuple[str, str]:
@@ -135,7 +145,29 @@ def pop_controls(stats: FeatureStats, n_real: int) -> FeatureStats:
             out[name] = value[:n_real]
     out["control_auroc"] = _best(stats.auroc[n_real:])
     out["control_image_auroc"] = _best(stats.image_auroc[n_real:])
+    out["control_auroc_err"] = _best_err(stats.auroc[n_real:], _err(stats.auroc_err, n_real))
+    out["control_image_auroc_err"] = _best_err(
+        stats.image_auroc[n_real:], _err(stats.image_auroc_err, n_real)
+    )
     return replace(stats, **out)
+
+
+def _err(err_ls: np.ndarray | None, n_real: int) -> np.ndarray | None:
+    return None if err_ls is None else np.asarray(err_ls, dtype=np.float64)[n_real:]
+
+
+def _best_err(auroc_ls: np.ndarray, err_ls: np.ndarray | None) -> np.ndarray:
+    """A proven bound on |max over features of the AUROC - the max of the exact AUROCs| per
+    label: each exact AUROC lies in [auroc - err, auroc + err], so their maximum lies between the
+    largest lower and the largest upper end. NaN where the max is NaN or no bound is known."""
+    best = _best(auroc_ls)
+    if err_ls is None:
+        return np.full(len(best), np.nan)
+    a = np.asarray(auroc_ls, dtype=np.float64)
+    e = np.where(np.isnan(a), np.nan, np.asarray(err_ls, dtype=np.float64))
+    with np.errstate(invalid="ignore"):
+        hi, lo = _best(a + e) - best, best - _best(a - e)
+    return np.fmax(hi, lo)
 
 
 def _best(auroc_ls: np.ndarray) -> np.ndarray:

@@ -144,6 +144,21 @@ def feature_labels_table(stats: FeatureStats) -> pa.Table:
                 )
                 for name in ("auroc_err", "f1_err", "image_auroc_err", "image_f1_err")
             },
+            # precision and recall at the select split's best-F1 threshold of the pair, counted
+            # exactly on this split (no selection on it); null where no threshold was carried
+            **{
+                name: _nullable(
+                    np.full(n_labels * s, np.nan)
+                    if getattr(stats, name, None) is None
+                    else getattr(stats, name).reshape(-1)
+                )
+                for name in (
+                    "precision_at_select",
+                    "recall_at_select",
+                    "image_precision_at_select",
+                    "image_recall_at_select",
+                )
+            },
         }
     )
 
@@ -155,6 +170,10 @@ def label_controls_table(stats: FeatureStats) -> pa.Table:
     nan = np.full(n, np.nan)
     patch = nan if stats.control_auroc is None else stats.control_auroc
     image = nan if stats.control_image_auroc is None else stats.control_image_auroc
+    err = {
+        name: nan if getattr(stats, name, None) is None else getattr(stats, name)
+        for name in ("control_auroc_err", "control_image_auroc_err")
+    }
     return pa.table(
         {
             "run": pa.array([stats.run] * n, pa.string()),
@@ -162,7 +181,10 @@ def label_controls_table(stats: FeatureStats) -> pa.Table:
             "label": pa.array(list(stats.label_names), pa.string()),
             "d_sae": pa.array([stats.d_sae] * n, pa.int64()),
             "control_auroc": _nullable(patch),
+            # proven bound: the exact best AUROC lies within control_auroc +- control_auroc_err
+            "control_auroc_err": _nullable(err["control_auroc_err"]),
             "control_image_auroc": _nullable(image),
+            "control_image_auroc_err": _nullable(err["control_image_auroc_err"]),
         }
     )
 

@@ -259,3 +259,84 @@ def test_exact_budget_overflow_falls_back_to_histograms_and_tables_carry_the_bou
             [[fl.loc[(lab, f), name] for f in range(acts.shape[1])] for lab in ("a", "rare")]
         )
         np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_code_label_pairs_count_in_the_exact_budget(monkeypatch):
+    """exact_level expands every code once per label of its item: a corpus whose codes, items
+    and label pairs fit the budget but whose (code, label) pairs do not takes the histograms."""
+    from saev_core import label_stats
+
+    rng = np.random.default_rng(11)
+    n_img, n_tok, d, n_lab = 60, 9, 4, 8
+    n = n_img * n_tok
+    image_id = np.repeat(np.arange(n_img, dtype=np.int64), n_tok)
+    token = np.tile(np.arange(n_tok, dtype=np.int32), n_img)
+    patch = token >= 1
+    y = (rng.random((n, n_lab)) < 0.5) & patch[:, None]  # ~4 labels per patch
+    shift = y[:, :d].astype(np.float64)
+    acts = (rng.lognormal(0.3 * shift, 1.0) * patch[:, None]).astype(np.float32)
+    r, c = np.nonzero(y)
+    names = [f"l{i}" for i in range(n_lab)]
+    labels = pd.DataFrame({"image_id": image_id[r], "token": token[r], "label": np.array(names)[c]})
+    n_codes, n_pairs = int(patch.sum()) * d, int(y.sum()) * d
+    budget = 5000
+    assert n_codes + len(labels) + n < budget < n_codes + len(labels) + n + n_pairs
+    calls = []
+    real = label_stats.exact_level
+
+    def spy(*args):
+        calls.append(args[5])  # n_items
+        return real(*args)
+
+    monkeypatch.setattr(label_stats, "exact_level", spy)
+    st = compute_stats(
+        Identity(d), batches_of(image_id, token, acts, 7), labels, names, 1,
+        StatsConfig(n_top=2, n_neighbors=0, exact_codes=budget), "r", False,
+    )  # fmt: skip
+    assert int(patch.sum()) not in calls  # the patch level took the histogram route
+    assert st.refine_passes >= 1
+    check_level(
+        y[patch], acts[patch].astype(np.float64), st.auroc, st.auroc_err, st.threshold,
+        st.precision, st.recall, st.f1_err,
+    )  # fmt: skip
+
+
+@PATHS
+def test_precision_and_recall_at_a_fixed_threshold_match_sklearn(exact_codes):
+    """thresholds= (the select split's best-F1 cuts) are counted exactly on another split, on
+    either route: sklearn's precision_score / recall_score of "code >= t" (t = 0: "code > 0")."""
+    from sklearn.metrics import precision_score, recall_score
+
+    image_id, token, acts, labels, y = adversarial_data(seed=4, n_img=400)
+    half = 200 * 9  # images 1000..1199 select, 1200..1399 report
+    sel_l, rep_l = labels[labels.image_id < 1200], labels[labels.image_id >= 1200]
+    sel = run(acts[:half], image_id[:half], token[:half], sel_l, exact_codes=exact_codes)
+    cut = {"threshold": sel.threshold, "image_threshold": sel.image_threshold}
+    st = compute_stats(
+        Identity(acts.shape[1]), batches_of(image_id[half:], token[half:], acts[half:], 37),
+        rep_l, ["a", "rare"], 1, StatsConfig(n_top=2, n_neighbors=0, exact_codes=exact_codes),
+        "r", False, thresholds=cut,
+    )  # fmt: skip
+    p_score, p_y, i_score, i_y = truth(image_id[half:], token[half:], acts[half:], y[half:], 9)
+    n_checked = 0
+    for level, score, yy, t_ls, prefix in (
+        ("patch", p_score, p_y, sel.threshold, ""),
+        ("image", i_score, i_y, sel.image_threshold, "image_"),
+    ):
+        prec = getattr(st, prefix + "precision_at_select")
+        rec = getattr(st, prefix + "recall_at_select")
+        for li in range(2):
+            for f in range(acts.shape[1]):
+                t = t_ls[li, f]
+                if np.isnan(t):
+                    assert np.isnan(prec[li, f]) and np.isnan(rec[li, f])
+                    continue
+                pred = score[:, f] >= t if t > 0 else score[:, f] > 0
+                want_p = precision_score(yy[:, li], pred, zero_division=np.nan)
+                want_r = recall_score(yy[:, li], pred, zero_division=np.nan)
+                np.testing.assert_equal(prec[li, f], want_p, err_msg=f"{level} {li} {f}")
+                assert rec[li, f] == pytest.approx(want_r, abs=1e-12), (level, li, f)
+                n_checked += 1
+    assert n_checked >= 20
+    # not the report split's own (tuned) precision, which is at least as good in F1
+    assert not np.allclose(st.precision_at_select, st.precision, equal_nan=True)

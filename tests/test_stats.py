@@ -825,3 +825,166 @@ def test_shuffled_label_control_is_chance_and_matches_sklearn(tmp_path):
     y_img = y.any(1)
     per_feature_img = [roc_auc_score(y_img, codes[:, :, f].max(1)) for f in range(d)]
     assert st.control_image_auroc[0] == pytest.approx(max(per_feature_img), abs=2e-3)
+
+
+def _warehouse_of(tmp_path):
+    import shutil
+
+    from saev_core.warehouse import build_warehouse
+
+    root = tmp_path
+    shutil.copytree(Path(__file__).resolve().parents[1] / "sql", root / "sql")
+    (root / "artifacts").mkdir()
+    shutil.move(str(tmp_path / "stats"), root / "artifacts" / "stats")
+    db = root / "w.duckdb"
+    build_warehouse(db, root=root, sql_dir="sql")
+    return db, root
+
+
+def test_report_split_precision_and_recall_use_the_select_splits_threshold(tmp_path):
+    """The stage carries val's best-F1 threshold of every (label, feature) into test: test's
+    precision_at_select / recall_at_select are sklearn's at that cut on test's data, and the
+    queries show them (test's own tuned values only as oracle_* columns)."""
+    import json
+
+    from sklearn.metrics import precision_score, recall_score
+
+    from saev_core.warehouse import run_query
+
+    codes, red, val, test = _leader_world(tmp_path)
+    _, t = _run_stage(tmp_path, splits=["val", "test"])
+    fl = t["feature_labels"].set_index(["split", "feature"])
+    red_img = red.any(1)
+    for f in range(3):
+        for level, score, y, pre in (
+            ("patch", codes[:, :, f], red, ""),
+            ("image", codes[:, :, f].max(1), red_img, "image_"),
+        ):
+            thr = fl.loc[("val", f), pre + "threshold"]
+            s_test, y_test = score[test].ravel(), y[test].ravel()
+            pred = s_test >= thr if thr > 0 else s_test > 0
+            got_p = fl.loc[("test", f), pre + "precision_at_select"]
+            got_r = fl.loc[("test", f), pre + "recall_at_select"]
+            assert got_p == pytest.approx(precision_score(y_test, pred), abs=1e-12), (level, f)
+            assert got_r == pytest.approx(recall_score(y_test, pred), abs=1e-12), (level, f)
+            # on the select split they are its own best-F1 precision and recall
+            assert fl.loc[("val", f), pre + "precision_at_select"] == pytest.approx(
+                fl.loc[("val", f), pre + "precision"]
+            )
+    db, root = _warehouse_of(tmp_path)
+
+    def q(name, **params):
+        return json.loads(run_query(db, name, params, fmt="json", root=root))
+
+    top = {r["feature"]: r for r in q("top_features_for_label", label="red", run="t")}
+    for f in range(3):
+        assert top[f]["precision_at_select"] == pytest.approx(
+            fl.loc[("test", f), "precision_at_select"]
+        )
+        assert top[f]["recall_at_select"] == pytest.approx(fl.loc[("test", f), "recall_at_select"])
+        assert top[f]["oracle_precision"] == pytest.approx(fl.loc[("test", f), "precision"])
+        assert "precision" not in top[f] and "recall" not in top[f]
+    (best,) = q("best_feature_per_concept")
+    assert best["precision_at_select"] == pytest.approx(fl.loc[("test", 0), "precision_at_select"])
+    assert best["recall_at_select"] == pytest.approx(fl.loc[("test", 0), "recall_at_select"])
+    fl_view = json.loads(
+        run_query(
+            db, "select split, feature, f1_at_select, precision_at_select, recall_at_select "
+            "from feature_labels where split = 'test' and feature = 0", {}, fmt="json", root=root,
+        )
+    )  # fmt: skip
+    p, r = fl.loc[("test", 0), "precision_at_select"], fl.loc[("test", 0), "recall_at_select"]
+    assert fl_view[0]["f1_at_select"] == pytest.approx(2 * p * r / (p + r))
+
+
+def test_the_controls_error_bound_is_kept(tmp_path):
+    """pop_controls keeps a proven bound on the control's best AUROC, written as
+    label_controls.control_auroc_err (and the image one) next to control_auroc."""
+    import json
+
+    from saev_core.stats_splits import CONTROL_PREFIX, pop_controls
+    from saev_core.warehouse import run_query
+
+    # the bound itself: features [0.60 +- 0.01, 0.58 +- 0.05] -> the exact max lies in
+    # [max(0.59, 0.53), max(0.61, 0.63)] = [0.59, 0.63], so within 0.60 +- 0.03
+    codes, red, val, test = _leader_world(tmp_path)
+    _, t = _run_stage(tmp_path, splits=["val", "test"], n_bins=2, refine_passes=0, exact_codes=0)
+    lc = t["label_controls"].set_index("split")
+    assert "control_auroc_err" in lc and "control_image_auroc_err" in lc
+    assert (lc.control_auroc_err >= 0).all() and (lc.control_image_auroc_err >= 0).all()
+    fl = t["feature_labels"]
+    # a two-bin histogram, no refinement: real bounds, not zero
+    assert fl.auroc_err.max() > 0 and lc.control_auroc_err.max() > 0
+    st = _fake_label_stats(
+        [[0.7, 0.7], [0.60, 0.58]], [[0.0, 0.0], [0.01, 0.05]], ("red", CONTROL_PREFIX + "red")
+    )
+    out = pop_controls(st, 1)
+    assert out.control_auroc[0] == pytest.approx(0.60)
+    assert out.control_auroc_err[0] == pytest.approx(0.03)
+    assert np.isnan(out.control_image_auroc_err[0])  # image errs unknown here
+    db, root = _warehouse_of(tmp_path)
+    rows = json.loads(
+        run_query(db, "select * from label_controls order by split", {}, fmt="json", root=root)
+    )
+    assert [r["control_auroc_err"] for r in rows] == pytest.approx(
+        list(lc.sort_index().control_auroc_err)
+    )
+
+
+def test_leaders_show_the_select_margin_over_the_control(tmp_path):
+    """label_leaders / best_feature_per_concept compare the select split's best with the
+    control, both maxima on the select split (select_margin), and the view says so."""
+    import json
+
+    from saev_core.warehouse import run_query
+
+    _leader_world(tmp_path)
+    _, t = _run_stage(tmp_path, splits=["val", "test"])
+    lc = t["label_controls"].set_index("split")
+    db, root = _warehouse_of(tmp_path)
+    (lead,) = json.loads(run_query(db, "best_feature_per_concept", {}, fmt="json", root=root))
+    assert lead["select_margin"] == pytest.approx(lead["select_auroc"] - lead["control_auroc"])
+    rows = json.loads(
+        run_query(
+            db, "select select_margin, select_auroc, control_auroc, control_auroc_err, "
+            "image_select_margin, image_select_auroc, control_image_auroc from label_leaders",
+            {}, fmt="json", root=root,
+        )
+    )  # fmt: skip
+    (r,) = rows
+    assert r["select_margin"] == pytest.approx(r["select_auroc"] - r["control_auroc"])
+    assert r["image_select_margin"] == pytest.approx(
+        r["image_select_auroc"] - r["control_image_auroc"]
+    )
+    assert r["control_auroc_err"] == pytest.approx(lc.loc["val", "control_auroc_err"])
+    assert "fair comparison" in (root / "sql/views/57_label_leaders.sql").read_text()
+
+
+def _fake_label_stats(auroc_ls, err_ls, names):
+    """A FeatureStats with only label fields that matter to pop_controls."""
+    from dataclasses import fields
+
+    from saev_core.stats import LABEL_FIELDS, FeatureStats
+
+    a = np.asarray(auroc_ls, dtype=np.float64)
+    n_l, s = a.shape
+    kw = {f.name: None for f in fields(FeatureStats)}
+    kw.update({name: np.zeros((n_l, s)) for name in LABEL_FIELDS})
+    kw.update(n_pos=np.zeros(n_l), image_n_pos=np.zeros(n_l), label_names=tuple(names))
+    kw.update(auroc=a, auroc_err=np.asarray(err_ls, dtype=np.float64), image_auroc=a.copy())
+    kw["image_auroc_err"] = None
+    return FeatureStats(**{k: v for k, v in kw.items()})
+
+
+def test_a_prefix_only_sae_skips_label_association_with_a_message(tmp_path, capsys):
+    """A CLS/register SAE has no patch codes: label association is skipped (said so), not
+    written as NaN patch scores and an image AUROC of 0.5 everywhere; frequencies stay."""
+    codes, red, val, test = _leader_world(tmp_path)
+    _identity_sae(tmp_path / "sae", 3, "prefix")
+    summary, t = _run_stage(tmp_path, splits=["val", "test"])
+    assert "label association is measured on patch codes" in capsys.readouterr().err
+    assert summary["labels"] == [] and summary["tokens"] == "prefix"
+    assert len(t["feature_labels"]) == 0 and len(t["label_controls"]) == 0
+    feats = t["features"].set_index("feature")
+    assert t["run"].n_tokens[0] == 2 * 60  # one CLS per image
+    assert feats.freq.notna().all() and (feats.freq > 0).any()

@@ -579,7 +579,8 @@ def test_semantic_breadth_and_neighbors(project):
 def test_image_level_ranking_and_bad_parameters(project):
     rows = q(project, "top_features_for_label", label="red", run="relu_a", level="image")
     aurocs = [r["image_auroc"] for r in rows if r["image_auroc"] is not None]
-    assert aurocs == sorted(aurocs, reverse=True) and "precision" in rows[0]
+    assert aurocs == sorted(aurocs, reverse=True) and "precision_at_select" in rows[0]
+    assert "oracle_precision" in rows[0] and "precision" not in rows[0]
     with pytest.raises(ValueError, match="level must be patch or image"):
         q(project, "top_features_for_label", label="red", level="pixel")
     with pytest.raises(ValueError, match="unknown run 'relu_x'.*relu_a, relu_b"):

@@ -2,8 +2,10 @@
 -- on the run's select split at patch level (a patch's code vs its labels) or image level (an
 -- image's highest patch code vs its labels). Next to the ranking score: the best AUROC any
 -- feature reaches on the concept shuffled across images (control_auroc, same level and split),
--- then the report split's AUROC, precision and recall at the best-F1 threshold, and how often
--- each feature fires.
+-- then the report split's AUROC, and its precision and recall at the threshold chosen on the
+-- select split (precision_at_select, recall_at_select: no tuning on the report split); the
+-- report split's own best-F1 precision and recall, an optimistic oracle, as oracle_precision and
+-- oracle_recall; and how often each feature fires.
 -- param label: concept name, e.g. red
 -- param run: stats run name; every run when omitted (default null)
 -- param level: rank by patch or image AUROC (default patch)
@@ -61,14 +63,18 @@ final as (
         controls.control_auroc,
         runs.report_split,
         reporting.auroc,
-        reporting.precision,
-        reporting.recall,
+        reporting.precision_at_select,
+        reporting.recall_at_select,
+        reporting.precision as oracle_precision,
+        reporting.recall as oracle_recall,
         reporting.mean_in,
         reporting.mean_out,
         reporting.n_pos,
         reporting.image_auroc,
-        reporting.image_precision,
-        reporting.image_recall,
+        reporting.image_precision_at_select,
+        reporting.image_recall_at_select,
+        reporting.image_precision as oracle_image_precision,
+        reporting.image_recall as oracle_image_recall,
         features.freq,
         features.max_act
     from selecting

@@ -4,6 +4,11 @@
 -- `auroc_err` of exact (<= 0.002 unless refinement was cut short; see saev_core.label_stats);
 -- precision and recall are exact at the threshold with the best F1 (within `f1_err` of the best
 -- over all thresholds), where "code >= threshold" predicts the label (threshold 0: "code > 0").
+-- On each split that threshold is the split's own best: on the report split, `precision`,
+-- `recall` and `f1` are an oracle (the cut is tuned on the data they score). The fair numbers
+-- there are `precision_at_select` / `recall_at_select` / `f1_at_select` (and the image ones):
+-- exact counts on this split at the threshold the select split chose for the same pair (on the
+-- select split they equal its own precision and recall; null where no threshold was carried).
 -- One block of rows per split the stats measured:
 -- choose a feature on the run's select split (is_select_split), read its scores on the report
 -- split (is_report_split); stats written before splits were kept apart have split null and count
@@ -41,7 +46,15 @@ final as (
         auroc_err,
         f1_err,
         image_auroc_err,
-        image_f1_err
+        image_f1_err,
+        precision_at_select,
+        recall_at_select,
+        2 * precision_at_select * recall_at_select
+            / nullif(precision_at_select + recall_at_select, 0) as f1_at_select,
+        image_precision_at_select,
+        image_recall_at_select,
+        2 * image_precision_at_select * image_recall_at_select
+            / nullif(image_precision_at_select + image_recall_at_select, 0) as image_f1_at_select
     from source
     left join runs
         on source.run = runs.run

@@ -4,7 +4,11 @@
 -- Next to each: control_auroc, the best AUROC any feature of the run reaches on the label's
 -- shuffled-label control (labels permuted across the select split's images), what choosing the
 -- best of d_sae features reaches by chance: compare leaders of runs of different width by the
--- margin over it. Precomputed, so that "which feature is this concept's?" is a look-up.
+-- margin over it. The fair comparison is `select_margin` = select_auroc - control_auroc (and
+-- image_select_margin): the control is a maximum over features on the select split, and so is
+-- select_auroc; the report split's `auroc` carries no selection and is not comparable with a
+-- maximum. control_auroc_err bounds the control's own AUROC error. precision_at_select and
+-- recall_at_select are the report split's at the threshold chosen on the select split. Precomputed, so that "which feature is this concept's?" is a look-up.
 with selecting as (
     select
         run,
@@ -25,7 +29,11 @@ reporting as (
         image_auroc,
         mean_in,
         mean_out,
-        n_pos
+        n_pos,
+        precision_at_select,
+        recall_at_select,
+        image_precision_at_select,
+        image_recall_at_select
     from feature_labels
     where is_report_split
 ),
@@ -57,7 +65,9 @@ controls as (
         label_controls.run,
         label_controls.label,
         label_controls.control_auroc,
-        label_controls.control_image_auroc
+        label_controls.control_auroc_err,
+        label_controls.control_image_auroc,
+        label_controls.control_image_auroc_err
     from label_controls
     inner join runs
         on label_controls.run = runs.run
@@ -82,6 +92,12 @@ final as (
         patch_report.auroc,
         patch_best.select_auroc,
         controls.control_auroc,
+        controls.control_auroc_err,
+        -- the fair comparison: both a maximum over features on the select split
+        patch_best.select_auroc - controls.control_auroc as select_margin,
+        -- on the report split, at the threshold the select split chose
+        patch_report.precision_at_select,
+        patch_report.recall_at_select,
         -- the patch-best feature's other scores, on the report split
         patch_report.image_auroc as feature_image_auroc,
         patch_report.mean_in,
@@ -90,7 +106,11 @@ final as (
         image_best.image_feature,
         image_report.image_auroc,
         image_best.image_select_auroc,
-        controls.control_image_auroc
+        controls.control_image_auroc,
+        controls.control_image_auroc_err,
+        image_best.image_select_auroc - controls.control_image_auroc as image_select_margin,
+        image_report.image_precision_at_select,
+        image_report.image_recall_at_select
     from labels
     left join runs
         on labels.run = runs.run
