@@ -466,3 +466,20 @@ def test_reconstruct_takes_any_leading_shape_and_encode_sparse_refuses_it():
         # Training mode with [batch, tokens, d_model] takes the dense path rather than failing.
         out = sae.train()(x)
         assert out.x_hat.shape == x.shape and out.fired.shape == (32,)
+
+
+def test_jumprelu_l0_gradient_reaches_the_threshold_at_the_defaults():
+    # Inputs normalised to norm sqrt(d) and unit-norm encoder columns give pre-activations of
+    # std about 1. The default threshold and bandwidth sit at that scale, so the L0 term's
+    # straight-through gradient reaches (nearly) every latent's threshold in one batch; at the old
+    # 0.001 / 0.001 almost no pre-activation fell in the kernel and most thresholds got none.
+    d, n = 32, 512
+    sae = SAE(SAEConfig(arch="jumprelu", d_model=d, d_sae=256), torch.Generator().manual_seed(0))
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(1))
+    sae.set_normalisation(x.mean(dim=0), math.sqrt(d) / (x - x.mean(dim=0)).norm(dim=1).mean())
+    sae.train()
+    out = sae(x, sparsity_coeff=1.0)
+    out.sparsity.backward()
+    grad = sae.log_threshold.grad
+    assert (grad < 0).float().mean() > 0.9  # raising theta lowers L0, for nearly every latent
+    assert out.l0 < 0.5 * 256  # the initial threshold already cuts ReLU's ~half
