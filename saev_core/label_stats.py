@@ -310,11 +310,6 @@ class Refiner:
         if self.cells is not None:
             self._settle(*_table_metrics(self.cells))
 
-    @property
-    def n_pending(self) -> int:
-        """Pairs whose bound still exceeds tol."""
-        return 0 if self.cells is None else len(self.cells.label)
-
     def _settle(self, m: dict[str, np.ndarray], w: np.ndarray, ub: np.ndarray) -> None:
         """Write every pair's current numbers; keep the cells of pairs still above tol."""
         c = self.cells

@@ -743,11 +743,10 @@ def test_leaders_are_chosen_on_val_and_reported_on_test(tmp_path):
     """feature_labels holds each split's scores (sklearn's AUROC); label_leaders and
     best_feature_per_concept pick val's best (0), and show its test AUROC, not test's best."""
     import json
-    import shutil
 
     from sklearn.metrics import roc_auc_score
 
-    from saev_core.warehouse import build_warehouse, run_query
+    from saev_core.warehouse import run_query
 
     codes, red, val, test = _leader_world(tmp_path)
     summary, t = _run_stage(tmp_path, splits=["val", "test"])
@@ -760,12 +759,7 @@ def test_leaders_are_chosen_on_val_and_reported_on_test(tmp_path):
     assert fl.loc[("val", 0), "auroc"] > fl.loc[("val", 1), "auroc"]
     assert fl.loc[("test", 1), "auroc"] > fl.loc[("test", 0), "auroc"]
 
-    root = tmp_path
-    shutil.copytree(Path(__file__).resolve().parents[1] / "sql", root / "sql")
-    (root / "artifacts").mkdir()
-    shutil.move(str(tmp_path / "stats"), root / "artifacts" / "stats")
-    db = root / "w.duckdb"
-    build_warehouse(db, root=root, sql_dir="sql")
+    db, root = _warehouse_of(tmp_path)
     rows = json.loads(run_query(db, "best_feature_per_concept", {}, fmt="json", root=root))
     (r,) = rows
     assert (r["feature"], r["select_split"], r["report_split"]) == (0, "val", "test")
