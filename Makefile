@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup data demo test lint lock clean mlflow-ui chromium
+.PHONY: setup data demo test lint lock clean mlflow-ui chromium interop
 
 setup: $(STAMP)
 
@@ -38,13 +38,29 @@ demo: data
 	@echo "-- best feature per concept (warehouse/saev.duckdb; saev sql --list for more) --"
 	@$(BIN)/saev sql best_feature_per_concept
 	@echo "-- clamping each concept's best feature to -2 x max, against its controls (saev sql intervention_controls) --"
-	@$(BIN)/saev sql "select concept, feature, round(p_before, 3) as p_before, round(p_after, 3) as p_after, round(delta_lo, 3) as delta_lo, round(delta_hi, 3) as delta_hi, round(control_delta, 3) as random_feature, round(direction_delta, 3) as random_direction, below_controls from interventions where strength = -2 and task = 'classifier' order by concept"
+	@$(BIN)/saev sql "select concept, feature, round(delta, 3) as delta, round(control_lo, 3) as control_lo, round(control_hi, 3) as control_hi, round(vs_control_lo, 3) as vs_control_lo, round(vs_control_hi, 3) as vs_control_hi, round(p_adjusted, 4) as p_adjusted, beyond_controls, verdict from interventions where strength = -2 and task = 'classifier' order by concept"
 	@echo "MLflow UI:        make mlflow-ui, then open http://127.0.0.1:5000"
 	@echo "SAE checkpoint:   artifacts/saes/demo/    shards: artifacts/activations/shapes/"
 	@echo "stats (Parquet):  artifacts/stats/demo/   interventions: artifacts/interventions/demo/"
 
-test: setup chromium
+test: setup chromium interop
 	$(BIN)/pytest -q
+
+# A side venv with SAELens and saev, which tests/test_interchange.py runs to check our SAELens
+# export and saev import against those projects' own code. Its own venv because sae-lens needs
+# transformer-lens and its own pins; never installed into .venv.
+INTEROP := .venv-interop
+interop: $(INTEROP)/.installed
+
+# Rebuilt when this Makefile (the pins below) changes; pip skips what is installed already.
+$(INTEROP)/.installed: Makefile
+	@test -x $(INTEROP)/bin/python || $(PYTHON) -m venv $(INTEROP)
+	@echo "installing torch 2.13.0 (CPU), sae-lens and saev into $(INTEROP) (a few minutes the first time)"
+	$(INTEROP)/bin/pip install -q torch==2.13.0
+	@# torch pinned again: sae-lens' dependencies may not replace the CPU wheel installed above
+	$(INTEROP)/bin/pip install -q torch==2.13.0 sae-lens==6.54.12 transformer-lens==3.9.0 beartype einops jaxtyping
+	$(INTEROP)/bin/pip install -q --no-deps saev==0.1.0  # its nn module needs only the three above
+	@touch $@
 
 # Headless Chromium for the feature browser's test (tests/test_browser.py): Debian's package,
 # installed once (about 30 s with apt-get update); the test skips when it is missing.

@@ -5,9 +5,10 @@ Writes `--n-vectors` (at least; whole images of `--tokens` tokens) random vector
 `ShardWriter` with a manifest, and as one `.npy`. Then, in one process, it times
 
   loader:   `loaders.iter_shuffled` (background reader + batcher threads), and
-  baseline: the same row-group order, the same shuffle windows, the same permutation and batch
-            size, each batch one `np.take` from a `np.load(mmap_mode="r")` array into a reused
-            buffer, inline (no threads): the best case for a raw memmap reader,
+  baseline: the same piece order (row groups cut into the loader's pieces), the same shuffle
+            windows, the same permutation and batch size, each batch one `np.take` from a
+            `np.load(mmap_mode="r")` array into a reused buffer, inline (no threads): the best
+            case for a raw memmap reader,
 
 both casting to float32 with the same routine (`loaders._convert`, torch in one thread) and
 again with no cast at all (the stored float16). A first pass checks that both yield the very same
@@ -66,24 +67,39 @@ def memmap_batches(npy_path, shard_dir, batch_size, seed, buffer_groups, dtype):
     m = shards.read_manifest(shard_dir)
     groups = loaders._row_groups(m, 0, None)
     starts = np.cumsum([0] + [g.n_rows for g in groups])  # npy rows are in file order
+    piece_rows = loaders._piece_rows(m, None)
+    pieces = loaders._pieces(groups, piece_rows)
+    per_window = buffer_groups * max(1, -(-loaders._max_rows(groups) // piece_rows))
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(groups))
+    order = rng.permutation(len(pieces))
     carry = np.empty(0, np.int64)
     # one reused buffer each side: the best case for the baseline (the timing loop keeps nothing)
     buf16 = np.empty((batch_size, mm.shape[1]), mm.dtype)
     buf32 = np.empty((batch_size, mm.shape[1]), np.float32)
-    for w in range(0, len(order), buffer_groups):
+    for w in range(0, len(order), per_window):
+        window = [pieces[i] for i in order[w : w + per_window]]
         pool = np.concatenate(
-            [carry] + [np.arange(starts[i], starts[i + 1]) for i in order[w : w + buffer_groups]]
+            [carry]
+            + [np.arange(starts[p.group] + p.start, starts[p.group] + p.stop) for p in window]
         )
         perm = rng.permutation(len(pool))
-        last = w + buffer_groups >= len(order)
+        # the loader's batches hold their rows grouped by piece (the carry first), pieces in
+        # window order: ShardWriter's files hold a row group's vectors in one page, so its
+        # parts are exactly these pieces
+        starts_w = np.cumsum([0, len(carry)] + [p.stop - p.start for p in window])
+
+        last = w + per_window >= len(order)
         n_out = len(perm) if last else len(perm) // batch_size * batch_size
         for lo in range(0, n_out, batch_size):
-            ids = pool[perm[lo : lo + batch_size]]
+            ids = grouped(pool, starts_w, perm[lo : lo + batch_size])
             x = np.take(mm, ids, axis=0, out=buf16[: len(ids)])
             yield x if dtype is None else loaders._convert(x, np.dtype(dtype), buf32[: len(ids)])
-        carry = pool[perm[n_out:]]
+        carry = grouped(pool, starts_w, perm[n_out:])
+
+
+def grouped(pool: np.ndarray, starts: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """`pool[sel]` with the rows grouped by the stretch of `pool` (`starts`) they lie in."""
+    return pool[sel[np.argsort(np.searchsorted(starts, sel, "right"), kind="stable")]]
 
 
 def reset_peak_rss() -> bool:
@@ -198,7 +214,9 @@ def main() -> None:
         "memmap_native_vectors_per_s": round(rate["memmap_f16"]),
         "ratio_native": round(rate["loader_f16"] / rate["memmap_f16"], 3),
         # peak RSS during each pass above the RSS just before it (the memmap's includes the
-        # file pages it maps); the bound is iter_shuffled's: window + prefetch + 3 row groups
+        # file pages it maps); the bound is the old reader's: window + prefetch + 3 row groups
+        # (iter_shuffled's now: window + prefetch + 1, of which only the window gathered from
+        # is touched)
         "loader_peak_rss_delta_mb": round(max(rss["loader_f32"], rss["loader_f16"]), 1),
         "memmap_peak_rss_delta_mb": round(max(rss["memmap_f32"], rss["memmap_f16"]), 1),
         "loader_bound_mb": round((2 * args.buffer_groups + 3) * group_mb, 1),

@@ -42,8 +42,8 @@ def summary(metrics: dict) -> dict:
 
 
 @flow(name="backbone", log_prints=True)
-def backbone_flow(params: str = "params.yaml") -> dict:
-    cfg = load_section(params, "backbone", BackboneConfig)
+def backbone_flow(params: str = "params.yaml", overrides: dict | None = None) -> dict:
+    cfg = load_section(params, "backbone", BackboneConfig, overrides)
     metrics = train_backbone_task(cfg)
     write_metrics(METRICS, summary(tracked_metrics(metrics)))  # timings: MLflow only
     print(f"demo backbone saved to {cfg.out_dir}")
@@ -51,8 +51,8 @@ def backbone_flow(params: str = "params.yaml") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("backbone", argv)
-    backbone_flow(params=args.params)
+    args = parse_args("backbone", argv, overrides=True)
+    backbone_flow(params=args.params, overrides=args.overrides)
     return 0
 
 

@@ -13,9 +13,11 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,8 @@ def parse_args(
     overrides: bool = False,
     extra: Callable[[argparse.ArgumentParser], Any] | None = None,
 ) -> argparse.Namespace:
-    """The command line every stage flow accepts; `overrides` adds `-S key=value`, `extra`
+    """The command line every stage flow accepts; `overrides` adds `-S KEY=VALUE` (every stage
+    flow passes it; `args.overrides` is then `{key: YAML value}` for `load_section`), `extra`
     adds a stage's own options."""
     p = argparse.ArgumentParser(
         prog=f"saev {stage}",
@@ -49,8 +52,11 @@ def parse_args(
             action="append",
             default=[],
             metavar="KEY=VALUE",
-            help=f"override one key of the `{stage}` section for this run (YAML value), e.g. "
-            "-S strict=true -S 'layers=[-2, -1]'; repeatable",
+            help=f"override one key of the `{stage}` section of the params file for this run "
+            "(VALUE is YAML; a dotted KEY reaches into a mapping and keeps its other keys, e.g. "
+            "-S sae.k=32 -S 'layers=[-2, -1]' -S out_dir=artifacts/x, while -S 'sweep={}' "
+            "replaces the whole mapping); repeatable; an unknown key is an error that lists the "
+            "valid ones",
         )
     if extra:
         extra(p)
@@ -68,8 +74,19 @@ def _parse_sets(parser: argparse.ArgumentParser, sets: list[str]) -> dict[str, A
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             parser.error(f"-S expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            parser.error(f"-S {item}: the value is not valid YAML ({e})")
+        # YAML 1.1 (PyYAML) reads 1e-3 as a string; on the command line it means the number
+        # (a quoted '1e-3' stays a string: the raw text, quotes included, is what is matched).
+        if isinstance(parsed, str) and _EXPONENT.fullmatch(value.strip()):
+            parsed = float(parsed)
+        out[key.strip()] = parsed
     return out
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def tracking_uri() -> str:
@@ -116,16 +133,78 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+# The experiment tag MLflow 3's UI reads for an experiment's kind (its "Machine learning" /
+# "GenAI apps & agents" selector writes it); every experiment here is a model-training one.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+
+
+def ensure_experiment(name: str) -> str:
+    """The id of MLflow experiment `name`, created as a model-training experiment; one created
+    before without a kind (an older version of this code) gets it."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is None:
+        return mlflow.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        mlflow.MlflowClient().set_experiment_tag(
+            exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING
+        )
+    return exp.experiment_id
+
+
+# A saved view of the runs table is this experiment tag + its key; the UI opens it from the
+# `viewStateShareKey` parameter of the address (MLflow 3.17's "Views" menu writes the same)
+RUNS_VIEW_TAG = "mlflow.sharedViewState."
+
+
+def save_runs_view(
+    experiment_id: str,
+    key: str,
+    name: str,
+    metrics: Sequence[str] = (),
+    params: Sequence[str] = (),
+    tags: Sequence[str] = (),
+) -> None:
+    """Store a saved view `name` of the experiment's runs table that shows these metrics,
+    params and tags as columns (the UI's default shows none of them). `runs_table_url(...,
+    view=key)` opens it."""
+    import mlflow
+
+    columns = [f"{kind}.`{k}`" for kind, keys in (("metrics", metrics), ("params", params),
+                                                  ("tags", tags)) for k in keys]  # fmt: skip
+    now = int(time.time() * 1000)
+    state = json.dumps({"selectedColumns": columns})
+    value = json.dumps({"name": name, "createdAt": now, "updatedAt": now, "state": state})
+    if len(value) > 5000:  # MLflow's limit on an experiment tag's value
+        print(f"MLflow: {len(columns)} columns do not fit in saved view {name!r}; not saved")
+        return
+    mlflow.MlflowClient().set_experiment_tag(experiment_id, RUNS_VIEW_TAG + key, value)
+
+
+def runs_table_url(experiment_id: str, base: str | None = None, view: str | None = None) -> str:
+    """The address of an experiment's runs table in the MLflow UI at `base` (an http tracking
+    URI, else the `make mlflow-ui` address), in saved view `view` when given. MLflow 3.17's UI
+    opens an experiment on whatever its sidebar's workflow switch says (GenAI by default: the
+    overview of traces), whatever the experiment's kind tag: `workflowType=machine_learning` in
+    the address sets it."""
+    uri = base or tracking_uri()
+    root = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    url = f"{root}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return url + (f"&viewStateShareKey={view}" if view else "")
+
+
 @contextlib.contextmanager
 def mlflow_run(
     experiment: str, run_name: str, tags: dict[str, str] | None = None, nested: bool = False
 ) -> Iterator[Any]:
-    """Open an MLflow run tagged with the git commit and the data version."""
+    """Open an MLflow run tagged with the git commit and the data version, in experiment
+    `experiment` (created as a model-training one: `ensure_experiment`)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    exp = mlflow.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
+    exp_id = ensure_experiment(experiment)
     all_tags = {"git_commit": git_commit(), "data_version": data_version(), **(tags or {})}
     with mlflow.start_run(
         experiment_id=exp_id, run_name=run_name, tags=all_tags, nested=nested

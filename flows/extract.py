@@ -61,7 +61,7 @@ def extract_flow(
     partitions: int = 1,
 ) -> dict:
     """Extract (or extend) the shard set of the `extract` params section, then version it."""
-    cfg = load_section(params, "extract", ExtractConfig, **(overrides or {}))
+    cfg = load_section(params, "extract", ExtractConfig, overrides)
     if partitions > 1:
         plan = plan_task(cfg, partitions)
         print(

@@ -36,8 +36,8 @@ def probe_task(cfg: ProbeConfig) -> dict:
 
 
 @flow(name="probe", log_prints=True)
-def probe_flow(params: str = "params.yaml") -> dict:
-    cfg = load_section(params, "probe", ProbeConfig)
+def probe_flow(params: str = "params.yaml", overrides: dict | None = None) -> dict:
+    cfg = load_section(params, "probe", ProbeConfig, overrides)
     results = probe_task(cfg)
     summary = {
         t: {
@@ -51,8 +51,8 @@ def probe_flow(params: str = "params.yaml") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("probe", argv)
-    probe_flow(params=args.params)
+    args = parse_args("probe", argv, overrides=True)
+    probe_flow(params=args.params, overrides=args.overrides)
     return 0
 
 

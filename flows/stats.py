@@ -39,7 +39,7 @@ def log_task(io: StatsStage, summary: dict) -> None:
 @flow(name="stats", log_prints=True)
 def stats_flow(params: str = "params.yaml", overrides: dict | None = None) -> dict:
     """Stats of the `stats` params section (`overrides` replace its keys for this run)."""
-    io = load_section(params, "stats", StatsStage, **(overrides or {}))
+    io = load_section(params, "stats", StatsStage, overrides)
     summary = stats_task(io)
     log_task(io, summary)
     print(

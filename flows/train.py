@@ -149,8 +149,8 @@ def register_best(io: TrainStage, rows: list[dict], run_ids: dict[str, str]) -> 
 
 
 @flow(name="train", log_prints=True)
-def train_flow(params: str = "params.yaml") -> dict:
-    io = load_section(params, "train", TrainStage)
+def train_flow(params: str = "params.yaml", overrides: dict | None = None) -> dict:
+    io = load_section(params, "train", TrainStage, overrides)
     metrics, rows = train_task(io)
     write_metrics(METRICS, metrics)
     write_metrics(SWEEP_METRICS, rows)
@@ -164,8 +164,8 @@ def train_flow(params: str = "params.yaml") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("train", argv)
-    train_flow(params=args.params)
+    args = parse_args("train", argv, overrides=True)
+    train_flow(params=args.params, overrides=args.overrides)
     return 0
 
 

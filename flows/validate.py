@@ -17,16 +17,16 @@ def validate_task(cfg: ValidateConfig) -> dict:
 
 
 @flow(name="validate", log_prints=True)
-def validate_flow(params: str = "params.yaml") -> dict:
-    cfg = load_section(params, "validate", ValidateConfig)
+def validate_flow(params: str = "params.yaml", overrides: dict | None = None) -> dict:
+    cfg = load_section(params, "validate", ValidateConfig, overrides)
     report = validate_task(cfg)
     print(f"{report['n_checks']} checks passed on {cfg.shard_dir}; report in {cfg.report}")
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("validate", argv)
-    validate_flow(params=args.params)
+    args = parse_args("validate", argv, overrides=True)
+    validate_flow(params=args.params, overrides=args.overrides)
     return 0
 
 

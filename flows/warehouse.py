@@ -19,16 +19,16 @@ def build_task(cfg: WarehouseConfig) -> dict:
 
 
 @flow(name="warehouse", log_prints=True)
-def warehouse_flow(params: str = "params.yaml") -> dict:
-    cfg = load_section(params, "warehouse", WarehouseConfig)
+def warehouse_flow(params: str = "params.yaml", overrides: dict | None = None) -> dict:
+    cfg = load_section(params, "warehouse", WarehouseConfig, overrides)
     report = build_task(cfg)
     print(f"warehouse {cfg.db}: {report}")
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("warehouse", argv)
-    warehouse_flow(params=args.params)
+    args = parse_args("warehouse", argv, overrides=True)
+    warehouse_flow(params=args.params, overrides=args.overrides)
     return 0
 
 

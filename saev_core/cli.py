@@ -2,7 +2,8 @@
 
     saev shapes --out data/shapes     generate the built-in image world
     saev backbone|extract|validate|train|stats|probe|intervene|warehouse [--params params.yaml]
-                                      run one stage as a Prefect flow (what `dvc repro` calls)
+         [-S KEY=VALUE ...]           run one stage as a Prefect flow (what `dvc repro` calls);
+                                      -S overrides a key of its section (-S sae.k=32)
     saev pipeline                     every stage in order, in one process
     saev sql NAME|QUERY [--param k=v] named query from sql/queries/ or read-only ad-hoc SQL
     saev serve                        serve the pipeline on a cron schedule

@@ -30,6 +30,7 @@ same inputs give identical files and hashes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -91,7 +92,12 @@ class ExtractConfig:
     """Share of train images held out as val (by a stable hash of each image's key) when the
     source has no val split, e.g. a flat class-folder set; 0 = none. Ignored when it has one."""
     images_per_row_group: int = 128
-    """Whole images per Parquet row group (the unit of shuffling and per-image reading)."""
+    """Whole images per Parquet row group (the unit of per-image reading)."""
+    shuffle_seed: int | None = 0
+    """Images of each split are written in an order permuted by this seed (a hash of the seed
+    and each image's key), so that files and row groups of a class-sorted source (ImageNet-style
+    class folders) mix classes and a training batch covers many of them; None keeps the source's
+    order. Recorded in the manifest as part of the set's identity."""
     images_per_file: int = 4096
     """Whole images per shard file; also the unit of resumption after a crash."""
     device: str = "auto"
@@ -118,6 +124,12 @@ class ExtractConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"extract.{name} must be positive, got {getattr(self, name)}")
+        if self.shuffle_seed is not None and (
+            isinstance(self.shuffle_seed, bool) or not isinstance(self.shuffle_seed, int)
+        ):
+            raise ValueError(
+                f"extract.shuffle_seed must be an integer or null, got {self.shuffle_seed!r}"
+            )
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"extract.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.tokens not in ("all", "cls", "registers", "patches"):
@@ -254,6 +266,8 @@ def _identity(cfg: ExtractConfig, bb: Any, layers: list[int], written: np.ndarra
             "source": _same_path(cfg.data),
             # Which images are val: the source's own split, or a hash of the key (data.py).
             "val_split": held_out_split(cfg.data, cfg.val_fraction),
+            # The order images are written in (see `_plan`); null = the source's order.
+            "shuffle_seed": cfg.shuffle_seed,
         }
     )
 
@@ -302,6 +316,9 @@ def _existing(out_dir: Path, identity: dict, overwrite: bool) -> dict | None:
     if "val_split" not in manifest and identity["val_split"] == {"from": "source"}:
         # A set from before the held-out split was recorded used the source's splits as is.
         theirs["val_split"] = identity["val_split"]
+    if "shuffle_seed" not in manifest and identity["shuffle_seed"] is None:
+        # A set from before shuffled extraction was written in the source's order.
+        theirs["shuffle_seed"] = None
     if theirs != identity:
         if overwrite:
             print(f"{out_dir}: made differently, replacing it (overwrite=True)")
@@ -315,6 +332,11 @@ def _existing(out_dir: Path, identity: dict, overwrite: bool) -> dict | None:
             hint = (
                 " This set predates held-out splits of sources without a val folder: "
                 "val_fraction 0 keeps extending it as it was made."
+            )
+        if "shuffle_seed" in diffs and "shuffle_seed" not in manifest:
+            hint += (
+                " This set predates shuffled extraction: shuffle_seed null keeps extending it "
+                "in the source's order; overwrite re-extracts it shuffled."
             )
         raise ShardSetMismatch(
             f"{out_dir} holds shards made differently ({detail}). Refusing to mix them: choose "
@@ -355,8 +377,27 @@ def _short(value: Any, width: int = 80) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def _shuffled(recs: list[ImageRecord], ids: list[int], seed: int | None):
+    """`recs` and their `ids` in the order the seed gives (unchanged for None).
+
+    The order sorts images by a hash of the seed and the key, so it depends on nothing but the
+    two: the same for every partition count and machine, and images appended later are spread
+    the same way. A class-folder source lists a class's images together; written as listed, a
+    row group would hold one class and a shuffled batch only the few row groups in its window.
+    """
+    if seed is None:
+        return recs, ids
+    rank = [hashlib.blake2b(f"{seed}\0{r.key}".encode(), digest_size=8).digest() for r in recs]
+    order = sorted(range(len(recs)), key=rank.__getitem__)
+    return [recs[i] for i in order], [ids[i] for i in order]
+
+
 def _plan(identity: dict, todo: list[ImageRecord], base: dict | None, per_file: int) -> dict:
-    """Image ids and chunks for the images to extract; identical for identical inputs."""
+    """Image ids and chunks for the images to extract; identical for identical inputs.
+
+    Ids follow the source's order (fresh sets keep the source's ids; appended images continue
+    after the last); the images are then written in the order `identity["shuffle_seed"]` gives.
+    """
     next_id = 0
     next_index: dict[str, int] = {}
     if base:
@@ -371,6 +412,9 @@ def _plan(identity: dict, todo: list[ImageRecord], base: dict | None, per_file: 
     chunks = []
     for split in dict.fromkeys(r.split for r in todo):
         recs = [r for r in todo if r.split == split]
+        # Fresh sets keep the source's ids; appended images continue after the last.
+        ids = [r.image_id if not base else next_id + i for i, r in enumerate(recs)]
+        recs, ids = _shuffled(recs, ids, identity.get("shuffle_seed"))
         for start in range(0, len(recs), per_file):
             part = recs[start : start + per_file]
             index = next_index.get(split, 0)
@@ -381,10 +425,7 @@ def _plan(identity: dict, todo: list[ImageRecord], base: dict | None, per_file: 
                     "split": split,
                     "index": index,
                     "keys": [r.key for r in part],
-                    # Fresh sets keep the source's ids; appended images continue after the last.
-                    "ids": [
-                        r.image_id if not base else next_id + start + i for i, r in enumerate(part)
-                    ],
+                    "ids": ids[start : start + per_file],
                 }
             )
         if base:

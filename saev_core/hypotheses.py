@@ -1,18 +1,36 @@
 """Hypotheses about SAE features as data, tested by editing the features inside the model.
 
 A `Hypothesis` names the SAE, the feature(s) (ids, or the best feature for a label from the
-stats Parquet or the warehouse), the edit and its strengths (a dose-response sweep), the scope,
-the task that reads the model (the demo classifier, or a linear probe from `probes.py`), the
-target label and the evaluation images. `run_hypothesis` measures, for each strength, with
-bootstrap 95% intervals over images:
-- the change in the target's probability (`delta`), and the mean |change| of the others;
-- the target-change rate (the target's prediction flips) and the other-change rate;
-- for segmentation: per-class pixel change and the change in mIoU against the masks;
-under four conditions: the edit itself and three controls (PAPER.md step 5): the same edit on
-random features matched in firing frequency (`control_`), the edit's change of the residual
-stream replaced by a random direction of the same norm (`direction_`), and the splice without
-edit (`noedit_`, strength-independent). `batch_hypotheses` makes one hypothesis per label (its
-best feature) so that one call tests them all and writes one table.
+stats Parquet or the warehouse, chosen on the stats' select split), the edit and its strengths
+(a dose-response sweep), the scope, the task that reads the model (the demo classifier, or a
+linear probe from `probes.py`), the target label and the evaluation images (by default the test
+split; evaluating on the split the features were chosen on is refused unless
+`allow_selection_split`; each row records `select_split`, `eval_split` and `held_out`).
+
+`run_hypothesis` measures, for each strength, on the same images (one bootstrap index matrix
+per hypothesis, so every interval is paired over images):
+- the change in the target's probability (`delta`, 95% interval), the mean |change| of the
+  others, the target-change rate (the target's prediction flips) and the other-change rate;
+  for segmentation also per-class pixel change and the change in mIoU against the masks;
+- the same for the controls (PAPER.md step 5): `n_control_features` edits of random features
+  matched in firing frequency (`control_*`: their mean) and `n_control_directions` edits whose
+  change of the residual stream is replaced by a random direction of the same norm
+  (`direction_*`), plus the splice without edit (`noedit_*`, strength-independent). The edit and
+  every control of a strength go through the model in one stacked forward pass
+  (`intervene.stacked_splice`): the blocks before the SAE layer run once for all of them;
+- the verdict statistics of `verdicts.against_controls`: the paired difference of the edit
+  against the mean of all controls per image (`vs_control`, `vs_control_lo/hi`), its paired
+  sign-flip permutation p-value (`p_value`, in the sign-aware `alternative`), the controls'
+  spread (`control_median`, `control_lo/hi`), whether the edit's effect lies beyond that range
+  in the tested direction (`beyond_controls`) and its rank among them (`control_rank_p`);
+  `p_adjusted` (Holm or BH, `Settings.correction`) and `verdict` are set over the hypothesis's
+  strengths, and `run_all` sets them again over every hypothesis x strength of the run;
+- specificity (`Result.specificity`): the edit's change of every concept's prediction with a
+  paired 95% interval (segmentation: also each class's share of pixels whose prediction
+  changes); `off_target_abs_delta` on the row is the mean |change| over the other concepts.
+
+`batch_hypotheses` makes one hypothesis per label (its best feature) so that one call tests them
+all and writes one table.
 """
 
 from __future__ import annotations
@@ -31,14 +49,27 @@ from saev_core.intervene import (
     FeatureEdit,
     Splice,
     TokenLayout,
-    bootstrap_ci,
-    bootstrap_ratio_ci,
     measure_layout,
     patches_in_bbox,
     patches_in_mask,
     random_direction,
     scope_tokens,
     splice,
+    stacked_splice,
+)
+from saev_core.verdicts import (
+    ALTERNATIVES,
+    CORRECTIONS,
+    adjust,
+    against_controls,
+    boot_means,
+    mean_ci,
+    percentile_ci,
+    ratio_ci,
+    resample_counts,
+    resolve_alternative,
+    sign_flips,
+    verdict,
 )
 
 CONDITIONS = {"edit": "", "random_feature": "control_", "random_direction": "direction_"}
@@ -96,6 +127,12 @@ class Hypothesis:
     """Evaluate on the images labelled with the target, or on all of them."""
     max_images: int = 500
     """At most this many evaluation images."""
+    alternative: Literal["auto", "less", "greater", "two-sided"] = "auto"
+    """Tested direction of the effect on the target; auto: the run's `Settings.alternative`,
+    and if that is auto too, by the edit (`verdicts.resolve_alternative`)."""
+    allow_selection_split: bool = False
+    """Allow evaluating on the split the features were chosen on (the row's `held_out` is then
+    False); by default that is refused, since the effect would not be held out."""
 
     def __post_init__(self) -> None:
         if not self.target:
@@ -118,6 +155,8 @@ class Hypothesis:
             raise ValueError(f"select_by must be patch or image, got {self.select_by!r}")
         if self.n_features < 1 or self.max_images < 1:
             raise ValueError("n_features and max_images must be >= 1")
+        if self.alternative not in ALTERNATIVES:
+            raise ValueError(f"alternative must be one of {'|'.join(ALTERNATIVES)}")
 
     @property
     def title(self) -> str:
@@ -130,16 +169,34 @@ class Settings:
 
     controls: tuple[str, ...] = ("random_feature", "random_direction", "no_edit")
     """Controls to run besides the edit."""
+    n_control_features: int = 10
+    """Random-feature controls per hypothesis and strength (each matched in frequency)."""
+    n_control_directions: int = 10
+    """Random-direction controls per hypothesis and strength (each matched in norm)."""
     n_bootstrap: int = 2000
-    """Bootstrap resamples for the 95% intervals."""
+    """Bootstrap resamples for the 95% intervals (one index matrix per hypothesis, shared by
+    every condition and strength: all intervals are paired over images)."""
+    n_permutations: int = 9999
+    """Sign flips of the paired permutation test (exact when 2^n_images is no more)."""
+    alternative: Literal["auto", "less", "greater", "two-sided"] = "auto"
+    """Tested direction for hypotheses that leave theirs on auto (auto: by the edit)."""
+    correction: Literal["holm", "bh"] = "holm"
+    """Multiplicity correction over every hypothesis x strength of a run (Holm: family-wise
+    error; bh: Benjamini-Hochberg false discovery rate)."""
+    alpha: float = 0.05
+    """A verdict is 'supported' when the adjusted p-value is below this (and the edit is beyond
+    the controls' 95% range the tested way: `verdicts.verdict`)."""
     batch_size: int = 128
     """Images per forward pass."""
+    stack_rows: int = 1024
+    """Rows (images x conditions) per forward pass after the SAE layer, where the edit and its
+    controls are stacked along the batch (`intervene.stacked_splice`)."""
     n_grid: int = 8
     """Images in each before/after grid (0: no figures)."""
-    n_candidates: int = 8
-    """A random-feature control is drawn from this many alive features nearest in frequency."""
+    n_candidates: int = 32
+    """Random-feature controls are drawn from this many alive features nearest in frequency."""
     seed: int = 0
-    """Seed for control features, directions and bootstrap."""
+    """Seed for control features, directions, bootstrap and permutations."""
     device: str = "cpu"
     """Where models run."""
 
@@ -151,6 +208,16 @@ class Settings:
             raise ValueError(f"unknown controls {bad}: use random_feature|random_direction|no_edit")
         if self.n_bootstrap < 10 or self.batch_size < 1 or self.n_candidates < 1:
             raise ValueError("n_bootstrap >= 10, batch_size >= 1 and n_candidates >= 1 needed")
+        if self.n_control_features < 0 or self.n_control_directions < 0:
+            raise ValueError("n_control_features and n_control_directions must be >= 0")
+        if self.n_permutations < 100 or self.stack_rows < 1:
+            raise ValueError("n_permutations >= 100 and stack_rows >= 1 needed")
+        if self.alternative not in ALTERNATIVES:
+            raise ValueError(f"alternative must be one of {'|'.join(ALTERNATIVES)}")
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"correction must be one of {'|'.join(CORRECTIONS)}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +254,52 @@ class Reader:
                     )
                     s.stats = {"n_tokens": n, "dx_sum": total, "dx_norm": total / max(1, n)}
         return torch.cat(out).numpy()
+
+    def probs_stacked(
+        self, pixels: torch.Tensor, conditions: list[Splice], rows: int
+    ) -> np.ndarray:
+        """[K, n_images, ...] probabilities under each of K conditions (one layer, one SAE),
+        stacked along the batch after the SAE layer (`intervene.stacked_splice`): the blocks
+        before it run once per image for a group of conditions, with at most `rows` images x
+        conditions per forward pass (more than `rows` conditions go in groups of `rows`, one
+        image at a time). Each condition's `stats` covers the whole run."""
+        if rows < 1:
+            raise ValueError(f"probs_stacked: rows must be >= 1, got {rows}")
+        if len(conditions) > rows:
+            parts = [
+                self.probs_stacked(pixels, list(conditions[i : i + rows]), rows)
+                for i in range(0, len(conditions), rows)
+            ]
+            return np.concatenate(parts, axis=0)
+        k = len(conditions)
+        b = max(1, rows // k)
+        out, n_tok, dx_sum = [], [0] * k, [0.0] * k
+        with torch.inference_mode():
+            for i in range(0, len(pixels), b):
+                sl = slice(i, i + b)
+                m = len(pixels[sl])
+                # one slice per distinct tokens tensor, so that conditions sharing an edit and
+                # its tokens (the random directions) share its per-token norms in the hook
+                sliced = {id(s.tokens): _rows(s.tokens, sl) for s in conditions}
+                batch = [replace(s, tokens=sliced[id(s.tokens)], stats={}) for s in conditions]
+                with stacked_splice(self.blocks, batch):
+                    p = self.forward(pixels[sl]).float().cpu()
+                if p.shape[0] != k * m:
+                    raise ValueError(
+                        f"stacked forward: {k} conditions x {m} images gave {p.shape[0]} rows; "
+                        "this model's head does not keep the batch the blocks pass it"
+                    )
+                out.append(p.reshape(k, m, *p.shape[1:]))
+                for c, s in enumerate(batch):
+                    n_tok[c] += s.stats.get("n_tokens", 0)
+                    dx_sum[c] += s.stats.get("dx_norm", 0.0) * s.stats.get("n_tokens", 0)
+        for c, s in enumerate(conditions):
+            s.stats = {
+                "n_tokens": n_tok[c],
+                "dx_sum": dx_sum[c],
+                "dx_norm": dx_sum[c] / max(1, n_tok[c]),
+            }
+        return torch.cat(out, dim=1).numpy()
 
     def predictions(self, p: np.ndarray) -> np.ndarray:
         """Bool predictions: p > 0.5 (multi-label), else one-hot argmax ([B, C] or [B, P, C])."""
@@ -412,67 +525,147 @@ def frequency_matched(
     return out
 
 
+def frequency_matched_sets(
+    features: Any, targets: list[int], rng: np.random.Generator, n_candidates: int, n_sets: int
+) -> list[list[int]]:
+    """`n_sets` random-feature controls for the `targets`: each a set of one alive other feature
+    per target among its `n_candidates` nearest in log10 firing frequency, drawn without
+    replacement across sets while the candidates last (then cycling through them again)."""
+    freq = features.set_index("feature")["freq"]
+    alive = freq[(freq > 0) & ~freq.index.isin(targets)]
+    if len(alive) == 0:
+        raise ValueError("no alive feature left for a random-feature control")
+    perms = []
+    for f in targets:
+        dist = np.abs(np.log10(alive.to_numpy()) - np.log10(max(float(freq.get(f, 0.0)), 1e-12)))
+        perms.append(
+            rng.permutation(alive.index.to_numpy()[np.argsort(dist, kind="stable")][:n_candidates])
+        )
+    sets = []
+    for k in range(n_sets):
+        chosen: list[int] = []
+        for perm in perms:
+            cands = [int(perm[(k + o) % len(perm)]) for o in range(len(perm))]
+            chosen.append(next((c for c in cands if c not in chosen), cands[0]))
+        sets.append(chosen)
+    return sets
+
+
 # ---------------------------------------------------------------------------------------------
 # measuring
 
 
-def _classification_metrics(reader, p0, p1, j, n_boot, rng, prefix) -> dict[str, Any]:
+def _effects(reader: Reader, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
+    """Per image and concept, the change in its probability [n, C] (segmentation: the image's
+    mean change over patches)."""
+    d = p1 - p0
+    return d.mean(axis=1) if reader.kind == "segmentation" else d
+
+
+def _classification_metrics(reader, p0, p1, j, W, prefix, ci=True) -> dict[str, Any]:
     y0, y1 = reader.predictions(p0), reader.predictions(p1)
     others = [k for k in range(p0.shape[1]) if k != j]
     d = p1[:, j] - p0[:, j]
     flip_t = (y0[:, j] != y1[:, j]).astype(float)
     flip_o = (y0[:, others] != y1[:, others]).mean(axis=1) if others else np.zeros(len(d))
     out = {"p_after": float(p1[:, j].mean()), "delta": float(d.mean())}
-    out["delta_lo"], out["delta_hi"] = bootstrap_ci(d, n_boot, rng)
     out["target_change_rate"] = float(flip_t.mean())
-    out["target_change_lo"], out["target_change_hi"] = bootstrap_ci(flip_t, n_boot, rng)
     out["other_change_rate"] = float(flip_o.mean())
-    out["other_change_lo"], out["other_change_hi"] = bootstrap_ci(flip_o, n_boot, rng)
+    if ci:
+        out["delta_lo"], out["delta_hi"] = mean_ci(d, W)
+        out["target_change_lo"], out["target_change_hi"] = mean_ci(flip_t, W)
+        out["other_change_lo"], out["other_change_hi"] = mean_ci(flip_o, W)
     abs_o = np.abs(p1[:, others] - p0[:, others]).mean() if others else 0.0
     out["other_abs_delta"] = float(abs_o)
     return {prefix + k: v for k, v in out.items()}
 
 
-def _segmentation_metrics(reader, p0, p1, j, gt, n_boot, rng, prefix) -> dict[str, Any]:
+def _miou_rows(conf_flat: np.ndarray, c: int) -> np.ndarray:
+    """mIoU of each row of flattened [m, c * c] confusion matrices, as `probes.miou_from_confusion`
+    defines it (classes without pixels in target or prediction do not count)."""
+    conf = conf_flat.reshape(-1, c, c)
+    tp = np.diagonal(conf, axis1=1, axis2=2)
+    union = conf.sum(1) + conf.sum(2) - tp
+    valid = union > 0
+    iou = np.where(valid, tp / np.where(valid, union, 1), 0.0)
+    n_valid = valid.sum(1)
+    return np.where(n_valid > 0, iou.sum(1) / np.maximum(1, n_valid), np.nan)
+
+
+def _segmentation_metrics(reader, p0, p1, j, gt, W, prefix, ci=True) -> dict[str, Any]:
     """p: [n, patches, classes]; gt: [n, patches] class index."""
     c = p0.shape[-1]
     a0, a1 = p0.argmax(-1), p1.argmax(-1)
     d = (p1[..., j] - p0[..., j]).mean(axis=1)
     was_t = a0 == j
     out = {"p_after": float(p1[..., j].mean()), "delta": float(d.mean())}
-    out["delta_lo"], out["delta_hi"] = bootstrap_ci(d, n_boot, rng)
     lost = (was_t & (a1 != j)).sum(1)
     out["target_change_rate"] = float(lost.sum() / max(1, was_t.sum()))
-    out["target_change_lo"], out["target_change_hi"] = bootstrap_ratio_ci(
-        lost, was_t.sum(1), n_boot, rng
-    )
     moved = (~was_t & (a1 != a0)).sum(1)
     out["other_change_rate"] = float(moved.sum() / max(1, (~was_t).sum()))
-    out["other_change_lo"], out["other_change_hi"] = bootstrap_ratio_ci(
-        moved, (~was_t).sum(1), n_boot, rng
-    )
+    if ci:
+        out["delta_lo"], out["delta_hi"] = mean_ci(d, W)
+        out["target_change_lo"], out["target_change_hi"] = ratio_ci(lost, was_t.sum(1), W)
+        out["other_change_lo"], out["other_change_hi"] = ratio_ci(moved, (~was_t).sum(1), W)
     others = [k for k in range(c) if k != j]
     out["other_abs_delta"] = float(np.abs(p1[..., others] - p0[..., others]).mean())
     # per class: change in the fraction of the image's pixels (patches) predicted as it
     frac0 = np.stack([(a0 == k).mean(1) for k in range(c)], 1)
     frac1 = np.stack([(a1 == k).mean(1) for k in range(c)], 1)
-    out["class_pixel_change"] = json.dumps(
-        dict(zip(reader.labels, np.round((frac1 - frac0).mean(0), 5).tolist(), strict=True))
-    )
-    conf0, conf1 = _confusions(a0, gt, c), _confusions(a1, gt, c)
-    from saev_core.probes import miou_from_confusion
-
-    m0, m1 = miou_from_confusion(conf0.sum(0))[0], miou_from_confusion(conf1.sum(0))[0]
+    if ci:
+        out["class_pixel_change"] = json.dumps(
+            dict(zip(reader.labels, np.round((frac1 - frac0).mean(0), 5).tolist(), strict=True))
+        )
+    conf0 = _confusions(a0, gt, c).reshape(len(a0), -1)
+    conf1 = _confusions(a1, gt, c).reshape(len(a0), -1)
+    m0, m1 = (float(_miou_rows(x.sum(0, keepdims=True), c)[0]) for x in (conf0, conf1))
     out["miou_before"], out["miou_after"], out["miou_delta"] = m0, m1, m1 - m0
-    idx = rng.integers(0, len(a0), size=(min(n_boot, 500), len(a0)))
-    diffs = [
-        miou_from_confusion(conf1[i].sum(0))[0] - miou_from_confusion(conf0[i].sum(0))[0]
-        for i in idx
-    ]
-    out["miou_delta_lo"], out["miou_delta_hi"] = (
-        float(np.nanpercentile(diffs, q)) for q in (2.5, 97.5)
-    )
+    if ci:
+        diffs = _miou_rows(W @ conf1, c) - _miou_rows(W @ conf0, c)
+        out["miou_delta_lo"], out["miou_delta_hi"] = percentile_ci(diffs)
     return {prefix + k: v for k, v in out.items()}
+
+
+def _control_summary(reader, p0, p1s, j, gt, W, prefix) -> dict[str, Any]:
+    """The controls of one kind (p1s [K, n, ...]): their mean effect on the target, with the
+    bootstrap interval of the per-image mean over the K controls, and their mean rates."""
+    if len(p1s) == 0:
+        return {}
+    each = [
+        _segmentation_metrics(reader, p0, p1, j, gt, W, "", ci=False)
+        if reader.kind == "segmentation"
+        else _classification_metrics(reader, p0, p1, j, W, "", ci=False)
+        for p1 in p1s
+    ]
+    out = {k: float(np.mean([m[k] for m in each])) for k in each[0]}
+    per_image = np.mean([_effects(reader, p0, p1)[:, j] for p1 in p1s], axis=0)
+    out["delta_lo"], out["delta_hi"] = mean_ci(per_image, W)
+    return {prefix + k: v for k, v in out.items()}
+
+
+def _specificity(reader, p0, p1, j, W, base: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per concept: the edit's mean change of its probability, with a bootstrap 95%
+    interval over the same resampled images; for segmentation also the share of the pixels
+    predicted as that concept before whose prediction changes (`change_rate`), next to the edit's
+    target and other change rates."""
+    eff = _effects(reader, p0, p1)  # [n, C]
+    lo, hi = percentile_ci(boot_means(W, eff))
+    rows = []
+    seg = reader.kind == "segmentation"
+    if seg:
+        a0, a1 = p0.argmax(-1), p1.argmax(-1)
+        was_t = a0 == j
+        t_rate = float((was_t & (a1 != j)).sum() / max(1, was_t.sum()))
+        o_rate = float((~was_t & (a1 != a0)).sum() / max(1, (~was_t).sum()))
+    for k, label in enumerate(reader.labels):
+        row = {**base, "concept": label, "delta": float(eff[:, k].mean()),
+               "delta_lo": float(lo[k]), "delta_hi": float(hi[k])}  # fmt: skip
+        if seg:
+            was = a0 == k
+            row["change_rate"] = float((was & (a1 != a0)).sum() / max(1, was.sum()))
+            row["target_change_rate"], row["other_change_rate"] = t_rate, o_rate
+        rows.append(row)
+    return rows
 
 
 def _confusions(pred: np.ndarray, gt: np.ndarray, c: int) -> np.ndarray:
@@ -585,15 +778,31 @@ def _edit(h: Hypothesis, feats: list[int], strength: float, max_act: Any) -> Fea
 
 @dataclass
 class Result:
-    """One hypothesis: a row per strength, and a before/after figure per strength."""
+    """One hypothesis: a row per strength, a before/after figure per strength, and the edit's
+    change of every concept's prediction (`specificity`: a row per strength x concept)."""
 
     hypothesis: Hypothesis
     rows: list[dict[str, Any]]
     figures: list[Any]
+    specificity: list[dict[str, Any]] = field(default_factory=list)
+
+
+def decide(rows: list[dict[str, Any]], correction: str, alpha: float) -> None:
+    """Adjust the rows' `p_value`s as one family (`verdicts.adjust`) and set `p_adjusted`,
+    `correction`, `alpha` and `verdict` on each row, in place (`verdicts.verdict`: also needs
+    the row's `beyond_controls`)."""
+    adjusted = adjust([r.get("p_value", float("nan")) for r in rows], correction)
+    for r, p in zip(rows, adjusted, strict=True):
+        r["p_adjusted"], r["correction"], r["alpha"] = float(p), correction, float(alpha)
+        r["verdict"] = verdict(
+            p, alpha, r["delta"], r["vs_control"], r["alternative"], r["beyond_controls"]
+        )
 
 
 def run_hypothesis(h: Hypothesis, cache: Cache | None = None) -> Result:
-    """Test `h` at every strength against its controls; see the module docstring."""
+    """Test `h` at every strength against its controls; see the module docstring. The rows'
+    `p_adjusted` and `verdict` correct over this hypothesis's strengths only; `run_all` corrects
+    over every hypothesis x strength of the run."""
     cache = cache or Cache()
     st = cache.settings
     reader = cache.reader(h)
@@ -608,17 +817,19 @@ def run_hypothesis(h: Hypothesis, cache: Cache | None = None) -> Result:
             f"{trained}: its codes mean nothing elsewhere (leave layer unset)"
         )
     layer = int(h.layer if h.layer is not None else trained or 0)
-    es = cache.evalset(h, reader)
-    feats_df = cache.features(h.stats_dir)
     nan = float("nan")
     choice = Choice(list(h.features), nan, None, nan, None, nan)
     if not h.features:
         choice = best_features(h, h.best_for or h.target, h.n_features)
-        if choice.select_split is not None and choice.select_split == h.split:
-            print(
-                f"intervene: {h.title}: evaluating on split {h.split!r}, the split its features "
-                "were chosen on (stats select_split): the effect is not held out"
-            )
+    held_out = None if choice.select_split is None else choice.select_split != h.split
+    if held_out is False and not h.allow_selection_split:
+        raise ValueError(
+            f"{h.title}: evaluating on split {h.split!r}, the split its features were chosen on "
+            f"(stats select_split): the effect would not be held out; set split to another one "
+            f"(the stats' report split is {choice.report_split!r}) or allow_selection_split: true"
+        )
+    es = cache.evalset(h, reader)
+    feats_df = cache.features(h.stats_dir)
     feats = choice.features
     max_act = feats_df.set_index("feature")["max_act"]
 
@@ -630,17 +841,31 @@ def run_hypothesis(h: Hypothesis, cache: Cache | None = None) -> Result:
     if len(idx) == 0:
         raise ValueError(f"no {h.split} image of {h.data} is labelled {h.target!r}")
     pixels, p0 = es.pixels[idx], es.p_before[idx]
+    gt = es.gt[idx] if es.gt is not None else None
     tokens = _scope(h, reader, es, idx)
 
     seed = [st.seed, zlib.crc32(h.title.encode())]
     rng = np.random.default_rng(seed)
-    control_feats = frequency_matched(feats_df, feats, np.random.default_rng(seed), st.n_candidates)
-    direction = random_direction(sae.cfg.d_model, zlib.crc32(repr(seed).encode()))
+    W = resample_counts(len(idx), st.n_bootstrap, rng)  # one draw of images for everything
+    flips = sign_flips(len(idx), st.n_permutations, rng)
+    n_feat = st.n_control_features if "random_feature" in st.controls else 0
+    n_dir = st.n_control_directions if "random_direction" in st.controls else 0
+    control_sets = (
+        frequency_matched_sets(
+            feats_df, feats, np.random.default_rng(seed), st.n_candidates, n_feat
+        )
+        if n_feat
+        else []
+    )
+    directions = [
+        random_direction(sae.cfg.d_model, zlib.crc32(repr([*seed, k]).encode()))
+        for k in range(n_dir)
+    ]
 
     def measure(p1, prefix):
         if reader.kind == "segmentation":
-            return _segmentation_metrics(reader, p0, p1, j, es.gt[idx], st.n_bootstrap, rng, prefix)
-        return _classification_metrics(reader, p0, p1, j, st.n_bootstrap, rng, prefix)
+            return _segmentation_metrics(reader, p0, p1, j, gt, W, prefix)
+        return _classification_metrics(reader, p0, p1, j, W, prefix)
 
     noedit = {}
     if "no_edit" in st.controls:
@@ -649,48 +874,61 @@ def run_hypothesis(h: Hypothesis, cache: Cache | None = None) -> Result:
         noedit["noedit_max_abs_dp"] = float(np.abs(p_same - p0).max())
 
     strengths = (0.0,) if h.op == "suppress" else h.strengths
-    rows, figures = [], []
+    rows, figures, specificity = [], [], []
     for s in strengths:
         edit = _edit(h, feats, s, max_act)
-        runs = {"edit": Splice(layer, sae, edit, tokens)}
-        if "random_feature" in st.controls:
-            runs["random_feature"] = Splice(layer, sae, _edit(h, control_feats, s, max_act), tokens)
-        if "random_direction" in st.controls:
-            runs["random_direction"] = Splice(layer, sae, edit, tokens, direction=direction)
+        conditions = [Splice(layer, sae, edit, tokens)]
+        conditions += [Splice(layer, sae, _edit(h, cs, s, max_act), tokens) for cs in control_sets]
+        conditions += [Splice(layer, sae, edit, tokens, direction=u) for u in directions]
+        p1s = reader.probs_stacked(pixels, conditions, st.stack_rows)
+        p_edit, p_feat, p_dir = p1s[0], p1s[1 : 1 + n_feat], p1s[1 + n_feat :]
+        alt = resolve_alternative(
+            h.op, s, h.alternative if h.alternative != "auto" else st.alternative
+        )
+        e = _effects(reader, p0, p_edit)[:, j]
+        c = np.array([_effects(reader, p0, p1)[:, j] for p1 in p1s[1:]]).reshape(-1, len(idx))
+        experiment = f"{h.title}@{s:g}"
         row: dict[str, Any] = {
-            "experiment": f"{h.title}@{s:g}",
+            "experiment": experiment,
             "hypothesis": h.title,
             "concept": h.target,
             "task": h.task if reader.kind != "segmentation" else "probe:segmentation",
             "feature": feats[0],
             "features": ",".join(map(str, feats)),
-            "control_feature": control_feats[0],
-            "control_features": ",".join(map(str, control_feats)),
+            "control_feature": control_sets[0][0] if control_sets else None,
+            "control_features": ";".join(",".join(map(str, cs)) for cs in control_sets),
+            "n_control_features": n_feat,
+            "n_control_directions": n_dir,
             "edit": h.op,
             "relative": h.relative,
             "strength": float(s),
             "scope": h.scope,
             "layer": layer,
             # chosen on select_split (select_auroc), reported on report_split (auroc), next to
-            # the best AUROC of the target's shuffled-label control
+            # the best AUROC of the target's shuffled-label control; evaluated on eval_split
             "auroc": choice.auroc,
             "select_split": choice.select_split,
             "select_auroc": choice.select_auroc,
             "report_split": choice.report_split,
             "control_auroc": choice.control_auroc,
+            "eval_split": h.split,
+            "held_out": held_out,
             "n_images": len(idx),
             "p_before": float(p0[..., j].mean()),
         }
-        p_edit = None
-        for cond, sp in runs.items():
-            p1 = reader.probs(pixels, st.batch_size, [sp])
-            row.update(measure(p1, CONDITIONS[cond]))
-            if cond == "edit":
-                p_edit = p1
-                row["dx_norm"] = sp.stats.get("dx_norm", 0.0)
+        row.update(measure(p_edit, ""))
+        row["dx_norm"] = conditions[0].stats.get("dx_norm", 0.0)
+        row.update(_control_summary(reader, p0, p_feat, j, gt, W, "control_"))
+        row.update(_control_summary(reader, p0, p_dir, j, gt, W, "direction_"))
         row.update(noedit)
-        row["below_control"] = bool(row["delta_hi"] < row.get("control_delta_lo", -np.inf))
+        row.update(against_controls(e, c, alt, W, flips))
+        base = {"experiment": experiment, "hypothesis": h.title, "edited_concept": h.target,
+                "strength": float(s)}  # fmt: skip
+        spec = _specificity(reader, p0, p_edit, j, W, base)
+        others = [r["delta"] for r in spec if r["concept"] != h.target]
+        row["off_target_abs_delta"] = float(np.mean(np.abs(others))) if others else 0.0
         rows.append(row)
+        specificity += spec
         if st.n_grid:
             show = np.arange(min(st.n_grid, len(idx)))
             figures.append(
@@ -705,22 +943,29 @@ def run_hypothesis(h: Hypothesis, cache: Cache | None = None) -> Result:
                     f"at block {layer} (outlined: edited patches)",
                 )
             )
-    return Result(h, rows, figures)
+    decide(rows, st.correction, st.alpha)
+    return Result(h, rows, figures, specificity)
 
 
 # ---------------------------------------------------------------------------------------------
 # figures
 
 
+def _figure(**kw: Any) -> Any:
+    """A matplotlib `Figure` outside pyplot's registry (freed when dropped, never 'open')."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kw)
+
+
 def before_after_figure(images, p_before, p_after, tokens, layout: TokenLayout, title: str):
     """One column per image (as the model sees it, when the layout knows the processor's crop),
     the edited patches outlined; above: the target's probability (or its mean over patches, for
-    segmentation) before -> after."""
-    from saev_core.plots import _plt
-
-    plt = _plt()
+    segmentation) before -> after. A bare `Figure`, not one pyplot keeps open: a run holds one
+    per hypothesis x strength until it logs them (more than pyplot's 20 without a warning)."""
     n = len(images)
-    fig, axes = plt.subplots(1, n, figsize=(1.8 * n, 2.3), dpi=100, squeeze=False)
+    fig = _figure(figsize=(1.8 * n, 2.3), dpi=100)
+    axes = fig.subplots(1, n, squeeze=False)
     for i, ax in enumerate(axes[0]):
         im = images[i]
         if layout.geometry is not None:  # the resized, cropped view the patch grid covers
@@ -746,12 +991,14 @@ def before_after_figure(images, p_before, p_after, tokens, layout: TokenLayout, 
 
 def dose_response_figure(rows: list[dict[str, Any]]):
     """Change in the target's probability against strength per hypothesis, with 95% intervals;
-    dashed: random-feature control, dotted: random-direction control."""
-    from saev_core.plots import _plt
+    dashed: random-feature controls' mean, dotted: random-direction controls' mean, shaded: the
+    2.5-97.5 percentile range of all controls' mean effects. A bare `Figure` (see
+    `before_after_figure`)."""
+    import matplotlib
 
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=100)
-    cmap = plt.get_cmap("tab10")
+    fig = _figure(figsize=(6.5, 3.8), dpi=100)
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["tab10"]
     for i, name in enumerate(sorted({r["hypothesis"] for r in rows})):
         rs = sorted((r for r in rows if r["hypothesis"] == name), key=lambda r: r["strength"])
         s = [r["strength"] for r in rs]
@@ -759,6 +1006,9 @@ def dose_response_figure(rows: list[dict[str, Any]]):
         err = np.array([d - [r["delta_lo"] for r in rs], [r["delta_hi"] for r in rs] - d])
         colour = cmap(i % 10)
         ax.errorbar(s, d, yerr=err, color=colour, marker="o", ms=3, lw=1, label=name)
+        if "control_lo" in rs[0] and all(r["control_lo"] == r["control_lo"] for r in rs):
+            lo, hi = [r["control_lo"] for r in rs], [r["control_hi"] for r in rs]
+            ax.fill_between(s, lo, hi, color=colour, alpha=0.08, lw=0)
         if "control_delta" in rs[0]:
             ax.plot(s, [r["control_delta"] for r in rs], color=colour, ls="--", lw=0.8)
         if "direction_delta" in rs[0]:
@@ -766,7 +1016,11 @@ def dose_response_figure(rows: list[dict[str, Any]]):
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("edit strength (multiple of the feature's max activation when relative)")
     ax.set_ylabel("mean change in p(target)")
-    ax.set_title("dose-response (dashed: random feature, dotted: random direction)", fontsize=9)
+    ax.set_title(
+        "dose-response (dashed: random features, dotted: random directions, shaded: "
+        "controls' 95% range)",
+        fontsize=8,
+    )
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig
@@ -791,21 +1045,32 @@ def batch_hypotheses(base: Hypothesis | dict[str, Any], labels: list[str]) -> li
     return out
 
 
-def write_results(rows: list[dict[str, Any]], out_dir: str | Path, run: str) -> Path:
-    """results.parquet (one row per hypothesis x strength), written atomically."""
-    import pyarrow as pa
-
+def write_results(
+    rows: list[dict[str, Any]],
+    out_dir: str | Path,
+    run: str,
+    specificity: list[dict[str, Any]] | None = None,
+) -> Path:
+    """results.parquet (one row per hypothesis x strength) and, when given, specificity.parquet
+    (one row per hypothesis x strength x concept: `Result.specificity`), written atomically."""
     from saev_core.shards import atomic_write_table
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.parquet"
+    atomic_write_table(_table(rows, run), path)
+    if specificity is not None:
+        atomic_write_table(_table(specificity, run), out_dir / "specificity.parquet")
+    return path
+
+
+def _table(rows: list[dict[str, Any]], run: str) -> Any:
+    import pyarrow as pa
+
     # Every key of every row: segmentation rows carry mIoU columns that classifier rows lack,
     # and from_pylist alone would take the columns of the first row only.
     keys = list(dict.fromkeys(k for r in rows for k in ("run", *r)))
-    table = pa.Table.from_pylist([{k: {"run": run, **r}.get(k) for k in keys} for r in rows])
-    path = out_dir / "results.parquet"
-    atomic_write_table(table, path)
-    return path
+    return pa.Table.from_pylist([{k: {"run": run, **r}.get(k) for k in keys} for r in rows])
 
 
 def plan(cfg: Any, cache: Cache) -> list[Hypothesis]:
@@ -824,7 +1089,9 @@ def plan(cfg: Any, cache: Cache) -> list[Hypothesis]:
 def run_all(
     hypotheses: list[Hypothesis], cache: Cache, on_result: Any = None, skip_missing: bool = True
 ) -> list[Result]:
-    """Run every hypothesis; `on_result(result)` is called after each (tracking). With
+    """Run every hypothesis, then correct their p-values over every hypothesis x strength of
+    the run (`Settings.correction`, one family) and set each row's `p_adjusted` and `verdict`;
+    then `on_result(result)` is called for each (tracking), so it sees the adjusted values. With
     `skip_missing`, a hypothesis whose label has no images or no statistics is reported and
     skipped rather than stopping the batch."""
     results = []
@@ -837,10 +1104,14 @@ def run_all(
             print(f"intervene: skipping {h.title}: {e}")
             continue
         results.append(r)
-        if on_result is not None:
-            on_result(r)
     if not results:
         raise ValueError("no hypothesis could be tested (see the messages above)")
+    decide(
+        [row for r in results for row in r.rows], cache.settings.correction, cache.settings.alpha
+    )
+    if on_result is not None:
+        for r in results:
+            on_result(r)
     return results
 
 

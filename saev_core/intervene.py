@@ -20,6 +20,10 @@ boxes and masks in original pixels go through the processor's resize and crop,
 `TokenLayout.geometry`).
 A random-direction control replaces an edit's change of `x` by a fixed random unit vector of the
 same norm on every token (`Splice.direction`).
+
+`stacked_splice(blocks, conditions)` runs an edit and its controls (one layer, one SAE) in one
+forward pass: the block's output is replaced by one edited copy per condition, stacked along the
+batch, so the blocks before the layer run once for all of them and one encode serves them all.
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ class InterveneConfig:
     data: str = "data/shapes"
     """Image source of the evaluation images."""
     split: str = "test"
-    """Held-out split the experiments run on."""
+    """Held-out split the experiments run on (not the stats' select split, where the features
+    were chosen: that is refused unless a hypothesis sets allow_selection_split)."""
     out_dir: str = "artifacts/interventions/demo"
     """Where results.parquet goes; its name is the run's name."""
     task: Literal["classifier", "probe"] = "classifier"
@@ -93,16 +98,35 @@ class InterveneConfig:
     """More hypotheses, each a dict of `Hypothesis` fields over the defaults above."""
     hypotheses_file: str = ""
     """A YAML file with a list of such dicts (or {hypotheses: [...]})."""
+    alternative: Literal["auto", "less", "greater", "two-sided"] = "auto"
+    """Tested direction of the effect on the target (auto: decrease for suppress, clamp <= 0,
+    scale < 1; increase for add > 0, clamp > 0, scale > 1); a hypothesis may set its own."""
     controls: tuple[str, ...] = ("random_feature", "random_direction", "no_edit")
     """Controls run next to every edit."""
+    n_control_features: int = 10
+    """Random features matched in frequency, per hypothesis and strength."""
+    n_control_directions: int = 10
+    """Random residual-stream directions matched in norm, per hypothesis and strength."""
+    n_candidates: int = 32
+    """Random-feature controls come from this many alive features nearest in frequency."""
+    correction: Literal["holm", "bh"] = "holm"
+    """Multiplicity correction over every hypothesis x strength of the run: holm (family-wise
+    error) or bh (Benjamini-Hochberg, false discovery rate)."""
+    alpha: float = 0.05
+    """Verdict 'supported' when the adjusted p-value is below alpha, the effect points the
+    tested way and lies beyond the controls' 95% range (`verdicts.beyond_controls`)."""
     n_bootstrap: int = 2000
     """Bootstrap resamples for the 95% intervals."""
+    n_permutations: int = 9999
+    """Sign flips of the paired permutation test."""
     batch_size: int = 128
     """Images per forward pass."""
+    stack_rows: int = 1024
+    """Images x conditions per forward pass after the SAE layer (edit and controls stacked)."""
     n_grid: int = 8
     """Images shown in the before/after grid of each experiment (0: none)."""
     seed: int = 0
-    """Seed for control features, random directions and bootstrap."""
+    """Seed for control features, random directions, bootstrap and permutations."""
 
     def __post_init__(self) -> None:
         if not self.strengths:
@@ -117,6 +141,16 @@ class InterveneConfig:
             raise ValueError("intervene.n_features must be >= 1")
         if self.select_by not in ("patch", "image"):
             raise ValueError(f"intervene.select_by must be patch|image, got {self.select_by!r}")
+        if self.correction not in ("holm", "bh"):
+            raise ValueError(f"intervene.correction must be holm|bh, got {self.correction!r}")
+        if self.alternative not in ("auto", "less", "greater", "two-sided"):
+            raise ValueError(
+                f"intervene.alternative must be auto|less|greater|two-sided, got {self.alternative!r}"
+            )
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"intervene.alpha must be in (0, 1), got {self.alpha}")
+        if self.n_control_features < 0 or self.n_control_directions < 0:
+            raise ValueError("intervene.n_control_features/n_control_directions must be >= 0")
         if not self.batch and not self.hypotheses and not self.hypotheses_file:
             raise ValueError("intervene: nothing to test (batch is false and no hypotheses)")
 
@@ -135,9 +169,17 @@ class InterveneConfig:
 
         return Settings(
             controls=self.controls,
+            n_control_features=self.n_control_features,
+            n_control_directions=self.n_control_directions,
             n_bootstrap=self.n_bootstrap,
+            n_permutations=self.n_permutations,
+            alternative=self.alternative,
+            correction=self.correction,
+            alpha=self.alpha,
             batch_size=self.batch_size,
+            stack_rows=self.stack_rows,
             n_grid=self.n_grid,
+            n_candidates=self.n_candidates,
             seed=self.seed,
             device=device,
         )
@@ -389,7 +431,8 @@ def feature_values(sae: Any, x_nd: torch.Tensor, idx: torch.Tensor) -> torch.Ten
     """`sae.encode(x_nd)[:, idx]` without building all of `f` [n, d_sae]. Per-latent activations
     (ReLU, and the JumpReLU that JumpReLU and BatchTopK kinds infer with) need only the edited
     columns of `W_enc`; TopK needs every pre-activation (for the k-th largest) but not the dense
-    scatter of the top k."""
+    scatter of the top k. A signed TopK (`cfg.topk_relu` False, saev's `mask * h`) keeps the
+    kept values' sign, as its `encode` does."""
     cfg = getattr(sae, "cfg", None)
     if cfg is None or not hasattr(sae, "pre_acts"):
         return sae.encode(x_nd)[:, idx]
@@ -405,7 +448,8 @@ def feature_values(sae: Any, x_nd: torch.Tensor, idx: torch.Tensor) -> torch.Ten
     h = sae.pre_acts(x_n)
     kth = h.topk(cfg.k, dim=-1, sorted=False).values.min(dim=-1, keepdim=True).values
     cols = h[:, idx]
-    return torch.where(cols >= kth, torch.relu(cols), torch.zeros_like(cols))
+    kept = torch.relu(cols) if getattr(cfg, "topk_relu", True) else cols
+    return torch.where(cols >= kth, kept, torch.zeros_like(cols))
 
 
 def _edited_output(s: Splice, x: torch.Tensor) -> torch.Tensor:
@@ -473,6 +517,84 @@ def splice(blocks: Any, *splices: Splice) -> Iterator[list[Splice]]:
     finally:
         for h in handles:
             h.remove()
+
+
+def _stacked_output(conditions: Sequence[Splice], x: torch.Tensor) -> torch.Tensor:
+    """[K * b, ...]: the block output `x` [b, ...] edited by each of K conditions, stacked along
+    the batch (condition-major). One encode of the union of the edited features serves them all;
+    each distinct edit then costs a decode of its own |S| rows (see `_edited_output`), and a
+    random-direction condition reuses its edit's per-token norms. Memory beyond the K-fold
+    output itself: one [b * tokens, d] change at a time and a [b * tokens] norm per distinct
+    edit (not one change per edit kept to the end)."""
+    sae = conditions[0].sae
+    x32 = x.float()
+    lead, d = x32.shape[:-1], x32.shape[-1]
+    x_nd = x32.reshape(-1, d)
+    union = sorted({f for s in conditions for f in s.edit.features})
+    where = {f: i for i, f in enumerate(union)}
+    f_all = feature_values(sae, x_nd, torch.as_tensor(union, dtype=torch.long, device=x.device))
+    # in the block's dtype: a bf16 model's K-fold output is not held twice (float32, then cast)
+    out = torch.empty((len(conditions), *x_nd.shape), dtype=x.dtype, device=x.device)
+    norms_of: dict[tuple[int, int], torch.Tensor] = {}
+
+    def change(s: Splice) -> torch.Tensor:
+        idx = torch.as_tensor(s.edit.features, dtype=torch.long, device=x.device)
+        f_cols = f_all[:, [where[f] for f in s.edit.features]]
+        df = s.edit.apply(f_cols) - f_cols
+        if s.tokens is not None:
+            keep = s.tokens.to(x.device)
+            if keep.dim() == 1:
+                keep = keep.expand(*lead)
+            df = df * keep.reshape(-1, 1).to(df)
+        return (df @ sae.W_dec[idx]) / sae.norm_scale
+
+    for c, s in enumerate(conditions):
+        key = (id(s.edit), id(s.tokens))
+        if s.direction is None:
+            dx = change(s)
+            norms = norms_of.setdefault(key, dx.norm(dim=-1))
+        else:
+            if key not in norms_of:
+                norms_of[key] = change(s).norm(dim=-1)
+            norms = norms_of[key]
+            u = s.direction.to(x_nd) / s.direction.norm().clamp_min(1e-12)
+            dx = norms[:, None] * u
+        n_edited = int((norms > 0).sum())
+        s.stats = {"dx_norm": float(norms.sum()) / max(1, n_edited), "n_tokens": n_edited}
+        out[c] = x_nd + dx  # summed in float32, rounded once to x's dtype (as `_edited_output`)
+        del dx
+    return out.reshape(len(conditions) * lead[0], *lead[1:], d)
+
+
+@contextlib.contextmanager
+def stacked_splice(blocks: Any, conditions: Sequence[Splice]) -> Iterator[list[Splice]]:
+    """Within the block, the output of `blocks[layer]` (one layer and one SAE, shared by every
+    condition, each with an edit) becomes K edited copies stacked along the batch: a forward of b
+    images returns K * b outputs, condition-major. The blocks before the layer run once for all
+    K conditions; only those after it (and the head) see the K-fold batch. Per-image `tokens`
+    must already be narrowed to the b images of the batch."""
+    from saev_core.backbone import resolve_layer
+
+    if not conditions:
+        raise ValueError("stacked_splice: give at least one condition")
+    first = conditions[0]
+    for s in conditions:
+        if s.edit is None or s.layer != first.layer or s.sae is not first.sae:
+            raise ValueError("stacked_splice: every condition needs an edit, one layer, one SAE")
+
+    def hook(module, args, output):
+        x = output[0] if isinstance(output, (tuple, list)) else output
+        x = _stacked_output(conditions, x)
+        return (x, *output[1:]) if isinstance(output, (tuple, list)) else x
+
+    block = blocks
+    if isinstance(blocks, torch.nn.ModuleList):
+        block = blocks[resolve_layer(int(first.layer), len(blocks))]
+    handle = block.register_forward_hook(hook, prepend=True)
+    try:
+        yield list(conditions)
+    finally:
+        handle.remove()
 
 
 def random_direction(d_model: int, seed: int) -> torch.Tensor:

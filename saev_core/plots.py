@@ -117,3 +117,45 @@ def dose_response(rows: Sequence[dict]):
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
+
+
+def specificity_heatmap(rows: Sequence[dict], strength: float):
+    """The concept x concept specificity matrix of one edit strength: a row per edit (its
+    hypothesis and edited concept), a column per measured concept, the cell the mean change of
+    that concept's probability (diverging colours, symmetric about 0); `*` marks a cell whose
+    95% interval excludes 0. Columns: the edited concepts in row order, then the others."""
+    plt = _plt()
+    rs = [r for r in rows if float(r["strength"]) == float(strength)]
+    if not rs:
+        raise ValueError(f"specificity_heatmap: no row at strength {strength:g}")
+    edits = list(dict.fromkeys((r["hypothesis"], r["edited_concept"]) for r in rs))
+    edited = list(dict.fromkeys(c for _, c in edits))
+    cols = edited + sorted({r["concept"] for r in rs} - set(edited))
+    cell = {(r["hypothesis"], r["concept"]): r for r in rs}
+    m = np.full((len(edits), len(cols)), np.nan)
+    star = np.zeros(m.shape, dtype=bool)
+    for i, (h, _) in enumerate(edits):
+        for j, c in enumerate(cols):
+            r = cell.get((h, c))
+            if r is not None:
+                m[i, j] = r["delta"]
+                star[i, j] = r["delta_lo"] > 0 or r["delta_hi"] < 0
+    vmax = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
+    fig, ax = plt.subplots(
+        figsize=(1.2 + 0.55 * len(cols), 1.0 + 0.4 * len(edits)), dpi=100, squeeze=True
+    )
+    im = ax.imshow(m, cmap="RdBu_r", vmin=-(vmax or 1.0), vmax=vmax or 1.0, aspect="auto")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if np.isfinite(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:+.2f}{'*' if star[i, j] else ''}", ha="center",
+                        va="center", fontsize=6)  # fmt: skip
+    labels = [h if h == c else f"{h} ({c})" for h, c in edits]
+    ax.set_yticks(range(len(edits)), labels, fontsize=7)
+    ax.set_xticks(range(len(cols)), cols, fontsize=7, rotation=45, ha="right")
+    ax.set_ylabel("edited (hypothesis)", fontsize=8)
+    ax.set_xlabel("measured concept", fontsize=8)
+    ax.set_title(f"specificity at strength {strength:g}: mean change in p(concept)", fontsize=8)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    return fig

@@ -66,6 +66,9 @@ class SAEConfig:
     "Number of latents (features)."
     k: int = 32
     "Active latents per token for the k-sparse archs (paper's later versions: 32); else unused."
+    topk_relu: bool = True
+    """'topk': ReLU on the k kept values (Gao et al. 2024, SAELens). False keeps them signed,
+    `mask * h` (saev's TopK), so a kept negative pre-activation stays in the code and the decode."""
     l1_coeff: float = 0.05
     "L1 coefficient lambda for 'relu', against the per-element MSE below; else unused."
     l0_coeff: float = 1e-3
@@ -82,6 +85,16 @@ class SAEConfig:
     "Weight of the AuxK loss (Gao et al. 2024, A.2: 1/32); 0 turns AuxK off."
     dead_after_tokens: int = 10_000_000
     "Tokens without firing after which a latent counts as dead for AuxK (Gao et al.: 10M)."
+    encoder_init_scale: float | None = None
+    """W_enc starts as this times W_dec's transpose (unit-norm rows), so the normalised inputs'
+    pre-activations start with std about this value. None: 0.5 for the k-sparse archs, 1.0
+    (Gao et al. 2024, A.1) for 'relu' and 'jumprelu' (whose threshold is set in these units).
+    At 1.0 the k kept values (about 2 std each) over-shoot the input, more so as k grows: on the
+    demo shards (patch tokens, d_sae 1,024) the untrained FVU is 0.73 / 0.79 / 1.27 / 2.81 at
+    k = 8 / 16 / 32 / 64 (0.5: 0.71 / 0.56 / 0.44 / 0.47), and a run of 750 steps at lr 2e-3
+    spends its budget undoing that: val FVU 0.115 / 0.085 / 0.077 / 0.058 at 1.0 against
+    0.111 / 0.072 / 0.051 / 0.042 at 0.5 (bench/frontier.py); BatchTopK and Matryoshka at
+    k = 32: 0.071 -> 0.053 and 0.064 -> 0.054."""
     decoder_norm: Literal["unit", "free"] = "unit"
     "'unit': W_dec rows at unit norm, parallel gradient removed; 'free' ('relu' only): L1 x ||W_dec_j||."
     jumprelu_bandwidth: float = 0.2
@@ -113,14 +126,20 @@ class SAEConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.topk_relu, bool):
+            raise ValueError(f"topk_relu must be true or false, got {self.topk_relu!r}")
+        if not self.topk_relu and self.arch != "topk":
+            raise ValueError(f"topk_relu=False (signed TopK) is for arch 'topk', not {self.arch!r}")
         if self.arch in K_SPARSE and self.k > self.d_sae:
             raise ValueError(f"k={self.k} must be <= d_sae={self.d_sae}")
         for name in ("l1_coeff", "l0_coeff", "aux_alpha"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
+        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold", "encoder_init_scale"):
             value = getattr(self, name)
+            if value is None and name == "encoder_init_scale":
+                continue
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if not 0 < self.threshold_momentum <= 1:
@@ -133,6 +152,12 @@ class SAEConfig:
                 raise ValueError(f"matryoshka_prefixes must be increasing positive ints, got {p}")
             if p[-1] != self.d_sae:
                 raise ValueError(f"matryoshka_prefixes must end at d_sae={self.d_sae}, got {p}")
+
+    def encoder_scale(self) -> float:
+        """`encoder_init_scale`, resolved: 0.5 for the k-sparse archs, else 1.0, unless set."""
+        if self.encoder_init_scale is not None:
+            return float(self.encoder_init_scale)
+        return 0.5 if self.arch in K_SPARSE else 1.0
 
     def prefixes(self) -> list[int]:
         """Matryoshka prefix sizes, resolved (distinct, increasing, ending at d_sae)."""
@@ -159,7 +184,7 @@ class SAEOutput(NamedTuple):
     sparsity: Tensor
     "The penalised sparsity term before its coefficient: L1 ('relu'), L0 ('jumprelu'), else 0."
     recon: Tensor
-    "The reconstruction term of the loss: mse, or for 'matryoshka' the mean of the prefixes' mse."
+    "The reconstruction term of the loss: mse, or for 'matryoshka' the sum of the prefixes' mse."
     l0: Tensor
     "Mean over batch of the number of positive latents (detached)."
     fired: Tensor
@@ -225,10 +250,10 @@ class SAE(nn.Module):
         self.cfg = cfg
         self.extra: dict[str, Any] = {}
         d_model, d_sae = cfg.d_model, cfg.d_sae
-        # Gao et al. 2024, A.1: decoder rows random unit vectors, encoder its transpose.
+        # Gao et al. 2024, A.1: decoder rows random unit vectors, encoder its transpose (scaled).
         W_dec = torch.randn(d_sae, d_model, generator=generator)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
-        self.W_enc = nn.Parameter(W_dec.T.clone())
+        self.W_enc = nn.Parameter(W_dec.T * cfg.encoder_scale())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(W_dec)
         # b_dec = 0 is the mean of the inputs once they are mean-centred; the trainer moves it to
@@ -297,7 +322,8 @@ class SAE(nn.Module):
             # The top k of h, then ReLU on those k: the same codes as top k of relu(h), with no
             # full-width ReLU pass, and scattered in place into a fresh zero tensor.
             vals, idx = h_bs.topk(self.cfg.k, dim=-1, sorted=False)
-            return torch.zeros_like(h_bs).scatter_(-1, idx, torch.relu(vals))
+            vals = torch.relu(vals) if self.cfg.topk_relu else vals
+            return torch.zeros_like(h_bs).scatter_(-1, idx, vals)
         f_bs = torch.relu(h_bs)
         if arch != "relu":
             # JumpReLU at the learned threshold (BatchTopK: Bussmann et al. 2024, section 3).
@@ -339,10 +365,12 @@ class SAE(nn.Module):
         return rows[order], cols[order], vals[order]
 
     def _topk_code(self, x_bd: Tensor) -> tuple[sparse_code.Code, Tensor]:
-        """TopK's inference code of [batch, d_model] inputs as a sparse Code and its ReLU'd values."""
+        """TopK's inference code of [batch, d_model] inputs as a sparse Code and its values
+        (ReLU'd unless `topk_relu` is False)."""
         h = self.pre_acts(self.normalise(x_bd))
         code = sparse_code.top_k(h, self.cfg.k)
-        return code, torch.relu(h[code.rows, code.cols])
+        vals = h[code.rows, code.cols]
+        return code, torch.relu(vals) if self.cfg.topk_relu else vals
 
     def decode(self, f_bs: Tensor) -> Tensor:
         """Reconstruction in the input space: `unnorm(f W_dec + b_dec)`."""
@@ -429,7 +457,8 @@ class SAE(nn.Module):
             code = sc.top_k(h, cfg.k)
         else:
             code = sc.batch_top_k(h, cfg.k * n_rows)
-        vals = torch.relu(sc.gather_pre_acts(h, code, x_c, self.W_enc, self.b_enc, self.b_dec))
+        vals = sc.gather_pre_acts(h, code, x_c, self.W_enc, self.b_enc, self.b_dec)
+        vals = torch.relu(vals) if cfg.topk_relu else vals  # False only for arch 'topk'
         x_hat_n = sc.decode(code, vals, self.W_dec) + self.b_dec
         mse = (x_hat_n - x_n).pow(2).mean()
         l1 = vals.sum() / n_rows
@@ -475,8 +504,10 @@ class SAE(nn.Module):
     def _matryoshka_recon(
         self, x_n_bd: Tensor, decode_block: Callable[[int, int], Tensor]
     ) -> Tensor:
-        """Mean over nested prefixes m of mse(f[:, :m] W_dec[:m] + b_dec, x_n) (Bussmann et al. 2025).
+        """Sum over nested prefixes m of mse(f[:, :m] W_dec[:m] + b_dec, x_n) (Bussmann et al. 2025).
 
+        The paper's loss sums the prefixes' errors (not their mean), so the full dictionary's error
+        counts once at full weight and `aux_alpha` keeps the meaning it has for the other archs.
         `decode_block(start, end)` is `f[:, start:end] W_dec[start:end]`, densely or sparsely.
         """
         x_hat = self.b_dec.expand_as(x_n_bd)
@@ -488,7 +519,7 @@ class SAE(nn.Module):
             x_hat = x_hat + decode_block(start, end)
             total = total + (x_hat - x_n_bd).pow(2).mean()
             start = end
-        return total / len(prefixes)
+        return total
 
     @torch.no_grad()
     def _update_threshold(self, pos: Tensor) -> None:

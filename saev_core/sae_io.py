@@ -9,9 +9,11 @@
   - schema 1 with `cls: SparseAutoencoderConfig`, and schemas 2-4: `cfg.activation` is
     `{"cls": ..., "params": {"top_k": ...}}`; schema 4 says `d_model`/`d_sae`.
   The weights are read with `torch.load(weights_only=True)`: tensors and plain containers only,
-  never arbitrary pickled objects.
+  never arbitrary pickled objects. saev's TopK (and its early per-token "BatchTopK") keeps the
+  signed kept values, `mask * h` with no ReLU: they load as `topk` with `topk_relu=False`.
 - `load_saelens(dir)` / `save_saelens(sae, dir)`: SAELens' `cfg.json` + `sae_weights.safetensors`
-  (architectures `standard`, `topk`, `jumprelu`), which SAEBench-style tools read.
+  (architectures `standard`, `topk`, `jumprelu`), which SAEBench-style tools read. Checked against
+  SAELens 6.x's own `SAE.load_from_disk` / `save_model` (tests/test_interchange.py).
 
 Conventions differ, and every difference is folded exactly into our weights so that `encode` and
 `decode` give the same numbers as the source: saev's paper-era SAE and SAELens with
@@ -36,6 +38,9 @@ from saev_core.sae import SAE, SAEConfig
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
+# Written as `metadata.sae_lens_version`: SAELens reads a cfg.json without one (or older than
+# 6.0.0) as a pre-6 config, keeping only top-level metadata keys and so dropping ours.
+SAELENS_FORMAT_VERSION = "6.54.12"
 # saev activation class -> our arch (its early "BatchTopK" was a per-token top-k; see below)
 _SAEV_ACTS = {"Relu": "relu", "TopK": "topk", "BatchTopK": "batchtopk"}
 
@@ -96,7 +101,10 @@ def load_saev(
         # Before schema 4, saev's BatchTopK kept the top k of each token, and had no threshold.
         arch = "topk"
     k = int(params.get("top_k", 32))
-    sae_cfg = SAEConfig(arch=arch, d_model=int(d_model), d_sae=int(d_sae), k=k)
+    # saev's TopK activation is `mask * h`: the kept values keep their sign.
+    sae_cfg = SAEConfig(
+        arch=arch, d_model=int(d_model), d_sae=int(d_sae), k=k, topk_relu=arch != "topk"
+    )
     if subtract_b_dec is None:
         subtract_b_dec = subtract
     weights = _take(state, ("W_enc", "b_enc", "W_dec", "b_dec"), path)
@@ -143,15 +151,17 @@ def load_saelens(sae_dir: str | Path, norm_scale: float | None = None) -> SAE:
         raise ValueError(f"{cfg_path}: normalize_activations={norm!r} is per token; not supported")
     weights = _take(state, ("W_enc", "b_enc", "W_dec", "b_dec"), weights_path)
     threshold = state.pop("threshold", None)
+    if threshold is None and "log_threshold" in state:  # SAELens' JumpReLU training checkpoints
+        threshold = state.pop("log_threshold").exp()
     if architecture == "standard":
         sae_cfg = SAEConfig(arch="relu", d_model=d_model, d_sae=d_sae)
     elif architecture == "topk":
-        if cfg.get("rescale_acts_by_decoder_norm") and not torch.allclose(
-            weights["W_dec"].norm(dim=1), torch.ones(d_sae), atol=1e-4
-        ):
-            raise ValueError(
-                f"{cfg_path}: rescale_acts_by_decoder_norm with a non-unit decoder is not supported"
-            )
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            # SAELens selects and ReLUs `h * ||W_dec_j||` and decodes `f / ||W_dec_j||`: folded
+            # exactly into W_enc, b_enc and W_dec, as SAELens' own `_fold_norm_topk` does.
+            n = weights["W_dec"].norm(dim=1).clamp_min(1e-8)
+            weights["W_enc"], weights["b_enc"] = weights["W_enc"] * n, weights["b_enc"] * n
+            weights["W_dec"] = weights["W_dec"] / n[:, None]
         sae_cfg = SAEConfig(arch="topk", d_model=d_model, d_sae=d_sae, k=int(cfg["k"]))
     elif architecture == "jumprelu":
         if threshold is None:
@@ -177,11 +187,17 @@ def save_saelens(sae: SAE, out_dir: str | Path, metadata: dict[str, Any] | None 
 
     The normalisation `x_n = (x - m) s` is folded in (`W_enc s`, `W_dec / s`, `b_dec / s + m`),
     so SAELens' `encode`/`decode` on raw inputs give ours. BatchTopK and Matryoshka SAEs are
-    written as `jumprelu` at their learned threshold, which is how they infer.
+    written as `jumprelu` at their learned threshold, which is how they infer. A signed TopK
+    (`topk_relu=False`) is refused: SAELens' TopK ReLUs the kept values.
     """
     from safetensors.torch import save_file
 
     cfg = sae.cfg
+    if not cfg.topk_relu:
+        raise ValueError(
+            "save_saelens: a signed TopK SAE (topk_relu=False, saev's `mask * h`) has no SAELens "
+            "architecture; SAELens' topk applies ReLU to the kept values"
+        )
     s = float(sae.norm_scale)
     m = sae.norm_mean.detach().cpu()
     with torch.no_grad():
@@ -203,6 +219,8 @@ def save_saelens(sae: SAE, out_dir: str | Path, metadata: dict[str, Any] | None 
             tensors["threshold"] = theta.expand(cfg.d_sae).contiguous()
     layer = sae.extra.get("layer")
     meta = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": None,  # not trained by SAELens
         "model_name": sae.extra.get("backbone"),
         "hook_name": f"blocks.{layer}.hook_resid_post" if layer is not None else None,
         "saev_flow": {"arch": cfg.arch, "manifest_sha256": sae.extra.get("manifest_sha256")},

@@ -33,6 +33,7 @@ MANIFEST = "manifest.json"
 IMAGES = "images.parquet"
 PATCH_LABELS = "patch_labels.parquet"
 SCHEMA_VERSION = 2  # 2: images.parquet has `key`; manifest has chunks, history, n_registers
+ACT_PAGE_BYTES = 256 * 2**20  # largest data page the writer makes (Parquet allows < 2 GiB)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -225,6 +226,10 @@ class ShardWriter:
             compression="none",
             use_dictionary=["image_id", "token"],
             write_statistics=["image_id", "token"],
+            # One data page per row group's vectors (pages are split at this size or row count
+            # only): the shuffled loader maps the vectors straight from the file, a run per page.
+            data_page_size=ACT_PAGE_BYTES,
+            max_rows_per_page=2**31 - 1,
         )
         self._images_in_file = self._rows_in_file = 0
 

@@ -75,9 +75,19 @@ class TrainStage:
     """The best SAE: lowest val FVU among those with L0 <= this and under 10% dead features."""
 
     def __post_init__(self) -> None:
+        from saev_core.training import TrainConfig, sweep_configs
+
         for name in self.sweep:
             if not name or "/" in name or name.startswith(".") or name == "main":
                 raise ValueError(f"train.sweep: bad member name {name!r}")
+        # A typo in `sae` or a sweep member (params file or `-S sae.kk=...`) fails on loading,
+        # naming the key and the valid ones, not when the stage starts.
+        if not isinstance(self.sae, dict):
+            raise ValueError(
+                f"train.sae: expected a mapping of TrainConfig fields, got {self.sae!r}"
+            )
+        from_dict(TrainConfig, self.sae, where="train.sae")
+        sweep_configs(self.sae, self.sweep)
 
 
 def check_shards(io: TrainStage) -> Any:
@@ -180,8 +190,31 @@ def train_stage(
         Path(io.checkpoint_dir) if io.checkpoint_dir else out_dir.parent / f"{out_dir.name}.ckpt"
     )
     logs = [log] + [member_log(n) if member_log else no_log for n in members]
+    # What the batches are: a checkpoint of another layer, token policy, split or shard set
+    # (manifest hash) starts over instead of resuming (paths, log_every, device do not count).
+    data = {
+        "manifest_sha256": m.sha256,
+        "layer": io.layer,
+        "tokens": io.tokens,
+        "split": io.train_split,
+        # resuming skips the batches trained on by their place in the loader's order
+        "shuffle_order": loaders.SHUFFLE_ORDER,
+    }
     results = train_saes(
-        batches, m.d_model, cfgs, logs, progress=progress, n_steps=n_steps, checkpoint_dir=ckpt_dir
+        batches,
+        m.d_model,
+        cfgs,
+        logs,
+        progress=progress,
+        n_steps=n_steps,
+        checkpoint_dir=ckpt_dir,
+        data=data,
+        # normalisation and b_dec from rows drawn across the whole train split
+        norm_sample=lambda n: torch.from_numpy(
+            loaders.sample_rows(
+                io.shard_dir, io.layer, n, cfg.seed, [io.train_split], io.tokens, "float32"
+            )
+        ),
     )
 
     def eval_batches():
@@ -246,6 +279,17 @@ class StatsStage:
     browser: dict[str, Any] = field(default_factory=dict)
     """The fields of `browser.BrowserConfig`: the HTML feature browser and the exemplar grid
     written into out_dir (`browser.html`, `exemplars.png`)."""
+
+    def __post_init__(self) -> None:
+        from saev_core.browser import BrowserConfig
+        from saev_core.stats import StatsConfig
+
+        # unknown keys in `options`/`browser` (params file or `-S options.n_top=...`) fail now
+        for name, cls in (("options", StatsConfig), ("browser", BrowserConfig)):
+            value = getattr(self, name)
+            if not isinstance(value, dict):
+                raise ValueError(f"stats.{name}: expected a mapping, got {value!r}")
+            from_dict(cls, value, where=f"stats.{name}")
 
 
 def stats_stage(io: StatsStage, progress: bool = True) -> dict[str, Any]:

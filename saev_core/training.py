@@ -53,12 +53,16 @@ class TrainConfig:
     "Number of latents; overrides expansion when set."
     k: int = 32
     "Active latents per token for the k-sparse archs (paper's later versions: 32)."
+    topk_relu: bool = True
+    "'topk': ReLU on the kept values; False keeps them signed (saev's TopK, `mask * h`)."
     l1_coeff: float = 0.05
     "L1 coefficient for 'relu' (against the per-element MSE of normalised inputs)."
     l0_coeff: float = 1e-3
     "L0 coefficient for 'jumprelu' (against the per-element MSE of normalised inputs); demo: 1e-3 -> L0 ~16.7 (SAEConfig)."
     sparsity_warmup_steps: int = 0
     "Steps over which the sparsity coefficient (l1_coeff or l0_coeff) ramps linearly from 0; 0 = no warm-up."
+    encoder_init_scale: float | None = None
+    "W_enc starts as this times W_dec's transpose (pre-activation std ~ this); None: 0.5 k-sparse, 1.0 else (SAEConfig)."
     decoder_norm: Literal["unit", "free"] = "unit"
     "'unit': unit-norm decoder rows with the parallel gradient removed; 'free' ('relu'): L1 scaled by ||W_dec_j||."
     jumprelu_bandwidth: float = 0.2
@@ -337,6 +341,62 @@ def _write_checkpoint(ckpt_dir: Path, members: list[_Member], state: dict[str, A
         shutil.rmtree(old)
 
 
+# Fields of TrainConfig that change how a run is computed, logged or placed, not what it
+# trains: a checkpoint resumes across a change of any of them.
+# (`dense_threshold` is read by `evaluate`, after training.)
+NOT_IN_FINGERPRINT = (
+    "sparse_kernels",
+    "log_every",
+    "checkpoint_every",
+    "device",
+    "dense_threshold",
+)
+
+
+def checkpoint_fingerprint(
+    d_model: int, cfgs: Sequence[TrainConfig], data: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the data it was trained on (shard manifest
+    sha256, layer, token policy, split: whatever the caller passes as `data`), d_model and every
+    config field that changes the result (not those in `NOT_IN_FINGERPRINT`)."""
+    configs = [{k: v for k, v in to_dict(c).items() if k not in NOT_IN_FINGERPRINT} for c in cfgs]
+    # through JSON, as state.json holds it, so a fingerprint compares equal to its own copy
+    return json.loads(json.dumps({"data": data or {}, "d_model": d_model, "configs": configs}))
+
+
+def _show_data(key: str, value: Any) -> str:
+    if value is None:
+        return f"no {key}"
+    if key == "manifest_sha256":
+        return f"shard manifest sha256 {str(value)[:12]}"
+    return f"{key} {value}"
+
+
+def why_not_resume(old: dict[str, Any] | None, new: dict[str, Any]) -> str | None:
+    """Why a checkpoint with fingerprint `old` cannot resume a run with fingerprint `new`, in
+    words (`checkpoint is for layer 3, this run is layer 4`); None when it can."""
+    if not isinstance(old, dict) or "data" not in old:
+        return "checkpoint was written by an older saev without a data fingerprint"
+    for key in sorted(set(old["data"]) | set(new["data"])):
+        a, b = old["data"].get(key), new["data"].get(key)
+        if a != b:
+            return f"checkpoint is for {_show_data(key, a)}, this run is {_show_data(key, b)}"
+    if old.get("d_model") != new["d_model"]:
+        return f"checkpoint is for d_model {old.get('d_model')}, this run is {new['d_model']}"
+    olds, news = old.get("configs") or [], new["configs"]
+    if len(olds) != len(news):
+        return f"checkpoint holds {len(olds)} SAEs, this run trains {len(news)}"
+    for i, (a, b) in enumerate(zip(olds, news, strict=True)):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                which = f" (SAE {i + 1} of {len(news)})" if len(news) > 1 else ""
+                return (
+                    f"checkpoint is for {key}={a.get(key)!r}, "
+                    f"this run is {key}={b.get(key)!r}{which}"
+                )
+    return None
+
+
 def read_checkpoint_state(ckpt_dir: str | Path) -> dict[str, Any] | None:
     """The `state.json` of a checkpoint folder, or None if there is none."""
     path = Path(ckpt_dir) / STATE_NAME
@@ -381,12 +441,16 @@ def train_saes(
     n_steps: int | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool | Literal["auto"] = "auto",
+    data: dict[str, Any] | None = None,
+    norm_sample: Callable[[int], Any] | None = None,
 ) -> list[tuple[SAE, dict[str, Any]]]:
     """Train one SAE per config in lock-step on one pass of `make_batches`; returns (SAE, summary) each.
 
     `make_batches(epoch)` must return a fresh iterable of `x_bd` for that epoch, shuffled by the
     caller, the same batches for the same epoch. Epoch 0's iterable is read once first to fit
-    the normalisation and b_dec (up to `norm_max_tokens` tokens). The cosine schedule needs the
+    the normalisation and b_dec (up to `norm_max_tokens` tokens), unless `norm_sample(n)` gives
+    those n tokens [n, d] instead (the train stage: `loaders.sample_rows`, a sample of the whole
+    shard set rather than of the first window's row groups). The cosine schedule needs the
     total step count: pass `n_steps`, or it is taken as n_epochs x len(epoch 0's iterable).
     Every step, for every SAE: forward (bf16 autocast if enabled), backward, drop the gradient
     parallel to decoder rows, clip, Adam step, renormalise decoder rows, update the
@@ -394,7 +458,10 @@ def train_saes(
 
     With `checkpoint_dir`, a checkpoint is written every `checkpoint_every` steps; `resume`
     True continues from it (error if it is missing or from other configs), 'auto' continues
-    when one from the same configs exists, False starts afresh.
+    when one from the same configs and data exists, False starts afresh. `data` says what the
+    batches are (the train stage passes the shard manifest's sha256, layer, token policy and
+    split): a checkpoint of other data is never resumed. Whether it resumes, and if not why,
+    is printed (`resuming from step 400 of 508`).
     """
     cfgs = list(cfgs)
     if not cfgs:
@@ -409,18 +476,16 @@ def train_saes(
     # Impossible configs (k > d_sae, bad prefixes) fail here, before any data is read.
     sae_cfgs = [c.sae_config(d_model) for c in cfgs]
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    # sparse_kernels changes how, not what, a run computes: a checkpoint resumes across it.
-    fingerprint = {
-        "d_model": d_model,
-        "configs": [{k: v for k, v in to_dict(c).items() if k != "sparse_kernels"} for c in cfgs],
-    }
+    fingerprint = checkpoint_fingerprint(d_model, cfgs, data)
     state = read_checkpoint_state(ckpt_dir) if ckpt_dir is not None and resume else None
-    if state is not None and state.get("fingerprint") != fingerprint:
+    why = why_not_resume(state.get("fingerprint"), fingerprint) if state is not None else None
+    if why is not None:
         if resume is True:
             raise ValueError(
-                f"checkpoint {ckpt_dir} was written for other configs or d_model; "
+                f"checkpoint {ckpt_dir} was written for other configs or data ({why}); "
                 "delete it or pass resume=False"
             )
+        print(f"{why}: starting over (checkpoint {ckpt_dir})")
         state = None
     if resume is True and state is None:
         raise ValueError(f"resume=True but there is no checkpoint in {checkpoint_dir}")
@@ -433,7 +498,8 @@ def train_saes(
 
     first: Iterable[Tensor] | None = None
     if state is None:
-        sample = take_tokens(make_batches(0), lead.norm_max_tokens)
+        batches0 = [norm_sample(lead.norm_max_tokens)] if norm_sample else make_batches(0)
+        sample = take_tokens(batches0, lead.norm_max_tokens)
         if sample.shape[1] != d_model:
             raise ValueError(f"batches have width {sample.shape[1]}, but d_model={d_model}")
         mean_d, scale = _normalisation_of(sample)
@@ -468,6 +534,7 @@ def train_saes(
         m.opt = torch.optim.Adam(m.sae.parameters(), lr=lr_at(0, n_steps, m.cfg))
     if state is not None:
         _restore(ckpt_dir, members, device)  # type: ignore[arg-type]
+        print(f"resuming from step {step} of {n_steps} (checkpoint {ckpt_dir})")
     resumed_from, tokens_before = step, n_tokens
 
     autocast = (

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -119,3 +120,67 @@ def test_bad_layer_and_missing_data(tiny_world, tiny_vit, tmp_path):
             progress=False,
         )
     assert not (tmp_path / "a").exists()
+
+
+def file_order(out, layer=0) -> dict[str, list[int]]:
+    """Image ids in the order each file of `layer` holds them, by file."""
+    m = shards.read_manifest(out)
+    order = {}
+    for f in m.files(layer):
+        ids = pq.read_table(out / f["path"], columns=["image_id"]).column(0).to_numpy()
+        order[f["path"]] = list(dict.fromkeys(ids.tolist()))
+    return order
+
+
+def test_images_are_written_in_a_seeded_order(tiny_world, tiny_vit, tmp_path):
+    import hashlib
+
+    m = run(tiny_world, tiny_vit, tmp_path / "a", layers=(0,))
+    plain = run(tiny_world, tiny_vit, tmp_path / "plain", layers=(0,), shuffle_seed=None)
+    other = run(tiny_world, tiny_vit, tmp_path / "b", layers=(0,), shuffle_seed=7)
+    assert (m["shuffle_seed"], plain["shuffle_seed"], other["shuffle_seed"]) == (0, None, 7)
+    images = shards.read_images(tmp_path / "a")
+    # ids stay the source's: the image table is the same whatever the order
+    pd.testing.assert_frame_equal(images, shards.read_images(tmp_path / "plain"))
+    key_of = dict(zip(images.image_id, images.key, strict=True))
+
+    def rank(seed, image_id):  # the documented rule: a hash of the seed and the key
+        return hashlib.blake2b(f"{seed}\0{key_of[image_id]}".encode(), digest_size=8).digest()
+
+    for seed, out in ((0, "a"), (7, "b")):
+        for split in ("train", "val", "test"):
+            got = sum((v for k, v in sorted(file_order(tmp_path / out).items()) if split in k), [])
+            ids = images.image_id[images.split == split].tolist()
+            assert got == sorted(ids, key=lambda i: rank(seed, i)), (seed, split)
+    train = sum((v for k, v in sorted(file_order(tmp_path / "a").items()) if "train" in k), [])
+    assert train != sorted(train)  # 12 images: not in source order
+    plain_train = sum((v for k, v in file_order(tmp_path / "plain").items() if "train" in k), [])
+    assert plain_train == sorted(plain_train)
+
+    # the same vectors per image and token, in another place
+    def by_key(out):
+        return {
+            (int(i), int(t)): v.tobytes()
+            for ids, toks, x in loaders.iter_ordered(out, 0, dtype=None)
+            for i, t, v in zip(ids, toks, x, strict=True)
+        }
+
+    assert by_key(tmp_path / "a") == by_key(tmp_path / "plain")
+
+
+def test_the_order_is_part_of_the_sets_identity(tiny_world, tiny_vit, tmp_path):
+    from saev_core.extract import ShardSetMismatch
+
+    out = tmp_path / "acts"
+    run(tiny_world, tiny_vit, out, layers=(0,))
+    with pytest.raises(ShardSetMismatch, match="shuffle_seed: has 0, this run 3"):
+        run(tiny_world, tiny_vit, out, layers=(0,), shuffle_seed=3)
+    # a set from before shuffled extraction (no shuffle_seed in its manifest)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["shuffle_seed"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardSetMismatch, match="predates shuffled extraction"):
+        run(tiny_world, tiny_vit, out, layers=(0,))
+    assert run(tiny_world, tiny_vit, out, layers=(0,), shuffle_seed=None) == manifest  # up to date
+    with pytest.raises(ValueError, match="shuffle_seed must be an integer or null"):
+        ExtractConfig(shuffle_seed="yes")

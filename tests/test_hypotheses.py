@@ -6,6 +6,7 @@ SAE at its last block has feature 0 with decoder direction `u`, features 1-6 ort
 feature 7 dead (its encoder bias is hugely negative, so it never fires).
 """
 
+import io
 import json
 
 import numpy as np
@@ -91,7 +92,15 @@ def test_known_effect_is_detected_and_beats_controls(world):
         scope="cls",
         **base,
     )
+    from saev_core.plots import _plt
+
+    plt = _plt()
+    plt.close("all")
     result = run_hypothesis(h, Cache(settings()))
+    # its figures are not held open by pyplot (a run keeps one per hypothesis x strength until
+    # it logs them: 24 in the demo, past pyplot's warning at 20), and still render
+    assert plt.get_fignums() == []
+    result.figures[0].savefig(io.BytesIO(), format="png")
     zero, strong = result.rows
     # best feature for blue (by AUROC) from the stats Parquet; control = nearest in frequency
     assert strong["feature"] == 0 and strong["auroc"] == pytest.approx(0.95)
@@ -116,7 +125,9 @@ def test_dead_feature_has_no_effect_and_controls_say_so(world):
         assert row[key] == pytest.approx(0.0, abs=1e-6), key
     # the direction control moves x as far as the edit did: not at all
     assert row["direction_delta"] == pytest.approx(0.0, abs=1e-6)
-    assert row["dx_norm"] == 0.0 and not row["below_control"]
+    # the random features it is compared with barely move blue either: no verdict
+    assert row["dx_norm"] == 0.0 and abs(row["vs_control"]) < 1e-3
+    assert row["alternative"] == "less" and row["verdict"] == "not supported"
 
 
 def test_orthogonal_feature_edit_is_not_read_by_the_target(world):
@@ -246,14 +257,16 @@ def test_flow_logs_nested_runs_and_feeds_the_warehouse(world, tiny_vit, tiny_wor
     )
     assert len(table) == 5 and {"random_feature", "random_direction", "miou_delta"} <= set(table[0])
     # the view's verdicts read the columns the runner writes (none left null by a name mismatch)
-    assert all(r["below_controls"] is not None for r in table)
+    assert all(r["verdict"] in ("supported", "not supported") for r in table)
+    assert all(r["p_adjusted"] is not None and r["n_controls"] == 20 for r in table)
+    assert all(r["eval_split"] == "train" and r["control_lo"] is not None for r in table)
     seg_row = [r for r in table if r["hypothesis"] == "yellow-seg"]
     assert len(seg_row) == 1 and seg_row[0]["miou_delta"] is not None
     old = json.loads(
         run_query(db, "intervention_summary", {"run": "hyp"}, fmt="json", root=tmp_path)
     )
     assert len(old) == 5 and "control_delta" in old[0]
-    assert all(r["control_lo"] is not None and r["below_control"] is not None for r in old)
+    assert all(r["control_lo"] is not None and r["verdict"] is not None for r in old)
 
 
 def test_best_feature_by_patch_or_image_auroc(tmp_path):
@@ -383,3 +396,191 @@ def test_run_refuses_another_layer_and_a_stale_warehouse(world, tmp_path):
     h = Hypothesis(target="blue", warehouse=str(db), **{**base, "stats_dir": str(stats)})
     with pytest.raises(ValueError, match=r"run 'hyp' was built from stats of the SAE .* 000000"):
         best_features(h, "blue", 1)
+
+
+def test_increase_is_tested_as_an_increase_against_many_controls(world):
+    """add 40 u on CLS raises p(blue): auto tests for an increase (the old one-sided 'below'
+    could never pass it), against 10 random features and 10 random directions; the same edit
+    tested for a decrease is not supported."""
+    _, base = world
+    h = Hypothesis(target="blue", features=(0,), op="add", relative=False, strengths=(0.0, 40.0),
+                   scope="cls", **base)  # fmt: skip
+    zero, strong = run_hypothesis(h, Cache(settings(n_candidates=32))).rows
+    assert strong["alternative"] == "greater" and zero["alternative"] == "two-sided"
+    assert strong["n_controls"] == 20
+    sets = strong["control_features"].split(";")
+    assert len(sets) == 10 and len(set(sets[:6])) == 6  # 6 alive candidates, then cycled
+    assert strong["control_lo"] <= strong["control_median"] <= strong["control_hi"]
+    assert strong["delta"] > strong["control_hi"] and strong["control_rank_p"] == 1 / 21
+    assert strong["vs_control_lo"] > 0 and strong["p_value"] < 0.01
+    # Holm over this hypothesis's two strengths; adding 0 changes nothing: p = 1
+    assert zero["p_value"] == 1.0 and zero["verdict"] == "not supported"
+    assert strong["p_adjusted"] == pytest.approx(min(1.0, 2 * strong["p_value"]))
+    assert strong["verdict"] == "supported" and strong["correction"] == "holm"
+    down = Hypothesis(**{**h.__dict__, "alternative": "less", "strengths": (40.0,)})
+    (row,) = run_hypothesis(down, Cache(settings())).rows
+    assert (
+        row["alternative"] == "less" and row["p_value"] > 0.9 and row["verdict"] == "not supported"
+    )
+
+
+def test_p_value_and_specificity_match_plain_forwards_and_scipy(world):
+    """The runner's paired p-value equals scipy's exact permutation test on per-image
+    differences computed here from one plain spliced forward per condition; its specificity
+    rows are each concept's mean change in probability from the same forwards."""
+    from scipy import stats
+
+    from saev_core.intervene import FeatureEdit, Splice, scope_tokens
+
+    _, base = world
+    st = settings(controls=("random_feature",), n_control_features=3, n_candidates=4)
+    cache = Cache(st)
+    h = Hypothesis(target="blue", features=(3,), op="clamp", relative=False, strengths=(3.0,),
+                   scope="cls", alternative="two-sided", **base)  # fmt: skip
+    result = run_hypothesis(h, cache)
+    (row,) = result.rows
+    reader = cache.reader(h)
+    es = cache.evalset(h, reader)
+    sae = cache.sae(h.sae_dir)
+    j, cls = reader.labels.index("blue"), scope_tokens(reader.layout, "cls")
+
+    def probs(feats):
+        sp = Splice(1, sae, FeatureEdit("clamp", tuple(feats), 3.0), cls)
+        return reader.probs(es.pixels, 64, [sp])
+
+    p0 = es.p_before
+    p_edit = probs([3])
+    controls = [probs([int(f) for f in s.split(",")]) for s in row["control_features"].split(";")]
+    assert row["n_controls"] == 3 and len(controls) == 3
+    d = (p_edit[:, j] - p0[:, j]) - np.mean([c[:, j] - p0[:, j] for c in controls], axis=0)
+    want = stats.permutation_test((d,), np.mean, permutation_type="samples",
+                                  alternative="two-sided", n_resamples=9999).pvalue  # fmt: skip
+    assert want < 0.01  # every image agrees here (tiny world); mixed cases: test_verdicts.py
+    assert row["p_value"] == pytest.approx(want, rel=1e-9)
+    assert row["vs_control"] == pytest.approx(d.mean(), abs=1e-6)
+    ci = stats.bootstrap((d,), np.mean, method="percentile", n_resamples=5000).confidence_interval
+    assert row["vs_control_lo"] == pytest.approx(ci.low, abs=0.01)
+    assert row["vs_control_hi"] == pytest.approx(ci.high, abs=0.01)
+
+    spec = result.specificity
+    assert [r["concept"] for r in spec] == reader.labels
+    assert set(spec[0]) >= {"experiment", "hypothesis", "edited_concept", "strength", "concept",
+                            "delta", "delta_lo", "delta_hi"}  # fmt: skip
+    want_delta = (p_edit - p0).mean(0)
+    np.testing.assert_allclose([r["delta"] for r in spec], want_delta, atol=1e-6)
+    assert all(r["delta_lo"] - 1e-9 <= r["delta"] <= r["delta_hi"] + 1e-9 for r in spec)
+    assert spec[j]["delta"] == pytest.approx(row["delta"])
+    others = np.delete(want_delta, j)
+    assert row["off_target_abs_delta"] == pytest.approx(np.abs(others).mean(), abs=1e-6)
+
+
+def test_run_all_corrects_over_every_hypothesis_and_strength(world, tmp_path):
+    from saev_core.hypotheses import run_all, write_results
+
+    _, base = world
+    hs = [
+        Hypothesis(target="blue", features=(0,), op="add", relative=False,
+                   strengths=(5.0, 40.0), scope="cls", name="up", **base),
+        Hypothesis(target="blue", features=(3,), op="clamp", relative=False, strengths=(3.0,),
+                   scope="cls", alternative="two-sided", name="ortho", **base),
+    ]  # fmt: skip
+    for method in ("holm", "bh"):
+        seen = []
+        results = run_all(hs, Cache(settings(correction=method)), on_result=seen.append)
+        rows = [r for res in results for r in res.rows]
+        assert [r["p_adjusted"] for res in seen for r in res.rows] == [
+            r["p_adjusted"] for r in rows
+        ]
+        p = np.array([r["p_value"] for r in rows])
+        m, order = len(p), np.argsort(p)
+        want = np.empty(m)
+        if method == "holm":  # the definition, step by step
+            running = 0.0
+            for rank, i in enumerate(order):
+                running = max(running, min(1.0, (m - rank) * p[i]))
+                want[i] = running
+        else:
+            for rank, i in enumerate(order):
+                want[i] = min(
+                    min(1.0, m * p[k] / (r + 1)) for r, k in enumerate(order) if r >= rank
+                )
+        np.testing.assert_allclose([r["p_adjusted"] for r in rows], want)
+        assert all(r["correction"] == method for r in rows)
+        for r in rows:
+            ok = r["p_adjusted"] < 0.05 and (r["delta"] > 0) == (r["alternative"] != "less")
+            # beyond the controls' 95% range the tested way (the lead's stricter verdict)
+            beyond = {"less": r["delta"] < r["control_lo"],
+                      "greater": r["delta"] > r["control_hi"],
+                      "two-sided": not r["control_lo"] <= r["delta"] <= r["control_hi"]}  # fmt: skip
+            assert r["beyond_controls"] is beyond[r["alternative"]]
+            assert (r["verdict"] == "supported") == (ok and beyond[r["alternative"]])
+    assert rows[1]["verdict"] == "supported"  # add 40 u beats its controls after correction
+    assert rows[1]["beyond_controls"] is True
+
+    write_results(rows, tmp_path, "hyp", [s for res in results for s in res.specificity])
+    spec = pd.read_parquet(tmp_path / "specificity.parquet")
+    assert list(spec.columns[:9]) == ["run", "experiment", "hypothesis", "edited_concept",
+                                      "strength", "concept", "delta", "delta_lo", "delta_hi"]  # fmt: skip
+    assert len(spec) == 3 * 8 and set(spec["run"]) == {"hyp"}
+    res = pd.read_parquet(tmp_path / "results.parquet")
+    need = {"p_value", "p_adjusted", "n_controls", "control_median", "control_lo", "control_hi",
+            "vs_control_lo", "vs_control_hi", "verdict", "off_target_abs_delta", "alternative",
+            "correction", "select_split", "eval_split", "beyond_controls"}  # fmt: skip
+    assert need <= set(res.columns)
+    assert res.beyond_controls.dtype == bool
+
+
+def test_features_are_tested_on_another_split_than_they_were_chosen_on(world, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, base = world
+    stats = tmp_path / "stats"
+    shutil.copytree(base["stats_dir"], stats)
+    fl = pd.read_parquet(stats / "feature_labels.parquet")
+    pd.concat([fl.assign(split="val"), fl.assign(split="train")]).to_parquet(
+        stats / "feature_labels.parquet"
+    )
+    pq.write_table(
+        pa.table({"run": ["hyp"], "select_split": ["val"], "report_split": ["train"]}),
+        stats / "run.parquet",
+    )
+    common = {**base, "stats_dir": str(stats)}
+    h = Hypothesis(target="blue", op="suppress", **{**common, "split": "val"})
+    with pytest.raises(ValueError, match="chosen on .*not be held out"):
+        run_hypothesis(h, Cache(settings()))
+    (flagged,) = run_hypothesis(
+        Hypothesis(**{**h.__dict__, "allow_selection_split": True}), Cache(settings())
+    ).rows
+    assert flagged["held_out"] is False and flagged["eval_split"] == "val"
+    (row,) = run_hypothesis(
+        Hypothesis(target="blue", op="suppress", **common), Cache(settings())
+    ).rows
+    assert (row["select_split"], row["eval_split"], row["held_out"]) == ("val", "train", True)
+    assert row["feature"] == 0
+
+
+def test_segmentation_specificity_and_change_rates(world, tiny_vit, tiny_world, tmp_path):
+    """For a segmentation probe, each concept's row carries the share of its pixels whose
+    prediction changes; the edited class's share is the row's target change rate."""
+    from saev_core.probes import ProbeConfig, train_probes
+
+    _, base = world
+    probe_dir = tmp_path / "probes"
+    train_probes(ProbeConfig(model=str(tiny_vit), data=str(tiny_world), out_dir=str(probe_dir),
+                             tasks=("segmentation",), seg_classes=("red", "green", "blue", "yellow"),
+                             epochs=2))  # fmt: skip
+    h = Hypothesis(target="blue", features=(0,), op="add", relative=False, strengths=(30.0,),
+                   task="probe", model=str(tiny_vit), probe_dir=str(probe_dir / "segmentation"),
+                   **{k: v for k, v in base.items() if k != "model"})  # fmt: skip
+    result = run_hypothesis(h, Cache(settings(n_control_features=2, n_control_directions=2)))
+    (row,) = result.rows
+    spec = {r["concept"]: r for r in result.specificity}
+    assert set(spec) == {"background", "red", "green", "blue", "yellow"}
+    assert row["task"] == "probe:segmentation" and row["n_controls"] == 4
+    assert spec["blue"]["target_change_rate"] == pytest.approx(row["target_change_rate"])
+    assert spec["blue"]["other_change_rate"] == pytest.approx(row["other_change_rate"])
+    assert all(0 <= r["change_rate"] <= 1 for r in spec.values())
+    assert np.isfinite(row["miou_delta_lo"]) and row["miou_delta_lo"] <= row["miou_delta_hi"]

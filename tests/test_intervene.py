@@ -10,6 +10,7 @@ from saev_core.intervene import (
     FeatureEdit,
     Splice,
     TokenLayout,
+    _edited_output,
     bootstrap_ci,
     bootstrap_ratio_ci,
     feature_values,
@@ -19,6 +20,8 @@ from saev_core.intervene import (
     random_direction,
     scope_tokens,
     splice,
+    stacked_splice,
+    suppress,
 )
 from saev_core.sae import SAE, SAEConfig
 
@@ -206,3 +209,138 @@ def test_feature_values_match_encode(arch):
     want = sae.encode(x)[:, idx]
     assert (want > 0).any() and (want == 0).any()
     torch.testing.assert_close(feature_values(sae, x, idx), want)
+
+
+def test_feature_values_keep_the_sign_of_a_signed_topk():
+    """A signed TopK SAE (topk_relu False: saev's `mask * h`) keeps negative kept values; the
+    edit must read them as they are, not ReLU'd (numpy reference from the definition)."""
+    g = torch.Generator().manual_seed(3)
+    sae = SAE(SAEConfig(arch="topk", d_model=16, d_sae=64, k=6, topk_relu=False), generator=g)
+    sae.set_normalisation(torch.randn(16, generator=g), 0.7)
+    with torch.no_grad():
+        sae.b_enc.fill_(-4.0)  # most kept pre-activations negative
+    x = torch.randn(40, 16, generator=g)
+    xn = sae.normalise(x).detach().double().numpy()
+    w_enc, b_enc, b_dec = (t.detach().double().numpy() for t in (sae.W_enc, sae.b_enc, sae.b_dec))
+    h = (xn - b_dec) @ w_enc + b_enc
+    top = np.argsort(-h, axis=1)[:, :6]
+    want = np.zeros_like(h)
+    np.put_along_axis(want, top, np.take_along_axis(h, top, 1), 1)
+    idx = torch.arange(64)
+    with torch.no_grad():
+        got = feature_values(sae, x, idx).double().numpy()
+        edited = _edited_output(Splice(0, sae, suppress(int(np.argmax((want < 0).sum(0))))), x)
+    assert (want < 0).sum() > 40  # the case this is about
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # and an edit's change of x uses the signed value: suppress = - f W_dec / scale
+    f = int(np.argmax((want < 0).sum(0)))
+    dx_want = -want[:, [f]] @ sae.W_dec[[f]].detach().double().numpy() / float(sae.norm_scale)
+    np.testing.assert_allclose((edited - x).double().numpy(), dx_want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_output_keeps_the_block_dtype_and_equals_each_edit(dtype):
+    """The stacked hook's output is in the block's dtype (a bf16 model's K-fold output is not
+    held in float32 too) and equals, bit for bit, each condition's own spliced output."""
+    from saev_core.intervene import _stacked_output
+
+    sae = make_sae(32)
+    x = (torch.randn(4, 17, 32, generator=torch.Generator().manual_seed(6)) * 2).to(dtype)
+    edit = FeatureEdit("clamp", (1, 2), 3.0, (1.0, 2.0))
+    conds = [Splice(0, sae, edit), Splice(0, sae, FeatureEdit("add", (5,), -2.0)),
+             Splice(0, sae, edit, direction=random_direction(32, 3))]  # fmt: skip
+    with torch.no_grad():
+        out = _stacked_output(conds, x)
+        assert out.dtype == dtype and out.shape == (3 * 4, 17, 32)
+        for k, c in enumerate(conds):
+            one = Splice(0, sae, c.edit, None, c.direction)
+            assert torch.equal(out[4 * k : 4 * k + 4], _edited_output(one, x))
+
+
+@pytest.mark.parametrize("rows", [3, 4, 20])
+def test_probs_stacked_honours_the_row_cap_and_equals_plain_forwards(classifier, rows):
+    """`Reader.probs_stacked` never passes more than `rows` images x conditions through the
+    blocks after the SAE layer, also with more conditions than rows (5 here), and gives per
+    condition the probabilities of one plain spliced forward over all the images."""
+    from saev_core.hypotheses import Reader
+
+    g = torch.Generator().manual_seed(5)
+    pixels = torch.randn(7, 3, 32, 32, generator=g)
+    sae = make_sae(32)
+    lay = TokenLayout(1, True, (4, 4), (32, 32))
+    per_image = scope_tokens(lay, "region", torch.rand(7, 4, 4, generator=g) > 0.5)
+    edit = FeatureEdit("clamp", (1, 2), 3.0, (1.0, 2.0))
+    conditions = [Splice(0, sae, edit, per_image)]
+    conditions += [Splice(0, sae, FeatureEdit("add", (f,), 2.0), per_image) for f in (5, 9)]
+    conditions += [
+        Splice(0, sae, edit, per_image, direction=random_direction(32, k)) for k in (1, 2)
+    ]
+    blocks = classifier_blocks(classifier)
+    seen = []
+    handle = blocks[-1].register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+
+    def forward(px):
+        return classifier(pixel_values=px).logits.softmax(-1)
+
+    reader = Reader("softmax", ["a"], blocks, lay, None, forward)
+    try:
+        got = reader.probs_stacked(pixels, conditions, rows)
+        seen_stacked, seen[:] = list(seen), []
+        want = [reader.probs(pixels, 7, [Splice(0, sae, c.edit, c.tokens, c.direction)])
+                for c in conditions]  # fmt: skip
+    finally:
+        handle.remove()
+    assert max(seen_stacked) <= rows
+    assert sum(seen_stacked) == 5 * 7  # every image under every condition, once
+    assert got.shape == (5, 7, classifier.config.num_labels)
+    np.testing.assert_allclose(got, np.stack(want), rtol=1e-5, atol=1e-6)
+    assert conditions[0].stats["n_tokens"] == conditions[3].stats["n_tokens"] > 0
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_stacked_conditions_equal_separate_forwards(classifier, siglip_dir, layer):
+    """An edit and its controls stacked along the batch after the SAE layer give, per
+    condition, exactly the outputs (and edit stats) of one plain spliced forward each, for the
+    demo classifier and a hub-style SigLIP tower (its attention-pooling head)."""
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.randn(3, 3, 32, 32, generator=g)
+    sae = make_sae(32)
+    lay = TokenLayout(1, True, (4, 4), (32, 32))
+    per_image = scope_tokens(lay, "region", torch.rand(3, 4, 4, generator=g) > 0.5)
+    edit = FeatureEdit("clamp", (1, 2), 3.0, (1.0, 2.0))
+    conditions = [
+        Splice(layer, sae, edit, per_image),
+        Splice(layer, sae, FeatureEdit("clamp", (5,), -1.5), None),
+        Splice(layer, sae, FeatureEdit("add", (2, 9), 2.0), scope_tokens(lay, "cls")),
+        Splice(layer, sae, edit, per_image, direction=random_direction(32, 1)),
+        Splice(layer, sae, edit, per_image, direction=random_direction(32, 2)),
+    ]
+    blocks = classifier_blocks(classifier)
+    with torch.no_grad():
+        with stacked_splice(blocks, conditions):
+            stacked = classifier(pixel_values=pixels).logits
+        separate = []
+        for c in conditions:
+            one = Splice(c.layer, c.sae, c.edit, c.tokens, c.direction)
+            with splice(blocks, one):
+                separate.append(classifier(pixel_values=pixels).logits)
+            assert c.stats["n_tokens"] == one.stats["n_tokens"] > 0
+            assert c.stats["dx_norm"] == pytest.approx(one.stats["dx_norm"], rel=1e-5)
+    assert stacked.shape == (5 * 3, classifier.config.num_labels)
+    torch.testing.assert_close(stacked.reshape(5, 3, -1), torch.stack(separate), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+    # conditions differ from each other (the comparison is not vacuous)
+    assert (separate[1] - separate[2]).abs().max() > 1e-3
+
+    bb = load_backbone(str(siglip_dir), device="cpu", dtype="float32")
+    conds = [Splice(-1, sae, FeatureEdit("add", (f,), 2.0), None) for f in (1, 2, 3)]
+    with torch.no_grad():
+        with stacked_splice(bb.blocks, conds):
+            out = bb.model(pixel_values=pixels).pooler_output
+        for k, c in enumerate(conds):
+            with splice(bb.blocks, Splice(-1, sae, c.edit)):
+                ref = bb.model(pixel_values=pixels).pooler_output
+            torch.testing.assert_close(out[3 * k : 3 * k + 3], ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="every condition needs an edit"):
+        with stacked_splice(blocks, [Splice(layer, sae)]):
+            pass

@@ -238,7 +238,17 @@ def test_config_checks():
 def test_init_unit_decoder_tied_encoder_and_bad_normalisation():
     sae = SAE(SAEConfig(arch="topk", d_model=8, d_sae=16, k=2), torch.Generator().manual_seed(0))
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(16))
-    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+    # k-sparse archs: the encoder starts at half the decoder's transpose (pre-activation std ~0.5).
+    torch.testing.assert_close(sae.W_enc, 0.5 * sae.W_dec.T)
+    torch.testing.assert_close(sae.W_enc.norm(dim=0), torch.full((16,), 0.5))
+    # relu and jumprelu keep Gao et al.'s plain transpose (JumpReLU's threshold is set in its units).
+    for arch in ("relu", "jumprelu"):
+        other = SAE(SAEConfig(arch=arch, d_model=8, d_sae=16), torch.Generator().manual_seed(0))
+        torch.testing.assert_close(other.W_enc, other.W_dec.T)
+    set_scale = SAEConfig(arch="topk", d_model=8, d_sae=16, k=2, encoder_init_scale=2.0)
+    torch.testing.assert_close(SAE(set_scale).W_enc.norm(dim=0), torch.full((16,), 2.0))
+    with pytest.raises(ValueError, match="encoder_init_scale"):
+        SAEConfig(arch="topk", d_model=8, d_sae=16, k=2, encoder_init_scale=0.0)
     assert sae.b_enc.abs().sum() == 0 and sae.b_dec.abs().sum() == 0
     same = SAE(SAEConfig(arch="topk", d_model=8, d_sae=16, k=2), torch.Generator().manual_seed(0))
     assert torch.equal(same.W_dec, sae.W_dec)
@@ -310,18 +320,52 @@ def test_jumprelu_forward_and_straight_through_gradients():
     assert sae.W_enc.grad is None or not sae.W_enc.grad.any()
 
 
-def test_matryoshka_loss_is_the_mean_of_nested_prefix_errors():
+def test_matryoshka_loss_is_the_sum_of_nested_prefix_errors():
     sae = identity_sae("matryoshka", k=4, matryoshka_prefixes=(1, 3, 4), aux_alpha=0.0)
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     out = sae.train()(x)
-    # Prefix 1 reconstructs [1, 0, 0, 0], prefix 3 [1, 2, 3, 0], prefix 4 everything.
-    want = ((2**2 + 3**2 + 4**2) / 4 + 4**2 / 4 + 0.0) / 3
+    # Prefix 1 reconstructs [1, 0, 0, 0], prefix 3 [1, 2, 3, 0], prefix 4 everything; the loss
+    # sums the three errors (Bussmann et al. 2025), it does not average them.
+    want = (2**2 + 3**2 + 4**2) / 4 + 4**2 / 4 + 0.0
     assert out.recon.item() == pytest.approx(want)
     assert out.mse.item() == pytest.approx(0.0)
     assert out.loss.item() == pytest.approx(want)
     assert SAEConfig(arch="matryoshka", d_model=4, d_sae=64).prefixes() == [4, 16, 64]
     with pytest.raises(ValueError, match="end at d_sae"):
         SAEConfig(arch="matryoshka", d_model=4, d_sae=64, matryoshka_prefixes=(4, 16))
+
+
+@pytest.mark.parametrize("sparse_kernels", [True, False])
+def test_matryoshka_loss_matches_plain_torch_sum_over_prefixes(sparse_kernels):
+    """A random tiny Matryoshka SAE: loss = sum over prefixes m of the per-element MSE of
+    `relu(h)[:, :m] W_dec[:m] + b_dec` after a batch-wide top-k, plus aux_alpha x AuxK (off here),
+    recomputed from the weights with plain torch."""
+    torch.manual_seed(3)
+    prefixes = (2, 5, 12)
+    cfg = SAEConfig(
+        arch="matryoshka", d_model=6, d_sae=12, k=3, matryoshka_prefixes=prefixes, aux_alpha=0.0
+    )
+    sae = SAE(cfg, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.3)
+    sae.set_normalisation(torch.randn(6), 0.7)
+    sae.sparse_kernels = sparse_kernels
+    x = torch.randn(5, 6)
+    out = sae.train()(x)
+
+    with torch.no_grad():
+        x_n = (x - sae.norm_mean) * 0.7
+        h = (x_n - sae.b_dec) @ sae.W_enc + sae.b_enc
+        flat = torch.relu(h).flatten()
+        keep = flat.topk(3 * 5).indices  # BatchTopK: k x batch over the whole batch
+        f = torch.zeros_like(flat).index_put_((keep,), flat[keep]).reshape(h.shape)
+        errors = [
+            ((f[:, :m] @ sae.W_dec[:m] + sae.b_dec - x_n) ** 2).mean().item() for m in prefixes
+        ]
+    assert out.recon.item() == pytest.approx(sum(errors), rel=1e-5)
+    assert out.loss.item() == pytest.approx(sum(errors), rel=1e-5)
+    assert out.mse.item() == pytest.approx(errors[-1], rel=1e-5)
 
 
 def test_relu_with_free_decoder_scales_l1_by_decoder_norm():

@@ -42,6 +42,22 @@ def reference(w, x, subtract_b_dec: bool, k: int | None = None, threshold=None):
     return f, f @ w["W_dec"] + w["b_dec"]
 
 
+def saev_reference(w, x, subtract_b_dec: bool, k: int | None = None, threshold=None):
+    """saev's forward as its source publishes it (src/saev/nn/modeling.py, activations.py):
+    TopK and the early per-token BatchTopK are `mask * h` (`mask` the top-k indices, no ReLU);
+    schema-4 BatchTopK infers `where(h > theta, h, 0)`, or ReLU while theta <= 0."""
+    h = (x - w["b_dec"] if subtract_b_dec else x) @ w["W_enc"] + w["b_enc"]
+    if k is not None:
+        _, idx = torch.topk(h, k, dim=-1, sorted=False)
+        mask = torch.zeros_like(h).scatter(-1, idx, 1.0)
+        f = torch.mul(mask, h)
+    elif threshold is not None and threshold > 0:
+        f = torch.where(h > threshold, h, torch.zeros_like(h))
+    else:
+        f = torch.nn.functional.relu(h)
+    return f, f @ w["W_dec"] + w["b_dec"]
+
+
 def write_saev(path, header, state):
     with open(path, "wb") as fd:
         fd.write((json.dumps(header) + "\n").encode())
@@ -102,11 +118,16 @@ SAEV_LAYOUTS = {
 def test_load_saev_layouts(tmp_path, layout):
     header, subtract, k = SAEV_LAYOUTS[layout]
     w = weights()
+    w["b_enc"] -= 6.0  # few positive pre-activations: some of the k kept ones are negative
     write_saev(tmp_path / "sae.pt", header, w)
     sae = load_saev(tmp_path / "sae.pt")
-    f_want, x_hat_want = reference(w, X, subtract, k)
-    torch.testing.assert_close(sae.encode(X), f_want)
-    torch.testing.assert_close(sae.decode(sae.encode(X)), x_hat_want)
+    f_want, x_hat_want = saev_reference(w, X, subtract, k)
+    if k is not None:
+        assert (f_want < 0).sum() > 10  # the signed TopK is what is being checked
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(X), f_want)
+        torch.testing.assert_close(sae.decode(sae.encode(X)), x_hat_want)
+        torch.testing.assert_close(sae.reconstruct(X), x_hat_want)  # the sparse decode path
     assert sae.cfg.d_model == D and sae.cfg.d_sae == S
     assert sae.extra["imported_from"] == "saev"
 
@@ -124,14 +145,14 @@ def test_load_saev_schema4_batchtopk_threshold_and_normalisation(tmp_path):
     write_saev(tmp_path / "sae.pt", header, {**w, "activation.threshold": torch.tensor(0.7)})
     sae = load_saev(tmp_path / "sae.pt")
     assert sae.cfg.arch == "batchtopk" and sae.threshold.item() == pytest.approx(0.7)
-    f_want, x_hat_want = reference(w, X, False, threshold=0.7)
+    f_want, x_hat_want = saev_reference(w, X, False, threshold=0.7)
     torch.testing.assert_close(sae.encode(X), f_want)
     torch.testing.assert_close(sae.decode(f_want), x_hat_want)
     # saev normalised outside the SAE and lost the constants: given them, encode applies them.
     mean, scale = torch.full((D,), 3.0), 0.5
     normed = load_saev(tmp_path / "sae.pt", norm_mean=mean, norm_scale=scale)
     torch.testing.assert_close(
-        normed.encode(X), reference(w, (X - 3.0) * 0.5, False, threshold=0.7)[0]
+        normed.encode(X), saev_reference(w, (X - 3.0) * 0.5, False, threshold=0.7)[0]
     )
 
 
@@ -196,6 +217,66 @@ def test_load_saelens(tmp_path, architecture, apply_b_dec, extra):
     torch.testing.assert_close(sae.decode(f_want), x_hat_want)
 
 
+def test_load_saelens_topk_rescaled_by_decoder_norm_and_log_threshold(tmp_path):
+    """SAELens' TopKSAE with `rescale_acts_by_decoder_norm` (its training default) selects and
+    ReLUs `h * ||W_dec_j||` and decodes `(f / ||W_dec_j||) W_dec + b_dec`; its JumpReLU training
+    checkpoints store `log_threshold`."""
+    w = weights(4)
+    w["W_dec"] = w["W_dec"] * torch.linspace(0.2, 3.0, S)[:, None]  # far from unit norm
+    cfg = {"architecture": "topk", "d_in": D, "d_sae": S, "k": 3,
+           "rescale_acts_by_decoder_norm": True, "apply_b_dec_to_input": False,
+           "metadata": {"sae_lens_version": "6.54.12"}}  # fmt: skip
+    write_saelens(tmp_path / "topk", cfg, w)
+    sae = load_saelens(tmp_path / "topk")
+    n = w["W_dec"].norm(dim=-1)
+    h = (X @ w["W_enc"] + w["b_enc"]) * n
+    vals, idx = torch.topk(h, 3, dim=-1, sorted=False)
+    f_lens = torch.zeros_like(h).scatter(-1, idx, vals.relu())
+    x_hat_lens = (f_lens / n) @ w["W_dec"] + w["b_dec"]
+    with torch.no_grad():
+        torch.testing.assert_close(sae.decode(sae.encode(X)), x_hat_lens)
+        torch.testing.assert_close((sae.encode(X) > 0), f_lens > 0)
+    theta = torch.rand(S, generator=torch.Generator().manual_seed(6)) + 0.1
+    jcfg = {"architecture": "jumprelu", "d_in": D, "d_sae": S, "apply_b_dec_to_input": True}
+    write_saelens(tmp_path / "jump", jcfg, {**weights(5), "log_threshold": theta.log()})
+    f_want, _ = reference(weights(5), X, True, threshold=theta)
+    with torch.no_grad():
+        torch.testing.assert_close(load_saelens(tmp_path / "jump").encode(X), f_want)
+
+
+def test_signed_topk_trains_on_mask_times_h(tmp_path):
+    """`topk_relu=False` (saev's TopK): the training loss and its gradients are those of
+    `x_hat = (mask * h) W_dec + b_dec` written out here, on both training paths; SAELens export is
+    refused, and the flag is only for arch 'topk'."""
+    torch.manual_seed(7)
+    sae = SAE(SAEConfig(arch="topk", d_model=D, d_sae=S, k=4, topk_relu=False, aux_alpha=0.0))
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.5)
+    x = X[:16]
+    p = {n: t.detach().clone().requires_grad_(True) for n, t in sae.named_parameters()}
+    h = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    mask = torch.zeros_like(h).scatter(-1, torch.topk(h, 4, dim=-1).indices, 1.0)
+    f = mask * h
+    assert (f < 0).any()
+    loss = ((f @ p["W_dec"] + p["b_dec"] - x) ** 2).mean()
+    loss.backward()
+    for sparse in (True, False):
+        sae.zero_grad()
+        sae.sparse_kernels = sparse
+        out = sae.train()(x)
+        out.loss.backward()
+        torch.testing.assert_close(out.loss, loss.detach())
+        for name, param in sae.named_parameters():
+            torch.testing.assert_close(param.grad, p[name].grad, msg=f"{name} sparse={sparse}")
+    sae.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), f.detach())
+    with pytest.raises(ValueError, match="signed TopK"):
+        save_saelens(sae, tmp_path / "lens")
+    with pytest.raises(ValueError, match="topk_relu=False .* not 'batchtopk'"):
+        SAEConfig(arch="batchtopk", d_model=D, d_sae=S, topk_relu=False)
+
+
 def test_load_saelens_refuses_what_it_cannot_honour(tmp_path):
     cfg = {"architecture": "standard", "d_in": D, "d_sae": S, "normalize_activations": "layer_norm"}
     write_saelens(tmp_path / "ln", cfg, weights())
@@ -227,6 +308,8 @@ def test_export_to_saelens_round_trip(tmp_path, arch):
     out = save_saelens(sae, tmp_path / "lens")
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["d_in"] == D and cfg["apply_b_dec_to_input"] is True
+    # SAELens 6 reads a cfg.json without metadata.sae_lens_version >= 6 as a pre-6 config
+    assert int(cfg["metadata"]["sae_lens_version"].split(".")[0]) >= 6
     assert cfg["architecture"] == {"relu": "standard", "topk": "topk"}.get(arch, "jumprelu")
     # SAELens' own forward on raw inputs, with the exported tensors, gives our encode/decode.
     from safetensors.torch import load_file

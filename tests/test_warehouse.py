@@ -154,37 +154,87 @@ def make_project(root: Path, with_interventions: bool = True) -> dict:
     if with_interventions:
         inter_dir = root / "artifacts" / "interventions" / "relu_a"
         inter_dir.mkdir(parents=True)
-        n = 3
-        pq.write_table(
-            pa.table(
-                {
-                    "run": ["relu_a"] * n,
-                    "experiment": ["suppress"] * n,
-                    "concept": ["red"] * n,
-                    "feature": pa.array([0] * n, pa.int64()),
-                    "control_feature": pa.array([2] * n, pa.int64()),
-                    "edit": ["clamp"] * n,
-                    "strength": [-1.0, -2.0, -5.0],
-                    "scope": ["patches"] * n,
-                    "n_images": pa.array([100] * n, pa.int64()),
-                    "p_before": [0.9] * n,
-                    "p_after": [0.8, 0.5, 0.1],
-                    "delta": [0.1, -0.4, -0.8],  # the weakest edit goes the wrong way
-                    "delta_lo": [0.05, -0.45, -0.85],
-                    "delta_hi": [0.15, -0.35, -0.75],
-                    "control_delta": [0.0, -0.01, -0.02],
-                    "control_delta_lo": [-0.02, -0.03, -0.04],
-                    "control_delta_hi": [0.02, 0.01, 0.0],
-                    "features": ["0"] * n,
-                    "layer": pa.array([2] * n, pa.int64()),
-                    "auroc": [0.99] * n,
-                    "other_abs_delta": [0.01, 0.02, 0.05],
-                    "mlflow_run_id": ["abc"] * n,
-                }
-            ),
-            inter_dir / "results.parquet",
-        )
+        pq.write_table(pa.table(INTERVENTION_ROWS), inter_dir / "results.parquet")
+        pq.write_table(specificity_table(), inter_dir / "specificity.parquet")
     return stats
+
+
+# results.parquet of the intervene stage (issue 14 columns, no `below_control`): red suppressed
+# at three strengths, circle at one
+INTERVENTION_ROWS = {
+    "run": ["relu_a"] * 4,
+    "experiment": ["suppress@-1", "suppress@-2", "suppress@-5", "circle@-2"],
+    "hypothesis": ["suppress", "suppress", "suppress", "circle"],
+    "concept": ["red", "red", "red", "circle"],
+    "feature": pa.array([0, 0, 0, 1], pa.int64()),
+    "control_feature": pa.array([2, 2, 2, 0], pa.int64()),
+    "edit": ["clamp"] * 4,
+    "strength": [-1.0, -2.0, -5.0, -2.0],
+    "scope": ["patches"] * 4,
+    "n_images": pa.array([100] * 4, pa.int64()),
+    "p_before": [0.9, 0.9, 0.9, 0.7],
+    "p_after": [0.8, 0.5, 0.1, 0.65],
+    "delta": [0.1, -0.4, -0.8, -0.05],  # the weakest edit goes the wrong way
+    "delta_lo": [0.05, -0.45, -0.85, -0.1],
+    "delta_hi": [0.15, -0.35, -0.75, 0.0],
+    "control_delta": [0.0, -0.01, -0.02, -0.03],
+    "control_delta_lo": [-0.02, -0.03, -0.04, -0.05],
+    "control_delta_hi": [0.02, 0.01, 0.0, -0.01],
+    "features": ["0", "0", "0", "1"],
+    "layer": pa.array([2] * 4, pa.int64()),
+    "auroc": [0.99] * 4,
+    "other_abs_delta": [0.01, 0.02, 0.05, 0.01],
+    "mlflow_run_id": ["abc"] * 4,
+    "p_value": [0.9, 0.001, 0.0005, 0.04],
+    "p_adjusted": [1.0, 0.003, 0.002, 0.08],
+    "n_controls": pa.array([20] * 4, pa.int64()),
+    "control_median": [0.001, -0.01, -0.02, -0.03],
+    "control_lo": [-0.03, -0.04, -0.06, -0.07],
+    "control_hi": [0.03, 0.02, 0.01, 0.01],
+    "vs_control_lo": [0.05, -0.44, -0.83, -0.06],
+    "vs_control_hi": [0.14, -0.35, -0.74, 0.02],
+    "verdict": ["not supported", "supported", "supported", "not supported"],
+    # delta below control_lo (a decrease is tested): the last is inside the controls' range
+    "beyond_controls": [False, True, True, False],
+    "off_target_abs_delta": [0.011, 0.021, 0.051, 0.012],
+    "alternative": ["less"] * 4,
+    "correction": ["holm"] * 4,
+    "select_split": ["val"] * 4,
+    "eval_split": ["test"] * 4,
+    "held_out": [True] * 4,
+}
+CONCEPTS = ["circle", "red"]
+
+
+def specificity_table() -> pa.Table:
+    """specificity.parquet: every experiment's change of every concept (the segmentation rates
+    only on circle's rows)."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for exp, hyp, edited, s in zip(
+        INTERVENTION_ROWS["experiment"], INTERVENTION_ROWS["hypothesis"],
+        INTERVENTION_ROWS["concept"], INTERVENTION_ROWS["strength"], strict=True,
+    ):  # fmt: skip
+        for concept in CONCEPTS:
+            d = float(rng.normal(-0.5 if concept == edited else 0.0, 0.1))
+            seg = edited == "circle"
+            rows.append(
+                {
+                    "run": "relu_a",
+                    "experiment": exp,
+                    "hypothesis": hyp,
+                    "edited_concept": edited,
+                    "strength": s,
+                    "concept": concept,
+                    "delta": d,
+                    "delta_lo": d - 0.05,
+                    "delta_hi": d + 0.05,
+                    "change_rate": (0.4 if concept == edited else 0.01) if seg else None,
+                    "target_change_rate": 0.4 if seg else None,
+                    "other_change_rate": 0.02 if seg else None,
+                }
+            )
+    return pa.Table.from_pylist(rows)
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +278,8 @@ def test_required_relations_and_row_counts(project):
     assert views["features"] == 2 * D_SAE
     assert views["feature_labels"] == 2 * D_SAE * 2
     assert views["top_examples"] == top_rows > 0
-    assert views["interventions"] == 3
+    assert views["interventions"] == 4
+    assert views["intervention_specificity"] == 4 * len(CONCEPTS)
     assert project.report["empty_sources"] == []
     assert not Path(f"{project.db}.tmp").exists()
     runs = q(project, "select run, activations, n_prefix_tokens, k from runs order by run")
@@ -267,12 +318,15 @@ def test_empty_sources_still_bind(tmp_path):
     make_project(tmp_path, with_interventions=False)
     shutil.rmtree(tmp_path / "artifacts" / "activations")
     report = build_warehouse(tmp_path / "w.duckdb", root=tmp_path, sql_dir=SQL_DIR)
-    assert sorted(report["empty_sources"]) == ["images", "interventions"]
+    assert sorted(report["empty_sources"]) == [
+        "images",
+        "intervention_specificity",
+        "interventions",
+    ]
     assert report["views"]["interventions"] == 0 and report["views"]["images"] == 0
-    rows = json.loads(
-        run_query(tmp_path / "w.duckdb", "intervention_summary", {}, "json", tmp_path, SQL_DIR)
-    )
-    assert rows == []
+    for name in ("intervention_summary", "intervention_controls", "intervention_specificity"):
+        rows = json.loads(run_query(tmp_path / "w.duckdb", name, {}, "json", tmp_path, SQL_DIR))
+        assert rows == [], name
     ex = json.loads(
         run_query(
             tmp_path / "w.duckdb", "feature_exemplars", {"run": "relu_a", "feature": "0"}, "json",
@@ -326,9 +380,134 @@ def test_other_named_queries(project):
     assert [r["label"] for r in lf] == ["circle", "red"]
     inter = q(project, "intervention_summary", concept="red")
     assert [r["strength"] for r in inter] == [-5.0, -2.0, -1.0]
-    assert [r["below_control"] for r in inter] == [True, True, False]
+    assert [r["verdict"] for r in inter] == ["supported", "supported", "not supported"]
+    assert [r["control_delta_lo"] for r in inter] == [-0.04, -0.03, -0.02]
     cmp = q(project, "compare_runs")
     assert [r["run"] for r in cmp] == ["relu_a", "relu_b"] and cmp[0]["min_best_auroc"] == 1.0
+
+
+CONTROL_COLUMNS = [
+    "p_value",
+    "p_adjusted",
+    "n_controls",
+    "control_median",
+    "control_lo",
+    "control_hi",
+    "vs_control_lo",
+    "vs_control_hi",
+    "verdict",
+    "beyond_controls",
+    "off_target_abs_delta",
+    "alternative",
+    "correction",
+    "select_split",
+    "eval_split",
+    "held_out",
+]
+
+
+def test_intervention_controls_shows_the_verdicts(project):
+    """Every column the intervene stage writes for its verdict reaches the named query, row for
+    row; supported experiments come first, by adjusted p (pandas does the same selection)."""
+    df = pd.read_parquet(project.root / "artifacts/interventions/relu_a/results.parquet")
+    for params, mask in (
+        ({"run": "relu_a"}, df.run == "relu_a"),
+        ({"run": "relu_a", "strength": "-2"}, df.strength == -2.0),
+    ):
+        rows = q(project, "intervention_controls", **params)
+        want = df[mask].assign(unsupported=lambda d: d.verdict != "supported")
+        want = want.sort_values(["unsupported", "p_adjusted"])
+        assert [(r["hypothesis"], r["strength"]) for r in rows] == list(
+            zip(want.hypothesis, want.strength, strict=True)
+        )
+        for col in CONTROL_COLUMNS:
+            assert [r[col] for r in rows] == pytest.approx(list(want[col]), abs=5e-4), col
+    assert [r["verdict"] for r in q(project, "intervention_controls")][:2] == ["supported"] * 2
+    # the random-feature control's own effect is still there, under its own name
+    row = q(project, "intervention_controls", strength="-5")[0]
+    assert row["random_feature"] == -0.02 and row["control_lo"] == -0.06
+
+
+def test_make_demo_query_shows_the_verdicts(project):
+    """The query `make demo` prints runs against the warehouse and shows each concept's verdict
+    with its adjusted p and paired interval (not the superseded `below_controls`)."""
+    import re
+
+    makefile = (SQL_DIR.parent / "Makefile").read_text()
+    (sql,) = re.findall(r'saev sql "(select [^"]* from interventions [^"]*)"', makefile)
+    rows = q(project, sql)
+    df = pd.read_parquet(project.root / "artifacts/interventions/relu_a/results.parquet")
+    want = df[df.strength == -2.0].sort_values("concept")
+    assert [r["concept"] for r in rows] == list(want.concept)
+    assert [r["verdict"] for r in rows] == list(want.verdict)
+    assert [r["beyond_controls"] for r in rows] == list(want.beyond_controls)
+    for col in ("p_adjusted", "vs_control_lo", "vs_control_hi"):
+        assert [r[col] for r in rows] == pytest.approx(list(want[col]), abs=5e-4), col
+    assert not any("below" in k for k in rows[0])
+
+
+def test_intervention_specificity_is_the_concept_matrix(project):
+    """The specificity query returns, per strength, the edited-concept x measured-concept matrix
+    of the Parquet (compared with a pandas pivot), the diagonal flagged."""
+    df = pd.read_parquet(project.root / "artifacts/interventions/relu_a/specificity.parquet")
+    rows = q(project, "intervention_specificity", run="relu_a", strength="-2")
+    got = pd.DataFrame(rows)
+    assert set(got.strength) == {-2.0} and len(got) == 2 * len(CONCEPTS)
+    sel = df[df.strength == -2.0]
+    for value in ("delta", "delta_lo", "delta_hi"):
+        matrix = got.pivot(index="edited_concept", columns="concept", values=value)
+        expected = sel.pivot(index="edited_concept", columns="concept", values=value)
+        assert list(matrix.index) == ["circle", "red"] and list(matrix.columns) == CONCEPTS
+        np.testing.assert_allclose(matrix.to_numpy(), expected.to_numpy(), atol=5e-5)
+    assert list(zip(got.edited_concept, got.concept, strict=True)) == [
+        ("circle", "circle"), ("circle", "red"), ("red", "circle"), ("red", "red"),
+    ]  # fmt: skip
+    assert list(got.is_target) == list(got.edited_concept == got.concept)
+    assert list(got.changed) == list((got.delta_lo > 0) | (got.delta_hi < 0))
+    seg = got[got.edited_concept == "circle"]
+    assert list(seg.target_change_rate) == [0.4, 0.4] and list(seg.other_change_rate) == [0.02] * 2
+    assert list(seg.change_rate) == [0.4, 0.01]
+    assert got[got.edited_concept == "red"].target_change_rate.isna().all()
+    # every strength when omitted: the whole file, ordered by strength
+    every = q(project, "intervention_specificity", run="relu_a")
+    assert len(every) == len(df) and [r["strength"] for r in every] == sorted(df.strength)
+    with pytest.raises(ValueError, match="unknown run 'relu_x'"):
+        q(project, "intervention_specificity", run="relu_x")
+
+
+def test_intervention_run_without_specificity_still_loads(project, tmp_path):
+    """A results.parquet written before the verdict columns and without specificity.parquet
+    beside it loads next to a new one: its new columns are null, its matrix empty."""
+    root = tmp_path / "p"
+    shutil.copytree(project.root, root, ignore=shutil.ignore_patterns("warehouse"))
+    old = root / "artifacts" / "interventions" / "old"
+    old.mkdir()
+    keep = ("experiment", "concept", "feature", "edit", "strength", "scope", "n_images", "delta",
+            "delta_lo", "delta_hi", "control_delta", "control_delta_lo", "control_delta_hi")  # fmt: skip
+    pq.write_table(
+        pa.table({"run": ["old"], **{k: INTERVENTION_ROWS[k][:1] for k in keep}}),
+        old / "results.parquet",
+    )
+    db = root / "w.duckdb"
+    report = build_warehouse(db, root=root, sql_dir=SQL_DIR)
+    assert report["views"]["interventions"] == 5 and report["empty_sources"] == []
+    assert report["sources"]["intervention_specificity"]["files"] == 1
+    rows = json.loads(run_query(db, "intervention_controls", {"run": "old"}, "json", root, SQL_DIR))
+    assert len(rows) == 1 and rows[0]["delta"] == 0.1
+    assert all(rows[0][c] is None for c in CONTROL_COLUMNS)
+    legacy = json.loads(
+        run_query(db, "select below_control, vs_control from interventions where run = 'old'",
+                  {}, "json", root, SQL_DIR)
+    )  # fmt: skip
+    assert legacy == [{"below_control": False, "vs_control": pytest.approx(0.1)}]
+    assert (
+        json.loads(run_query(db, "intervention_specificity", {"run": "old"}, "json", root, SQL_DIR))
+        == []
+    )
+    new = json.loads(
+        run_query(db, "intervention_specificity", {"run": "relu_a"}, "json", root, SQL_DIR)
+    )
+    assert len(new) == 4 * len(CONCEPTS)
 
 
 def test_parameters_are_bound_not_formatted(project):
@@ -409,6 +588,8 @@ def test_every_query_documents_its_parameters():
         "frequency_value",
         "feature_exemplars",
         "intervention_summary",
+        "intervention_controls",
+        "intervention_specificity",
     ):
         assert name in specs, name
     for name, description, params in specs.values():

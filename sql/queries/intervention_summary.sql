@@ -1,5 +1,6 @@
 -- Dose-response of every intervention: the change in the concept's probability at each edit,
--- scope and strength, with its interval, against the same edit on a control feature.
+-- scope and strength, with its interval, against the same edit on a control feature and the
+-- range of all controls, and the experiment's verdict (see intervention_controls).
 -- param run: stats run name; every run when omitted (default null)
 -- param concept: concept name; every concept when omitted (default null)
 with selected as (
@@ -12,6 +13,7 @@ final as (
     select
         run,
         experiment,
+        hypothesis,
         concept,
         feature,
         edit,
@@ -25,14 +27,19 @@ final as (
         delta_hi,
         control_feature,
         control_delta,
+        control_delta_lo,
+        control_delta_hi,
+        n_controls,
         control_lo,
         control_hi,
-        below_control,
-        other_abs_delta
+        p_adjusted,
+        verdict,
+        other_abs_delta,
+        off_target_abs_delta
     from selected
     order by
         run,
-        experiment,
+        hypothesis,
         concept,
         edit,
         scope,

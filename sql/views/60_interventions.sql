@@ -1,8 +1,10 @@
 -- One row per experiment (hypothesis x edit strength): the change in the target's predicted
--- probability when the feature(s) are edited, with 95% bootstrap intervals over images, next to
--- three controls: the same edit on random features matched in frequency (control_), the edit's
--- change of the residual stream in a random direction of the same norm (direction_), and the
--- splice without edit (noedit_). Rates are fractions of predictions that flip.
+-- probability when the feature(s) are edited, with 95% bootstrap intervals over images, tested
+-- against many controls measured on the same images: random features matched in frequency
+-- (control_) and random directions of the same norm (direction_), plus the splice without edit
+-- (noedit_). The verdict is a paired permutation test of the edit against the mean control,
+-- adjusted for every hypothesis x strength of the run (see saev_core.verdicts). Rates are
+-- fractions of predictions that flip.
 with source as (
     select * from src_interventions
 ),
@@ -30,6 +32,10 @@ final as (
         select_auroc,
         report_split,
         control_auroc,
+        -- the split the effect is measured on (the features were chosen on select_split), and
+        -- whether the two differ
+        eval_split,
+        held_out,
         n_images,
         p_before,
         p_after,
@@ -44,9 +50,33 @@ final as (
         other_change_hi,
         -- mean |change| of the other labels' probabilities: how specific the edit is
         other_abs_delta,
+        coalesce(off_target_abs_delta, other_abs_delta) as off_target_abs_delta,
+        -- the verdict: the edit against its n_controls controls on the same images, in the
+        -- tested direction (alternative); vs_control_lo/hi: paired bootstrap 95% interval of
+        -- edit minus mean control; p_adjusted: p_value after `correction` over the run;
+        -- beyond_controls: the edit's delta lies beyond the controls' 95% range the tested way
+        -- (below control_lo for a decrease, above control_hi for an increase, outside both for
+        -- two-sided). supported = p_adjusted < alpha and beyond_controls.
+        verdict,
+        beyond_controls,
+        alternative,
+        n_controls,
+        p_value,
+        p_adjusted,
+        correction,
+        alpha,
+        coalesce(vs_control, delta - control_delta) as vs_control,
+        vs_control_lo,
+        vs_control_hi,
+        -- the controls' mean effects: median and 95% range, and the edit's rank among them
+        control_median,
+        control_lo,
+        control_hi,
+        control_rank_p,
+        -- the random-feature control's own effect (the first control, or their summary)
         control_delta,
-        control_delta_lo as control_lo,
-        control_delta_hi as control_hi,
+        control_delta_lo,
+        control_delta_hi,
         control_target_change_rate,
         control_other_change_rate,
         direction_delta,
@@ -56,11 +86,11 @@ final as (
         noedit_delta,
         noedit_max_abs_dp,
         delta - control_delta as delta_vs_control,
-        -- the edit's 95% interval lies wholly below the random-feature control's
+        -- superseded by `verdict` (independent intervals, one control, one direction only);
+        -- kept for results written before it: the edit's 95% interval lies wholly below the
+        -- random-feature control's, and below the random-direction control's too
         delta_hi < control_delta_lo as below_control,
-        -- ... and below the random-direction control's too
         delta_hi < control_delta_lo and delta_hi < direction_delta_lo as below_controls,
-        -- the intervals do not overlap, in either direction
         delta_hi < control_delta_lo or delta_lo > control_delta_hi as differs_from_control,
         -- segmentation probes: mIoU against the masks, and the change of each class's share
         -- of the pixels (JSON: class -> change in fraction of the image)
