@@ -45,7 +45,7 @@ def summary(metrics: dict) -> dict:
 def backbone_flow(params: str = "params.yaml", overrides: dict | None = None) -> dict:
     cfg = load_section(params, "backbone", BackboneConfig, overrides)
     metrics = train_backbone_task(cfg)
-    write_metrics(METRICS, summary(tracked_metrics(metrics)))  # timings: MLflow only
+    write_metrics(METRICS, summary(tracked_metrics(metrics)), overrides)  # timings: MLflow only
     print(f"demo backbone saved to {cfg.out_dir}")
     return metrics
 

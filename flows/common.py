@@ -222,9 +222,14 @@ def mlflow_logger(prefix: str = ""):
     return log
 
 
-def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
-    """A DVC metrics file (JSON), written atomically."""
+def write_metrics(path: str | Path, metrics: dict[str, Any], overrides: Any = None) -> None:
+    """A DVC metrics file (JSON), written atomically. The metrics files belong to the run that
+    `params.yaml` defines: a run with `-S` overrides leaves them as they are (its figures go to
+    its own outputs and MLflow), so a variant tried by hand cannot pass for the pipeline's."""
     path = Path(path)
+    if overrides:
+        print(f"{path} left as it is: this run has -S overrides ({', '.join(overrides)})")
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -162,7 +162,7 @@ def intervene_flow(
         summary.setdefault(r["hypothesis"], {})[f"{r['strength']:g}"] = {
             k: (round(float(r[k]), 4) if _finite(r.get(k)) else None) for k in METRIC_KEYS
         } | {k: r.get(k) for k in ("verdict", "beyond_controls", "n_controls")}
-    write_metrics(METRICS, summary)
+    write_metrics(METRICS, summary, overrides)
     for name, by_strength in summary.items():
         for strength, m in by_strength.items():
             print(

@@ -45,7 +45,7 @@ def probe_flow(params: str = "params.yaml", overrides: dict | None = None) -> di
         }
         for t, m in results.items()
     }
-    write_metrics(METRICS, summary)
+    write_metrics(METRICS, summary, overrides)
     print(f"probes in {cfg.out_dir}: {summary}")
     return results
 

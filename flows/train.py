@@ -152,8 +152,8 @@ def register_best(io: TrainStage, rows: list[dict], run_ids: dict[str, str]) -> 
 def train_flow(params: str = "params.yaml", overrides: dict | None = None) -> dict:
     io = load_section(params, "train", TrainStage, overrides)
     metrics, rows = train_task(io)
-    write_metrics(METRICS, metrics)
-    write_metrics(SWEEP_METRICS, rows)
+    write_metrics(METRICS, metrics, overrides)
+    write_metrics(SWEEP_METRICS, rows, overrides)
     print(
         f"SAE in {io.out_dir}: L0 {metrics['l0']:.1f}, FVU {metrics['fvu']:.3f}, "
         f"dead {metrics['dead_frac']:.1%}, dense {metrics['dense_frac']:.1%}"

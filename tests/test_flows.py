@@ -269,3 +269,17 @@ def test_experiments_are_created_as_model_training(tmp_path, monkeypatch):
     )
     assert runs_table_url("7", "http://h:5000", view="v").endswith("&viewStateShareKey=v")
     assert runs_table_url("7").startswith("http://127.0.0.1:5000/#/")  # sqlite: the local UI
+
+
+def test_a_run_with_overrides_leaves_the_dvc_metrics_alone(tmp_path, capsys):
+    """metrics/*.json are the params.yaml run's (DVC tracks them): `saev train -S ...` tried by
+    hand must not overwrite them with a variant's figures."""
+    from flows.common import write_metrics
+
+    path = tmp_path / "metrics" / "train.json"
+    write_metrics(path, {"fvu": 0.07})
+    write_metrics(path, {"fvu": 0.5}, {"sae.encoder_init_scale": 1.0})
+    assert json.loads(path.read_text()) == {"fvu": 0.07}
+    assert "left as it is" in capsys.readouterr().out
+    write_metrics(path, {"fvu": 0.06}, {})
+    assert json.loads(path.read_text()) == {"fvu": 0.06}
