@@ -162,17 +162,18 @@ def resolve_alternative(op: str, strength: float, alternative: str = "auto") -> 
 
 def adjust(p_values: Any, method: str = "holm") -> np.ndarray:
     """Adjusted p-values over one family: Holm's step-down (family-wise error rate) or
-    Benjamini-Hochberg's step-up (false discovery rate). NaN p-values are not part of the family
-    and stay NaN."""
+    Benjamini-Hochberg's step-up (false discovery rate). A NaN p-value (a test that ran but could
+    not be computed) stays NaN and counts in the family as p = 1: leaving it out would shrink m
+    and make the correction less conservative."""
     if method not in CORRECTIONS:
         raise ValueError(f"correction must be one of {'|'.join(CORRECTIONS)}, got {method!r}")
     p = np.asarray(p_values, dtype=np.float64)
     out = np.full(p.shape, np.nan)
     ok = np.isfinite(p)
-    m = int(ok.sum())
-    if m == 0:
+    m = p.size
+    if not ok.any():
         return out
-    q = p[ok]
+    q = np.where(ok, p, 1.0).ravel()
     order = np.argsort(q, kind="stable")
     ranked = q[order]
     i = np.arange(1, m + 1)
@@ -182,7 +183,7 @@ def adjust(p_values: Any, method: str = "holm") -> np.ndarray:
         adj = np.minimum.accumulate((m * ranked / i)[::-1])[::-1]
     back = np.empty(m)
     back[order] = np.minimum(adj, 1.0)
-    out[ok] = back
+    out[ok] = back.reshape(p.shape)[ok]
     return out
 
 

@@ -127,9 +127,10 @@ def test_holm_and_bh_by_hand():
     np.testing.assert_allclose(adjust(p, "holm"), [0.03, 0.06, 0.06, 0.02])
     # BH: m p / rank = .02, .02, .04, .04 -> running min from the top
     np.testing.assert_allclose(adjust(p, "bh"), [0.02, 0.04, 0.04, 0.02])
-    # capped at 1, NaN outside the family (m = 2 here)
+    # capped at 1; a NaN stays NaN and counts in the family as p = 1 (m = 3 here)
     np.testing.assert_allclose(adjust([0.6, np.nan, 0.7], "holm"), [1.0, np.nan, 1.0])
-    np.testing.assert_allclose(adjust([0.6, np.nan, 0.7], "bh"), [0.7, np.nan, 0.7])
+    np.testing.assert_allclose(adjust([0.6, np.nan, 0.7], "bh"), [1.0, np.nan, 1.0])
+    np.testing.assert_allclose(adjust([0.01, np.nan, 0.02], "bh"), [0.03, np.nan, 0.03])
     with pytest.raises(ValueError, match="correction"):
         adjust(p, "bonferroni")
 
@@ -231,8 +232,8 @@ def test_a_nan_effect_gives_a_nan_p_value_not_zero(exact, alt):
     flips = sign_flips(6, 999 if exact else 50, np.random.default_rng(0))
     assert flips[1] is exact
     assert np.isnan(sign_flip_pvalue(d, alt, flips))
-    # and a NaN p is left out of the family, the others corrected as if it were not there
-    np.testing.assert_allclose(adjust([0.01, np.nan, 0.02], "holm"), [0.02, np.nan, 0.02])
+    # and a NaN p stays NaN but counts in the family as p = 1: m = 3, not 2
+    np.testing.assert_allclose(adjust([0.01, np.nan, 0.02], "holm"), [0.03, np.nan, 0.04])
 
 
 def test_one_image_and_all_zero_differences():

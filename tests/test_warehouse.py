@@ -166,6 +166,7 @@ INTERVENTION_ROWS = {
     "experiment": ["suppress@-1", "suppress@-2", "suppress@-5", "circle@-2"],
     "hypothesis": ["suppress", "suppress", "suppress", "circle"],
     "concept": ["red", "red", "red", "circle"],
+    "task": ["classifier"] * 4,
     "feature": pa.array([0, 0, 0, 1], pa.int64()),
     "control_feature": pa.array([2, 2, 2, 0], pa.int64()),
     "edit": ["clamp"] * 4,
@@ -463,6 +464,10 @@ def test_intervention_specificity_is_the_concept_matrix(project):
         ("circle", "circle"), ("circle", "red"), ("red", "circle"), ("red", "red"),
     ]  # fmt: skip
     assert list(got.is_target) == list(got.edited_concept == got.concept)
+    # each cell carries its experiment's task, so classifier and probe matrices are told apart
+    res = pd.read_parquet(project.root / "artifacts/interventions/relu_a/results.parquet")
+    task_of = dict(zip(res.experiment, res.task, strict=True))
+    assert got.task.notna().all() and list(got.task) == [task_of[e] for e in got.experiment]
     assert list(got.changed) == list((got.delta_lo > 0) | (got.delta_hi < 0))
     seg = got[got.edited_concept == "circle"]
     assert list(seg.target_change_rate) == [0.4, 0.4] and list(seg.other_change_rate) == [0.02] * 2

@@ -15,6 +15,7 @@ with selected as (
 final as (
     select
         run,
+        task,
         strength,
         edited_concept,
         concept,

@@ -1,6 +1,8 @@
 -- Dose-response of every intervention: the change in the concept's probability at each edit,
--- scope and strength, with its interval, against the same edit on a control feature and the
--- range of all controls, and the experiment's verdict (see intervention_controls).
+-- scope and strength, with its interval, against the same edit on the frequency-matched random
+-- features (control_feature: the first of them; control_delta: their mean change, with its
+-- interval) and the range of all controls, and the experiment's verdict (see
+-- intervention_controls).
 -- param run: stats run name; every run when omitted (default null)
 -- param concept: concept name; every concept when omitted (default null)
 with selected as (

@@ -50,13 +50,18 @@ final as (
         other_change_hi,
         -- mean |change| of the other labels' probabilities: how specific the edit is
         other_abs_delta,
-        coalesce(off_target_abs_delta, other_abs_delta) as off_target_abs_delta,
+        -- mean over the other concepts of |their mean change| (null on rows written before it:
+        -- other_abs_delta, a mean of per-image |change|, is a different quantity)
+        off_target_abs_delta,
         -- the verdict: the edit against its n_controls controls on the same images, in the
         -- tested direction (alternative); vs_control_lo/hi: paired bootstrap 95% interval of
         -- edit minus mean control; p_adjusted: p_value after `correction` over the run;
         -- beyond_controls: the edit's delta lies beyond the controls' 95% range the tested way
         -- (below control_lo for a decrease, above control_hi for an increase, outside both for
-        -- two-sided). supported = p_adjusted < alpha and beyond_controls.
+        -- two-sided). supported = p_adjusted < alpha, delta and vs_control both the tested way,
+        -- and beyond_controls (saev_core.verdicts.verdict). The correction covers the paired
+        -- test against the controls' mean; beyond_controls is a fixed rule on their spread,
+        -- not a corrected test (control_rank_p, the rank test's p, floors at 1 / (n + 1)).
         verdict,
         beyond_controls,
         alternative,

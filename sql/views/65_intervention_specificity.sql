@@ -9,10 +9,17 @@ with source as (
     select * from src_intervention_specificity
 ),
 
+-- the task (classifier, probe:segmentation) of each experiment, so that one strength's rows of
+-- different tasks are not read as one matrix
+tasks as (
+    select distinct run, experiment, task from interventions
+),
+
 final as (
     select
-        run,
-        experiment,
+        source.run,
+        source.experiment,
+        tasks.task,
         coalesce(hypothesis, edited_concept) as hypothesis,
         edited_concept,
         strength,
@@ -29,6 +36,7 @@ final as (
         target_change_rate,
         other_change_rate
     from source
+    left join tasks on source.run = tasks.run and source.experiment = tasks.experiment
 )
 
 select * from final
