@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_train_stage import SAE_PARAMS  # the same tiny TopK recipe
 
 from saev_core import shards
 from saev_core.sae import SAE
@@ -18,19 +19,6 @@ from saev_core.stages import TrainStage, train_stage
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-SAE_PARAMS = {
-    "arch": "topk",
-    "d_sae": 24,
-    "k": 4,
-    "batch_size": 16,
-    "n_epochs": 2,
-    "warmup_steps": 2,
-    "aux_k": 8,
-    "dead_after_tokens": 64,
-    "device": "cpu",
-    "log_every": 1,
-    "checkpoint_every": 2,
-}
 N_IMAGES, N_TRAIN, N_TOKENS, D = 24, 18, 5, 6
 N_STEPS = 2 * -(-N_TRAIN * N_TOKENS // 16)  # 2 epochs of 90 tokens in batches of 16: 12
 
