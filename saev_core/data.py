@@ -458,10 +458,12 @@ def _shapes_records(data_dir: Path) -> list[ImageRecord]:
     if objects_csv.exists():
         with objects_csv.open(newline="") as f:
             for row in csv.DictReader(f):
-                objects.setdefault(int(row["image_id"]), {})[int(row["object"])] = (
-                    row["colour"],
-                    row["shape"],
-                )
+                # The forms world lists each object's labels (concept, concept:form, form).
+                if row.get("labels") is not None:
+                    own = tuple(x for x in row["labels"].split(";") if x)
+                else:
+                    own = (row["colour"], row["shape"])
+                objects.setdefault(int(row["image_id"]), {})[int(row["object"])] = own
     records = []
     with (data_dir / "images.csv").open(newline="") as f:
         for row in csv.DictReader(f):

@@ -12,6 +12,7 @@ mask: 0 = background, i = object i). This is the ground truth the SAE features a
     <out_dir>/images.csv    image_id,split,image,mask,labels  (labels: ';'-joined sorted concepts)
     <out_dir>/objects.csv   image_id,object,shape,colour,radius,cx,cy
     <out_dir>/world.json    the config, the concept vocabulary, counts
+    <out_dir>/captions.csv  image_id,caption  (the forms world only)
 
 Determinism: image `i` is drawn from its own generator, seeded by the child `i` of
 `SeedSequence(cfg.seed)` (`image_seed`), so any image can be regenerated alone with
@@ -26,6 +27,37 @@ full disc, a full box with sharp corners, a pointed apex, a thin-armed cross wit
 corners); size varies more than area differs between shapes (circle 3.1 r^2, square 4 r^2,
 triangle 2 r^2, cross 2 r^2), so area alone does not tell the shape; occlusion is capped so
 each object keeps most of its silhouette.
+
+**The forms world** (`FormsConfig`, `saev shapes --world forms --out data/forms`): the same
+backgrounds, shapes and colours, but each object is drawn in one of `FORMS`, uniformly:
+
+    filled   the default world's object (a red circle)
+    outline  the same silhouette, only its `outline_width` px border in the colour (inside: background)
+    word     one concept (uniform over the 8) written in Pillow's bundled FreeType font
+             (`ImageFont.load_default(size=font_size)`, no download) in neutral grey ink, so a
+             word carries exactly one concept: "red" in dark grey is the concept red, not a colour
+
+Labels (`FORMS_VOCABULARY`, 35 names, plain ASCII with no quote, space or "@": they are SQL
+string literals, YAML scalars, stats-table rows and MLflow metric-name parts as they are):
+
+    circle ... yellow   the 8 plain concepts, in any form (what a cross-form feature detects)
+    circle:word ...     "<concept>:<form>", 24 form-qualified labels (`form_label`; in SQL
+                        split_part(label, ':', 1) is the concept, split_part(label, ':', 2) the form)
+    filled outline word the 3 form labels: some object of that form is present
+
+An object carries its concepts, each with its form, and its form: a red circle outline is
+{circle, red, circle:outline, red:outline, outline}; the word "square" is {square,
+square:word, word}. images.csv's `labels` is the union over the image's objects, objects.csv
+gains form, word, font_size, the mask's box x0,y0,x1,y1 and the object's `labels` (';'-joined;
+what `data.load_records` gives as the object's mask labels, hence the patch labels). A word's
+mask is its box (its ink's bounding box plus 1 px, at least 10 px tall, so some 8-px patch row is
+mostly box: every word labels at least one patch), an outline's its whole silhouette; objects
+are opaque within their mask, and no object may cover any of a word's box. captions.csv holds
+one caption per image ("a red circle, an outline of a blue cross and the word square"; see
+`caption`); `read_captions(data_dir)` reads it, or builds captions from objects.csv for a world
+without one. The image stays 64 px with 8-px patches: the eight words at 11-13 px are 18-45 px
+wide with an x-height of 6-7 px (one patch row, 3-6 patches across), legible in the images, and
+every downstream stage (backbones, extraction, SAEs, stats) costs what it costs on today's world.
 """
 
 from __future__ import annotations
@@ -38,6 +70,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +81,13 @@ COLOURS = ("red", "green", "blue", "yellow")
 CONCEPTS = SHAPES + COLOURS
 SPLITS = ("train", "val", "test")
 FORMAT = "saev-shapes/1"
+FORMS = ("filled", "outline", "word")
+FORM_SEPARATOR = ":"
+CAPTIONS_CSV = "captions.csv"
+EMPTY_CAPTION = "an empty picture"
+# A word's mask box: its ink's bounding box plus this margin, at least this tall (see _word_glyphs).
+WORD_MARGIN = 1
+WORD_MIN_HEIGHT = 10
 
 # Base RGB of each colour; each object adds its own jitter (cfg.colour_jitter), each pixel noise.
 # Far apart in RGB and all saturated, while backgrounds are grey with a tint of at most +-10.
@@ -66,7 +106,18 @@ STRIPE_DIRECTIONS = ((1, 0), (0, 1), (1, 1), (1, -1), (2, 1), (1, 2), (2, -1), (
 # 0.95 after 10 epochs); a full-box square, thinner arms and radii from 12 px gave 0.97 and 0.98.
 SQUARE_HALF_SIDE = 1.0
 CROSS_HALF_WIDTH = 0.3
-OUTPUTS = ("images", "masks", "images.csv", "objects.csv", "world.json")
+OBJECT_COLUMNS = ("image_id", "object", "shape", "colour", "radius", "cx", "cy")
+FORMS_OBJECT_COLUMNS = OBJECT_COLUMNS + (
+    "form",
+    "word",
+    "font_size",
+    "x0",
+    "y0",
+    "x1",
+    "y1",
+    "labels",
+)
+OUTPUTS = ("images", "masks", "images.csv", "objects.csv", CAPTIONS_CSV, "world.json")
 
 
 @dataclass(frozen=True)
@@ -149,6 +200,11 @@ class ShapesConfig:
         if image_id < self.n_train:
             return "train"
         return "val" if image_id < self.n_train + self.n_val else "test"
+
+
+def cfg_name(cfg: ShapesConfig) -> str:
+    """The world's name: "forms" for a FormsConfig, else "shapes"."""
+    return getattr(cfg, "world", "shapes")
 
 
 def image_seed(seed: int, image_id: int) -> int:
@@ -282,18 +338,247 @@ def render_image(
     return rgb, mask, objects
 
 
-def _occlusion_ok(mask: np.ndarray, sil: np.ndarray, areas: list[int], limit: float) -> bool:
+def _occlusion_ok(
+    mask: np.ndarray,
+    sil: np.ndarray,
+    areas: list[int],
+    limit: float,
+    hideable: list[bool] | None = None,
+) -> bool:
+    """Whether drawing `sil` on top keeps every earlier object at most `limit` hidden (none
+    at all for an object whose `hideable` entry is False)."""
     if not areas:
         return True
     covered = np.bincount(mask[sil], minlength=len(areas) + 1)[1:]
     visible = np.bincount(mask.ravel(), minlength=len(areas) + 1)[1:]
     hidden_after = np.asarray(areas) - visible + covered
-    return bool(np.all(hidden_after <= limit * np.asarray(areas)))
+    limits = limit * np.asarray(areas)
+    if hideable is not None:
+        limits = np.where(hideable, limits, 0.0)
+    return bool(np.all(hidden_after <= limits))
 
 
 def object_labels(objects: list[dict[str, Any]]) -> list[str]:
-    """Sorted concept names present among `objects`."""
-    return sorted({o["shape"] for o in objects} | {o["colour"] for o in objects})
+    """Sorted labels present among `objects`: their concepts (an empty shape or colour, as a
+    word has, is none); for objects with a form (the forms world) also "<concept>:<form>" for
+    each concept and the form itself."""
+    labels: set[str] = set()
+    for o in objects:
+        concepts = [c for c in (o["shape"], o["colour"]) if c]
+        labels.update(concepts)
+        if o.get("form"):
+            labels.update(f"{c}{FORM_SEPARATOR}{o['form']}" for c in concepts)
+            labels.add(o["form"])
+    return sorted(labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# The forms world: every concept as a filled object, an outline drawing and a written word
+
+
+@dataclass(frozen=True)
+class FormsConfig(ShapesConfig):
+    """The `forms` world (`saev shapes --world forms`): ShapesConfig plus how outlines and words
+    are drawn. Its own dataclass, so the default world's config (and so its bytes) is untouched."""
+
+    world: str = "forms"
+    """Marks the variant in world.json's config; must be "forms"."""
+    outline_width: int = 3
+    """Width in px of an outline drawing's line (inside the silhouette)."""
+    min_font_size: int = 11
+    """Smallest font size (px) of a word, in Pillow's bundled font (ImageFont.load_default)."""
+    max_font_size: int = 13
+    """Largest font size of a word; 13 px writes "triangle" 45 px wide on the 64 px image."""
+    min_ink: int = 10
+    """Darkest grey of a word's neutral ink."""
+    max_ink: int = 40
+    """Lightest grey of a word's ink; backgrounds are at least about 52, so ink stays darker."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.world != "forms":
+            raise ValueError(f"world must be 'forms', got {self.world!r}")
+        if not 1 <= self.outline_width <= self.min_radius:
+            raise ValueError(
+                f"need 1 <= outline_width <= min_radius, got {self.outline_width}, {self.min_radius}"
+            )
+        if not 6 <= self.min_font_size <= self.max_font_size:
+            raise ValueError(
+                "need 6 <= min_font_size <= max_font_size, got "
+                f"{self.min_font_size}, {self.max_font_size}"
+            )
+        widest = max(_word_glyphs(w, self.max_font_size)[1][2] for w in CONCEPTS)
+        if widest > self.image_size:
+            raise ValueError(
+                f"max_font_size {self.max_font_size} writes a word {widest} px wide, wider than "
+                f"image_size {self.image_size}"
+            )
+        if not 0 <= self.min_ink <= self.max_ink <= 255:
+            raise ValueError(
+                f"need 0 <= min_ink <= max_ink <= 255, got {self.min_ink}, {self.max_ink}"
+            )
+
+
+WORLDS: dict[str, type[ShapesConfig]] = {"shapes": ShapesConfig, "forms": FormsConfig}
+
+
+def form_label(concept: str, form: str) -> str:
+    """The form-qualified label of a concept, e.g. "circle:word" (`FORM_SEPARATOR`)."""
+    return f"{concept}{FORM_SEPARATOR}{form}"
+
+
+FORM_LABELS = tuple(form_label(c, f) for c in CONCEPTS for f in FORMS)
+FORMS_VOCABULARY = CONCEPTS + FORM_LABELS + FORMS
+
+
+def _object_concepts(obj: dict[str, Any]) -> list[str]:
+    return [c for c in (obj["shape"], obj["colour"]) if c]
+
+
+@lru_cache(maxsize=64)
+def _word_glyphs(word: str, font_size: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """(coverage float64 [h, w] in [0, 1], box): `word` in Pillow's bundled font at `font_size`.
+
+    The array is the word's mask box: its ink's bounding box with `WORD_MARGIN` px on every
+    side, grown at the bottom then the top to at least `WORD_MIN_HEIGHT` px, so that a box
+    always holds a patch row in which it covers most pixels. `box` = (ink_x0, ink_y0, w, h)
+    gives where the ink's bounding box starts inside it. Rendered once, then pasted at integer
+    offsets, so a word's pixels are the same wherever it is placed.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=font_size)
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        raise RuntimeError("the forms world needs Pillow built with FreeType (load_default(size))")
+    left, top, right, bottom = font.getbbox(word)
+    pad = 4
+    canvas = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad), 0)
+    ImageDraw.Draw(canvas).text((pad - left, pad - top), word, font=font, fill=255)
+    cov = np.asarray(canvas)
+    ys, xs = np.nonzero(cov)
+    cov = cov[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float64) / 255.0
+    ink_h, ink_w = cov.shape
+    h = max(ink_h + 2 * WORD_MARGIN, WORD_MIN_HEIGHT)
+    w = ink_w + 2 * WORD_MARGIN
+    top_pad = WORD_MARGIN + (h - ink_h - 2 * WORD_MARGIN) // 2
+    box = np.zeros((h, w), dtype=np.float64)
+    box[top_pad : top_pad + ink_h, WORD_MARGIN : WORD_MARGIN + ink_w] = cov
+    box.setflags(write=False)
+    return box, (WORD_MARGIN, top_pad, w, h)
+
+
+def outline_ink(sil: np.ndarray, width: int) -> np.ndarray:
+    """The pixels of silhouette `sil` within `width` px (8-neighbour steps) of its edge."""
+    inner = sil.copy()
+    for _ in range(width):
+        p = np.pad(inner, 1, constant_values=False)
+        h, w = inner.shape
+        nxt = inner.copy()
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                nxt &= p[dy : dy + h, dx : dx + w]
+        inner = nxt
+    return sil & ~inner
+
+
+def render_forms_image(
+    image_seed: int, cfg: FormsConfig
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Draw one forms-world image from its seed: (rgb uint8 [H, W, 3], mask uint8 [H, W], objects).
+
+    As `render_image`, but each object first draws its form (uniform over `FORMS`):
+    filled and outline objects draw a shape and a colour as in the default world (an outline
+    is `outline_width` px of the colour inside the silhouette, the inside showing the
+    background); a word draws one concept (uniform over `CONCEPTS`) and writes it in neutral
+    grey ink. An object's mask is its silhouette (filled, outline: an outline's inside is
+    part of the drawing) or its word box (`_word_glyphs`); objects are opaque there, so what
+    lies under an outline's inside or a word's box is the background, never an earlier object.
+    `objects[i - 1]` is {object, shape, colour, radius, cx, cy, form, word, font_size, x0, y0,
+    x1, y1}: a word has the concept it writes in `shape` or `colour` (the other is ""), a
+    radius of half its box's width and (cx, cy) its box's centre, floored; (x0, y0, x1, y1)
+    is the mask's box, ends exclusive; font_size is 0 for a drawing.
+    """
+    rng = np.random.default_rng(image_seed)
+    size = cfg.image_size
+    background = _background(rng, cfg)
+    rgb = background.copy()
+    mask = np.zeros((size, size), dtype=np.uint8)
+    areas: list[int] = []
+    objects: list[dict[str, Any]] = []
+    hideable: list[bool] = []  # words may not be covered at all: a hidden letter is another word
+    n_wanted = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    step = cfg.position_step
+    for _ in range(n_wanted):
+        form = FORMS[int(rng.integers(len(FORMS)))]
+        if form == "word":
+            word = CONCEPTS[int(rng.integers(len(CONCEPTS)))]
+            shape, colour = (word, "") if word in SHAPES else ("", word)
+            ink_grey = float(rng.integers(cfg.min_ink, cfg.max_ink + 1))
+        else:
+            word = ""
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            colour = COLOURS[int(rng.integers(len(COLOURS)))]
+            jitter = rng.integers(-cfg.colour_jitter, cfg.colour_jitter + 1, size=3)
+        placed = None
+        for _try in range(cfg.placement_tries):
+            if form == "word":
+                font_size = int(rng.integers(cfg.min_font_size, cfg.max_font_size + 1))
+                glyphs, (_, _, w, h) = _word_glyphs(word, font_size)
+                x0 = step * int(rng.integers(0, (size - w) // step + 1))
+                y0 = step * int(rng.integers(0, (size - h) // step + 1))
+                x1, y1 = x0 + w, y0 + h
+                sil = np.zeros((size, size), dtype=bool)
+                sil[y0:y1, x0:x1] = True
+                radius, cx, cy = w // 2, (x0 + x1) // 2, (y0 + y1) // 2
+            else:
+                font_size = 0
+                n_radii = (cfg.max_radius - cfg.min_radius) // cfg.radius_step + 1
+                radius = cfg.min_radius + cfg.radius_step * int(rng.integers(n_radii))
+                lo, hi = -(-radius // step), (size - radius) // step
+                cx = step * int(rng.integers(lo, hi + 1))
+                cy = step * int(rng.integers(lo, hi + 1))
+                sil = shape_mask(shape, cx, cy, radius, size)
+            if _occlusion_ok(mask, sil, areas, cfg.max_occlusion, hideable):
+                placed = (font_size, radius, cx, cy, sil)
+                break
+        if placed is None:
+            continue
+        font_size, radius, cx, cy, sil = placed
+        obj_id = len(objects) + 1
+        mask[sil] = obj_id
+        areas.append(int(sil.sum()))
+        hideable.append(form != "word")
+        rgb[sil] = background[sil]
+        if form == "word":
+            ys, xs = np.nonzero(sil)
+            alpha = np.zeros((size, size), dtype=np.float64)
+            alpha[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = glyphs
+            alpha = alpha[:, :, None]
+            rgb = rgb * (1.0 - alpha) + ink_grey * alpha
+        else:
+            colour_rgb = np.asarray(BASE_RGB[colour], dtype=np.float64) + jitter
+            rgb[outline_ink(sil, cfg.outline_width) if form == "outline" else sil] = colour_rgb
+        ys, xs = np.nonzero(sil)
+        objects.append(
+            {
+                "object": obj_id,
+                "shape": shape,
+                "colour": colour,
+                "radius": radius,
+                "cx": cx,
+                "cy": cy,
+                "form": form,
+                "word": word,
+                "font_size": font_size,
+                "x0": int(xs.min()),
+                "y0": int(ys.min()),
+                "x1": int(xs.max()) + 1,
+                "y1": int(ys.max()) + 1,
+            }
+        )
+    noise = rng.integers(-cfg.pixel_noise, cfg.pixel_noise + 1, size=(size, size, 3))
+    rgb = np.clip(np.rint(rgb + noise), 0, 255).astype(np.uint8)
+    return rgb, mask, objects
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,14 +704,20 @@ def generate(
     from .config import to_dict
 
     out_dir = Path(out_dir)
+    forms = isinstance(cfg, FormsConfig)
+    render = render_forms_image if forms else render_image
+    vocabulary = FORMS_VOCABULARY if forms else CONCEPTS
+    object_columns = FORMS_OBJECT_COLUMNS if forms else OBJECT_COLUMNS
     _prepare_out_dir(out_dir, cfg, overwrite)
     image_rows: list[list[Any]] = []
     object_rows: list[list[Any]] = []
-    concept_images = dict.fromkeys(CONCEPTS, 0)
+    caption_rows: list[list[Any]] = []
+    concept_images = dict.fromkeys(vocabulary, 0)
+    label_objects = {s: dict.fromkeys(vocabulary, 0) for s in SPLITS}
     n_objects_hist = [0] * (cfg.max_objects + 1)
-    for image_id in tqdm(range(cfg.n_images), desc="shapes", disable=not progress):
+    for image_id in tqdm(range(cfg.n_images), desc=cfg_name(cfg), disable=not progress):
         split = cfg.split_of(image_id)
-        rgb, mask, objects = render_image(image_seed(cfg.seed, image_id), cfg)
+        rgb, mask, objects = render(image_seed(cfg.seed, image_id), cfg)
         image_rel = f"images/{split}/{image_id:05d}.png"
         mask_rel = f"masks/{split}/{image_id:05d}.png"
         _write_atomic(out_dir / image_rel, _png_bytes(rgb, cfg.compress_level))
@@ -437,17 +728,22 @@ def generate(
         n_objects_hist[len(objects)] += 1
         image_rows.append([image_id, split, image_rel, mask_rel, ";".join(labels)])
         for o in objects:
-            object_rows.append(
-                [image_id, o["object"], o["shape"], o["colour"], o["radius"], o["cx"], o["cy"]]
-            )
+            row = [image_id] + [o[c] for c in object_columns[1:] if c != "labels"]
+            if forms:
+                own = object_labels([o])
+                row.append(";".join(own))
+                for label in own:
+                    label_objects[split][label] += 1
+            object_rows.append(row)
+        if forms:
+            caption_rows.append([image_id, caption(objects)])
     _write_atomic(
         out_dir / "images.csv",
         _csv_bytes(["image_id", "split", "image", "mask", "labels"], image_rows),
     )
-    _write_atomic(
-        out_dir / "objects.csv",
-        _csv_bytes(["image_id", "object", "shape", "colour", "radius", "cx", "cy"], object_rows),
-    )
+    _write_atomic(out_dir / "objects.csv", _csv_bytes(list(object_columns), object_rows))
+    if forms:
+        _write_atomic(out_dir / CAPTIONS_CSV, _csv_bytes(["image_id", "caption"], caption_rows))
     counts = {
         "images": cfg.n_images,
         "train": cfg.n_train,
@@ -457,6 +753,8 @@ def generate(
         "images_with_n_objects": {str(n): c for n, c in enumerate(n_objects_hist) if n},
         "images_with_concept": concept_images,
     }
+    if forms:
+        counts["objects_with_label"] = label_objects
     world = {
         "format": FORMAT,
         "config": to_dict(cfg),
@@ -469,6 +767,16 @@ def generate(
         "mask": "0 = background, i = object i of objects.csv; later objects drawn on top",
         "radius": "half the width of the object's bounding box in px; centre (cx, cy) in px, pixel j covers [j, j+1)",
     }
+    if forms:
+        world |= {
+            "world": "forms",
+            "forms": list(FORMS),
+            "labels": list(FORMS_VOCABULARY),
+            "form_separator": FORM_SEPARATOR,
+            "captions": f"{CAPTIONS_CSV}: image_id,caption (saev_core.shapes.read_captions)",
+            "font": "PIL.ImageFont.load_default(size=font_size), the FreeType font bundled with Pillow",
+            "mask": "0 = background, i = object i of objects.csv (its silhouette, or a word's box); later objects drawn on top",
+        }
     text = json.dumps(world, sort_keys=True, indent=2) + "\n"
     _write_atomic(out_dir / "world.json", text.encode())
     return counts
@@ -486,20 +794,105 @@ def read_world(data_dir: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Captions
+
+
+def object_phrase(obj: dict[str, Any]) -> str:
+    """How a caption names one object: "a red circle", "an outline of a red circle", "the word
+    red". `obj` has shape and colour (either may be "" for a word) and optionally form (default
+    filled, as every object of the default world is)."""
+    form = obj.get("form") or "filled"
+    if form == "filled":
+        return f"a {obj['colour']} {obj['shape']}"
+    if form == "outline":
+        return f"an outline of a {obj['colour']} {obj['shape']}"
+    if form == "word":
+        return f"the word {obj.get('word') or obj['shape'] or obj['colour']}"
+    raise ValueError(f"unknown form {form!r}; expected one of {FORMS}")
+
+
+def caption(objects: list[dict[str, Any]]) -> str:
+    """One image's caption: its objects' phrases in drawing order, "A", "A and B", "A, B and C";
+    "an empty picture" when no object could be placed."""
+    phrases = [object_phrase(o) for o in objects]
+    if not phrases:
+        return EMPTY_CAPTION
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def read_captions(data_dir: str | Path) -> dict[int, str]:
+    """image_id -> caption of every image in a shapes world (any variant).
+
+    Reads `captions.csv` (image_id,caption) when the world has one (the forms world does);
+    otherwise builds each caption from objects.csv with `caption` (every object filled unless
+    the file has a form column), for every image_id in images.csv. Errors name the file and
+    field that is missing or malformed.
+    """
+    data_dir = Path(data_dir)
+    captions_csv = data_dir / CAPTIONS_CSV
+    if captions_csv.is_file():
+        out: dict[int, str] = {}
+        with captions_csv.open(newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"image_id", "caption"} - set(reader.fieldnames or ())
+            if missing:
+                raise ValueError(f"{captions_csv}: missing column(s) {sorted(missing)}")
+            for line, row in enumerate(reader, start=2):
+                try:
+                    image_id = int(row["image_id"])
+                except (TypeError, ValueError):
+                    raise ValueError(
+                        f"{captions_csv} line {line}: image_id {row['image_id']!r} is not an int"
+                    ) from None
+                if image_id in out:
+                    raise ValueError(f"{captions_csv} line {line}: image_id {image_id} repeated")
+                out[image_id] = row["caption"]
+        return out
+    images_csv, objects_csv = data_dir / "images.csv", data_dir / "objects.csv"
+    for path in (images_csv, objects_csv):
+        if not path.is_file():
+            raise FileNotFoundError(f"no captions in {data_dir}: {CAPTIONS_CSV} and {path} missing")
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    with objects_csv.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"image_id", "object", "shape", "colour"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{objects_csv}: missing column(s) {sorted(missing)}")
+        for row in reader:
+            by_image.setdefault(int(row["image_id"]), []).append(row)
+    with images_csv.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if "image_id" not in (reader.fieldnames or ()):
+            raise ValueError(f"{images_csv}: missing column 'image_id'")
+        ids = [int(row["image_id"]) for row in reader]
+    return {i: caption(sorted(by_image.get(i, []), key=lambda o: int(o["object"]))) for i in ids}
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m saev_core.shapes --out data/shapes [--seed N] [--overwrite]`."""
+    """`saev shapes [--world shapes|forms] --out DIR [--params P] [--seed N] [--overwrite]`."""
     parser = argparse.ArgumentParser(
-        prog="python -m saev_core.shapes",
-        description="Generate the built-in shapes world (images, masks, labels) from a seed.",
+        prog="saev shapes",
+        description="Generate a built-in image world (images, masks, labels) from a seed: "
+        "`shapes` (filled coloured shapes) or `forms` (each concept as a filled shape, an outline "
+        "drawing and a written word, with captions).",
     )
-    parser.add_argument("--out", default="data/shapes", help="output directory (data/shapes)")
+    parser.add_argument(
+        "--world",
+        choices=sorted(WORLDS),
+        default="shapes",
+        help="which world: shapes (default) or forms",
+    )
+    parser.add_argument("--out", help="output directory (data/<world>)")
     parser.add_argument(
         "--params", help="read the config from this params.yaml first (section --section)"
     )
-    parser.add_argument("--section", default="shapes", help="params.yaml section (shapes)")
+    parser.add_argument("--section", help="params.yaml section (default: the world's name)")
     parser.add_argument("--seed", type=int, help="root seed (overrides params)")
     parser.add_argument("--n-train", type=int, help="images in the train split")
     parser.add_argument("--n-val", type=int, help="images in the val split")
@@ -510,20 +903,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
 
+    cls = WORLDS[args.world]
+    out = args.out or f"data/{args.world}"
     overrides = {"seed": args.seed, "n_train": args.n_train, "n_val": args.n_val}
     overrides["n_test"] = args.n_test
     try:
         if args.params:
             from .config import load_section
 
-            cfg = load_section(args.params, args.section, ShapesConfig, **overrides)
+            section = args.section or args.world
+            cfg = load_section(args.params, section, cls, **overrides)
         else:
-            cfg = replace(ShapesConfig(), **{k: v for k, v in overrides.items() if v is not None})
-        counts = generate(args.out, cfg, overwrite=args.overwrite, progress=not args.no_progress)
+            cfg = replace(cls(), **{k: v for k, v in overrides.items() if v is not None})
+        counts = generate(out, cfg, overwrite=args.overwrite, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"out": str(args.out), **counts}, sort_keys=True))
+    print(json.dumps({"out": str(out), **counts}, sort_keys=True))
     return 0
 
 

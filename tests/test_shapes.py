@@ -204,3 +204,40 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "overwrite" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         shapes.main(["--help"])
+
+
+# The default world must not change while variants (the forms world) are added: a digest of TINY's
+# whole tree, computed with the code of commit a346184 (before the forms world), and the pinned
+# data/shapes (DVC) where it is checked out.
+TINY_TREE_SHA256 = "70e7e2975b3fbcfe3623c41eb4d88a50bbb21ce863a688afa1ce4086cd6b77c3"
+PINNED = Path(__file__).resolve().parents[1] / "data" / "shapes"
+
+
+def test_default_world_bytes_unchanged(world: Path) -> None:
+    h = hashlib.sha256()
+    for p in sorted(world.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(world)).encode() + b"\0")
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    assert h.hexdigest() == TINY_TREE_SHA256
+    assert not (world / "captions.csv").exists()
+
+
+@pytest.mark.skipif(not (PINNED / "world.json").exists(), reason="data/shapes not checked out")
+def test_default_world_matches_the_pinned_data() -> None:
+    from saev_core.config import to_dict
+
+    cfg = ShapesConfig()
+    assert json.loads((PINNED / "world.json").read_text())["config"] == to_dict(cfg)
+    images = {r["image_id"]: r for r in read_csv(PINNED / "images.csv")}
+    objects = read_csv(PINNED / "objects.csv")
+    for image_id in (0, 1, 2, 3999, 4000, 4499, 4500, 4999):
+        rgb, mask, objs = render_image(image_seed(cfg.seed, image_id), cfg)
+        row = images[str(image_id)]
+        assert shapes._png_bytes(rgb, cfg.compress_level) == (PINNED / row["image"]).read_bytes()
+        assert shapes._png_bytes(mask, cfg.compress_level) == (PINNED / row["mask"]).read_bytes()
+        assert row["labels"] == ";".join(shapes.object_labels(objs))
+        mine = [o for o in objects if o["image_id"] == str(image_id)]
+        assert [(o["shape"], o["colour"], int(o["radius"])) for o in mine] == [
+            (o["shape"], o["colour"], o["radius"]) for o in objs
+        ]
