@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup data demo test lint lock clean mlflow-ui chromium interop
+.PHONY: setup data demo test lint lock clean mlflow-ui chromium interop screenshot
 
 setup: $(STAMP)
 
@@ -62,14 +62,20 @@ $(INTEROP)/.installed: Makefile
 	$(INTEROP)/bin/pip install -q --no-deps saev==0.1.0  # its nn module needs only the three above
 	@touch $@
 
-# Headless Chromium for the feature browser's test (tests/test_browser.py): Debian's package,
-# installed once (about 30 s with apt-get update); the test skips when it is missing.
+# Headless Chromium for the browser tests (tests/headless.py: Playwright drives Debian's package,
+# Playwright's own browser builds are never downloaded), installed once (about 30 s with
+# apt-get update); the tests skip when it is missing.
 chromium:
 	@command -v chromium >/dev/null || { \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		echo "installing chromium (apt-get) for the feature browser test"; \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium \
-			|| echo "warning: could not install chromium; tests/test_browser.py will skip its browser test"; }
+			|| echo "warning: could not install chromium; the browser tests will skip"; }
+
+# docs/explore.png for the README: the screenshot tests/test_explore_browser.py takes of
+# `saev explore` over its tiny run (the test writes it only when SAEV_EXPLORE_SCREENSHOT is set).
+screenshot: setup chromium
+	SAEV_EXPLORE_SCREENSHOT=$(abspath docs/explore.png) $(BIN)/pytest -q tests/test_explore_browser.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

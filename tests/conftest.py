@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from headless import chromium_browser, chromium_tab  # noqa: E402,F401  (Playwright fixtures)
 
 torch.set_num_threads(2)
 

@@ -1,21 +1,17 @@
 """Tests for saev_core.browser: the data it embeds, and the page itself in headless Chromium.
 
-The Chromium test drives Debian's `chromium` over the DevTools protocol (a websocket, through the
-`websockets` package prefect already installs): it loads the file from disk, types into the
-search box, clicks a feature, clicks a neighbour, and reads the console. It skips when no
-Chromium is installed (`make test` installs it). The screenshot is kept as a test artifact: in
+The Chromium tests drive Debian's `chromium` through Playwright (the `chromium_tab` fixture of
+tests/headless.py): they load the file from disk, type into the search box, click a feature,
+click a neighbour, and read the console. They skip when no Chromium is installed (`make test`
+installs it). The screenshot is kept as a test artifact: in
 `$SAEV_TEST_ARTIFACTS` when set, else next to the test's temporary files.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import os
 import shutil
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -216,111 +212,7 @@ def test_html_is_self_contained(run_dir, tmp_path):
         assert remote not in html, remote  # nothing to fetch: the file works offline
 
 
-def chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-class DevTools:
-    """A minimal DevTools-protocol client for one headless Chromium page."""
-
-    def __init__(self, exe: str, profile: Path) -> None:
-        from websockets.sync.client import connect
-
-        self.log = profile / "chromium.log"
-        profile.mkdir(parents=True, exist_ok=True)
-        args = [
-            exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-            "--remote-debugging-port=0", f"--user-data-dir={profile / 'user'}",
-            "--window-size=1280,900", "about:blank",
-        ]  # fmt: skip
-        with open(self.log, "w") as err:
-            self.proc = subprocess.Popen(args, stderr=err, stdout=subprocess.DEVNULL)
-        ws_url = self._wait_for_url()
-        port = ws_url.split(":")[2].split("/")[0]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
-            page = next(t for t in json.load(r) if t["type"] == "page")
-        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=20)
-        self.n, self.events = 0, []
-
-    def _wait_for_url(self) -> str:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            for line in self.log.read_text().splitlines():
-                if "DevTools listening on" in line:
-                    return line.split()[-1]
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"chromium exited: {self.log.read_text()[-2000:]}")
-            time.sleep(0.1)
-        raise TimeoutError("chromium did not open its DevTools port")
-
-    def send(self, method: str, **params):
-        self.n += 1
-        self.ws.send(json.dumps({"id": self.n, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv(timeout=30))
-            if msg.get("id") == self.n:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return msg.get("result", {})
-            self.events.append(msg)
-
-    def wait_for(self, method: str, timeout: float = 30) -> None:
-        if any(e.get("method") == method for e in self.events):
-            return
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            msg = json.loads(self.ws.recv(timeout=deadline - time.time()))
-            self.events.append(msg)
-            if msg.get("method") == method:
-                return
-        raise TimeoutError(method)
-
-    def eval(self, expression: str):
-        r = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
-        if "exceptionDetails" in r:
-            raise RuntimeError(f"{expression}: {r['exceptionDetails']}")
-        return r["result"].get("value")
-
-    def click(self, selector: str) -> None:
-        """A real mouse click at the centre of the first element matching `selector`."""
-        box = self.eval(
-            f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
-            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
-        )
-        for kind in ("mousePressed", "mouseReleased"):
-            self.send(
-                "Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left",
-                clickCount=1,
-            )  # fmt: skip
-
-    def errors(self) -> list:
-        out = []
-        for e in self.events:
-            m, p = e.get("method"), e.get("params", {})
-            if m == "Runtime.exceptionThrown":
-                out.append(p["exceptionDetails"])
-            elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-                out.append(p)
-            elif m == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
-                out.append(p["entry"])
-        return out
-
-    def close(self) -> None:
-        try:
-            self.ws.close()
-        finally:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-@pytest.mark.skipif(chromium() is None, reason="no chromium installed (make test installs it)")
-def test_browser_in_headless_chromium(run_dir, tmp_path):
+def test_browser_in_headless_chromium(run_dir, tmp_path, chromium_tab):
     html = build_browser(run_dir.stats_dir, tmp_path / "toy.html", run_dir.root)
     data = browser_data(run_dir.stats_dir, run_dir.root)
     want_red = sorted(
@@ -329,82 +221,59 @@ def test_browser_in_headless_chromium(run_dir, tmp_path):
         or any("red" in lab and auc is not None and auc >= 0.7 for lab, auc, *_ in f["labels"])
     )  # fmt: skip
     assert 0 < len(want_red) < D
-    chrome = DevTools(chromium(), tmp_path / "chromium")
-    try:
-        for domain in ("Page", "Runtime", "Log"):
-            chrome.send(f"{domain}.enable")
-        chrome.send(
-            "Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1,
-            mobile=False,
-        )  # fmt: skip
-        chrome.send("Page.navigate", url=html.resolve().as_uri())
-        chrome.wait_for("Page.loadEventFired")
-        ids = "[...document.querySelectorAll('#rows tr')].map((r) => Number(r.dataset.id))"
-        assert sorted(chrome.eval(ids)) == list(range(D))
-        # type into the search box: the list narrows to the features about red
-        chrome.eval("document.getElementById('q').focus()")
-        chrome.send("Input.insertText", text="red")
-        assert sorted(chrome.eval(ids)) == want_red
-        assert chrome.eval("document.getElementById('count').textContent").startswith(
-            f"{len(want_red)} of {D}"
-        )
-        # sort by AUROC, then click the first row: the feature opens with its exemplars
-        chrome.eval(
-            "const s = document.getElementById('sort'); s.value = 'auroc';"
-            "s.dispatchEvent(new Event('change'))"
-        )
-        first = chrome.eval(ids)[0]
-        assert first == 0  # feature 0 reads the red dimension: AUROC 1
-        chrome.click("#rows tr[data-id]")
-        assert chrome.eval("document.getElementById('title').textContent") == "Feature 0"
-        n_ex = len(next(f for f in data["features"] if f["id"] == 0)["ex"])
-        assert chrome.eval("document.querySelectorAll('#exemplars .tile canvas').length") == n_ex
-        assert chrome.eval("document.querySelectorAll('#exemplars .tile img').length") == n_ex
-        assert chrome.eval("document.querySelectorAll('#hist rect').length") == 60
-        assert "red" in chrome.eval("document.getElementById('assoc').textContent")
-        assert chrome.eval("location.hash") == "#feature=0"
-        # a neighbour link opens that feature
-        chrome.click("#neighbors a[data-nb]")
-        nb = next(f for f in data["features"] if f["id"] == 0)["neighbors"][0][0]
-        assert chrome.eval("document.getElementById('title').textContent") == f"Feature {nb}"
-        shot = chrome.send("Page.captureScreenshot", format="png")["data"]
-        assert chrome.eval("window.saevErrors") == []
-        assert chrome.errors() == []
-    finally:
-        chrome.close()
+    page = chromium_tab.page
+    page.goto(html.resolve().as_uri())
+    ids = "[...document.querySelectorAll('#rows tr')].map((r) => Number(r.dataset.id))"
+    assert sorted(page.evaluate(ids)) == list(range(D))
+    # type into the search box: the list narrows to the features about red
+    page.locator("#q").focus()
+    page.keyboard.insert_text("red")
+    assert sorted(page.evaluate(ids)) == want_red
+    assert page.locator("#count").text_content().startswith(f"{len(want_red)} of {D}")
+    # sort by AUROC, then click the first row: the feature opens with its exemplars
+    page.locator("#sort").select_option("auroc")
+    first = page.evaluate(ids)[0]
+    assert first == 0  # feature 0 reads the red dimension: AUROC 1
+    page.locator("#rows tr[data-id]").first.click()
+    assert page.locator("#title").text_content() == "Feature 0"
+    n_ex = len(next(f for f in data["features"] if f["id"] == 0)["ex"])
+    assert page.locator("#exemplars .tile canvas").count() == n_ex
+    assert page.locator("#exemplars .tile img").count() == n_ex
+    assert page.locator("#hist rect").count() == 60
+    assert "red" in page.locator("#assoc").text_content()
+    assert page.evaluate("location.hash") == "#feature=0"
+    # a neighbour link opens that feature
+    page.locator("#neighbors a[data-nb]").first.click()
+    nb = next(f for f in data["features"] if f["id"] == 0)["neighbors"][0][0]
+    assert page.locator("#title").text_content() == f"Feature {nb}"
     out_dir = Path(os.environ.get("SAEV_TEST_ARTIFACTS", tmp_path))
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / "browser.png"
-    png.write_bytes(base64.b64decode(shot))
+    page.screenshot(path=png)
+    assert page.evaluate("window.saevErrors") == []
+    assert chromium_tab.errors == []
     assert Image.open(png).size == (1280, 900)
 
 
-@pytest.mark.skipif(chromium() is None, reason="no chromium installed (make test installs it)")
-def test_class_folder_browser_in_headless_chromium(class_run, tmp_path):
+def test_class_folder_browser_in_headless_chromium(class_run, tmp_path, chromium_tab):
     html = build_browser(class_run.stats_dir, tmp_path / "cls.html", class_run.root)
-    chrome = DevTools(chromium(), tmp_path / "chromium")
-    try:
-        for domain in ("Page", "Runtime", "Log"):
-            chrome.send(f"{domain}.enable")
-        chrome.send("Page.navigate", url=html.resolve().as_uri() + "#feature=2")
-        chrome.wait_for("Page.loadEventFired")
-        best = (
-            "Object.fromEntries([...document.querySelectorAll('#rows tr')]"
-            ".map((r) => [r.dataset.id, r.children[1].textContent]))"
-        )
-        # image-level associations name the features; the noise feature shows no label
-        assert chrome.eval(best) == {"0": "ant", "1": "bee", "2": "", "3": "ant"}
-        assert chrome.eval("document.getElementById('best').textContent") == "no label"
-        assert "image level" in chrome.eval("document.getElementById('legend').textContent")
-        chrome.eval("document.getElementById('q').focus()")
-        # every feature lists "cow", none at or above the floor: the search finds none
-        chrome.send("Input.insertText", text="cow")
-        assert chrome.eval("document.querySelectorAll('#rows tr').length") == 0
-        assert chrome.eval("document.getElementById('count').textContent").startswith("0 of 4")
-        assert chrome.eval("window.saevErrors") == []
-        assert chrome.errors() == []
-    finally:
-        chrome.close()
+    page = chromium_tab.page
+    page.goto(html.resolve().as_uri() + "#feature=2")
+    best = (
+        "Object.fromEntries([...document.querySelectorAll('#rows tr')]"
+        ".map((r) => [r.dataset.id, r.children[1].textContent]))"
+    )
+    # image-level associations name the features; the noise feature shows no label
+    assert page.evaluate(best) == {"0": "ant", "1": "bee", "2": "", "3": "ant"}
+    assert page.locator("#best").text_content() == "no label"
+    assert "image level" in page.locator("#legend").text_content()
+    page.locator("#q").focus()
+    # every feature lists "cow", none at or above the floor: the search finds none
+    page.keyboard.insert_text("cow")
+    assert page.locator("#rows tr").count() == 0
+    assert page.locator("#count").text_content().startswith("0 of 4")
+    assert page.evaluate("window.saevErrors") == []
+    assert chromium_tab.errors == []
 
 
 def test_best_label_is_chosen_on_the_select_split_and_shown_on_the_report_split(run_dir, tmp_path):

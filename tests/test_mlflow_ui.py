@@ -17,7 +17,6 @@ import time
 import urllib.request
 
 import pytest
-from test_browser import DevTools, chromium
 
 
 def _free_port() -> int:
@@ -77,32 +76,26 @@ def mlflow_server(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(chromium() is None, reason="no chromium installed (make test installs it)")
-def test_printed_address_opens_the_runs_table(mlflow_server, tmp_path):
+def test_printed_address_opens_the_runs_table(mlflow_server, chromium_tab):
     from flows.common import runs_table_url
     from flows.intervene import RUNS_VIEW
 
     base, exp_id = mlflow_server
-    dt = DevTools(chromium(), tmp_path / "chromium")
-    try:
-        dt.send("Page.enable")
-        # wide enough that the grid renders every column (it draws only those in sight)
-        dt.send("Emulation.setDeviceMetricsOverride", width=3600, height=900,
-                deviceScaleFactor=1, mobile=False)  # fmt: skip
-        dt.send("Page.navigate", url=runs_table_url(exp_id, base, view=RUNS_VIEW))
-        href, text = "", ""
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            time.sleep(0.5)
-            href = dt.eval("location.href")
-            text = dt.eval("document.body ? document.body.innerText : ''") or ""
-            if "share_supported" in text and "hyp" in text:
-                break
-        assert f"#/experiments/{exp_id}/runs" in href, href
-        assert "workflowType=machine_learning" in href
-        # the runs table in the saved view: the parent run, its summary metrics as columns
-        assert "saev: verdicts" in text and "share key is invalid" not in text
-        assert "hyp" in text and "share_supported" in text, text[:2000]
-        assert "n_supported" in text and "p_adjusted" in text
-    finally:
-        dt.close()
+    page = chromium_tab.page
+    # wide enough that the grid renders every column (it draws only those in sight)
+    page.set_viewport_size({"width": 3600, "height": 900})
+    page.goto(runs_table_url(exp_id, base, view=RUNS_VIEW))
+    href, text = "", ""
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        page.wait_for_timeout(500)
+        href = page.evaluate("location.href")
+        text = page.evaluate("document.body ? document.body.innerText : ''") or ""
+        if "share_supported" in text and "hyp" in text:
+            break
+    assert f"#/experiments/{exp_id}/runs" in href, href
+    assert "workflowType=machine_learning" in href
+    # the runs table in the saved view: the parent run, its summary metrics as columns
+    assert "saev: verdicts" in text and "share key is invalid" not in text
+    assert "hyp" in text and "share_supported" in text, text[:2000]
+    assert "n_supported" in text and "p_adjusted" in text
