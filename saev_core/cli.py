@@ -1,6 +1,6 @@
 """`saev`: one command line for every stage, the warehouse queries and the schedule.
 
-    saev shapes --out data/shapes     generate the built-in image world
+    saev shapes [--world forms]       generate a built-in image world (--out DIR)
     saev backbone|extract|validate|train|stats|probe|intervene|warehouse [--params params.yaml]
          [-S KEY=VALUE ...]           run one stage as a Prefect flow (what `dvc repro` calls);
                                       -S overrides a key of its section (-S sae.k=32)
@@ -9,6 +9,8 @@
     saev serve                        serve the pipeline on a cron schedule
     saev deploy | worker [--gpu]      deployments and workers on a Prefect server (flows/deploy.py)
     saev doctor                       check the configuration and the services it names
+    saev baselines --shards D --sae S one SAE against neurons/PCA/ICA/NMF/random directions
+    saev explore [--port 8050]        interactive app over one run: patches, features, sliders
 
 Sub-commands import their module only when called, so `saev --help` and `saev sql` start fast.
 """
@@ -20,7 +22,7 @@ import sys
 
 # name -> (module, function, one-line help)
 COMMANDS = {
-    "shapes": ("saev_core.shapes", "main", "generate the built-in shapes world"),
+    "shapes": ("saev_core.shapes", "main", "generate a built-in world (--world shapes|forms)"),
     "backbone": ("flows.backbone", "main", "train the demo ViT on shapes"),
     "extract": ("flows.extract", "main", "record activations as Parquet shards"),
     "validate": ("flows.validate", "main", "Great Expectations checks on the shards"),
@@ -36,6 +38,8 @@ COMMANDS = {
     "deploy": ("flows.deploy", "deploy_main", "register the deployments with a Prefect server"),
     "worker": ("flows.deploy", "worker_main", "start a Prefect worker (--gpu on a GPU machine)"),
     "doctor": ("flows.doctor", "main", "what is configured, what answers, what does not"),
+    "baselines": ("saev_core.baselines", "main", "SAE vs neurons, PCA, ICA, NMF, random"),
+    "explore": ("flows.explore", "main", "interactive app over one run (--port 8050)"),
 }
 
 
