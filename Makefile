@@ -73,9 +73,12 @@ chromium:
 			|| echo "warning: could not install chromium; the browser tests will skip"; }
 
 # docs/explore.png for the README: the screenshot tests/test_explore_browser.py takes of
-# `saev explore` over its tiny run (the test writes it only when SAEV_EXPLORE_SCREENSHOT is set).
+# `saev explore` over the demo run when artifacts/ holds it (`make demo`), else over its tiny run
+# (the test writes it only when SAEV_EXPLORE_SCREENSHOT is set).
 screenshot: setup chromium
-	SAEV_EXPLORE_SCREENSHOT=$(abspath docs/explore.png) $(BIN)/pytest -q tests/test_explore_browser.py
+	SAEV_EXPLORE_SCREENSHOT=$(abspath docs/explore.png) \
+	$(if $(wildcard artifacts/saes/demo/cfg.json),SAEV_EXPLORE_DEMO=$(abspath params.yaml)) \
+	$(BIN)/pytest -q tests/test_explore_browser.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

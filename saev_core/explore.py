@@ -14,7 +14,16 @@ then reruns only what follows the block: inside `resume_after`, the blocks up to
 return at once (the earlier ones pass their input through, the SAE's block returns the cached
 residual stream), the splice's hook edits that output as in any other forward, and the later
 blocks, the final norm and the head or probe run as usual. Generic over models: nothing here
-knows where a model keeps its final norm or head.
+knows where a model keeps its final norm or head. When the segmentation probe reads the
+classifier's own backbone (the same weights: the demo run), one forward serves both tasks: the
+classifier's, its `base_model`'s last hidden state caught on the way for the probe (checked at
+start-up against the probe's own forward, else each task runs its own model).
+
+Memory: at most `max_cached_images` image states (residual stream, sparse codes, the PNG view;
+not the decoded picture), `MAX_UPLOADS` uploads (their bytes), `MAX_PNGS` served views. A PNG
+(an exemplar thumbnail) needs no forward and takes no place in the state cache. Every forward
+runs under one lock (`resume_after` patches the blocks in place; uvicorn runs the endpoints in
+a thread pool).
 
 API (the contract with the page; /tmp/brief/explore_api.md, this copy is authoritative):
 
@@ -78,6 +87,10 @@ MAX_UPLOAD_BYTES = 4 * 2**20
 UPLOAD_MAX_PIXELS = 16_000_000
 """An upload decodes to at most 16 MP (about 48 MB of RGB), whatever its compressed size."""
 TOP_CLASSES = 5
+MAX_UPLOADS = 64
+"""Uploads kept (their bytes, at most 4 MiB each; the least recently added goes first)."""
+MAX_PNGS = 1024
+"""Served image views kept (small PNGs: exemplar thumbnails need no forward)."""
 
 
 class ExploreError(Exception):
@@ -180,13 +193,14 @@ class _TaskState:
 
 @dataclass
 class _ImageState:
-    image: Any
     record: Any
     tasks: dict[str, _TaskState] = field(default_factory=dict)
     codes: Any = None
     """SAE codes of every token [T, d_sae], sparse (CSR): a ViT-B's dense 197 x 24,576 codes
     would hold 19 MB per image."""
-    png: bytes | None = None
+    png: bytes = b""
+    """The image as the model sees it (`Explorer._view_png`); the decoded picture itself, up to
+    16 MP for an upload, is not kept."""
     truth: list[int] | None = None
 
 
@@ -231,6 +245,7 @@ class Explorer:
             t: returns_tuple(r.blocks, self.layer, r.forward, r.layout.image_size, cfg.device)
             for t, r in self.readers.items()
         }
+        self._shared = self._shared_forward()
 
         stats = Path(cfg.stats_dir)
         self.run = stats_run(cfg.stats_dir)
@@ -253,7 +268,9 @@ class Explorer:
         self._labels = self._read_labels(stats, report)
         self.browser = stats / "browser.html"
         self._states: OrderedDict[str, _ImageState] = OrderedDict()
-        self._uploads: OrderedDict[str, Any] = OrderedDict()
+        self._uploads: OrderedDict[str, bytes] = OrderedDict()
+        """upload key -> its bytes (decoded again when its state is evicted and needed)."""
+        self._pngs: OrderedDict[str, bytes] = OrderedDict()
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -291,6 +308,63 @@ class Explorer:
         if len(grids) > 1:
             raise ValueError(f"the readers of {cfg.model} disagree on the patch grid: {grids}")
         return readers
+
+    def _shared_forward(self) -> Callable[[Any], dict[str, Any]] | None:
+        """One forward for both tasks, when the segmentation probe reads what the classifier's
+        own backbone returns: the classifier's forward, its backbone's last hidden state caught
+        on the way (a hook on `base_model`) and given to the probe; or, for a backbone without
+        a head, one backbone forward read by both probes. Used only when that matches
+        the probe's own forward (the same pixels, probabilities within 1e-5) on a random
+        picture; else None, and each task runs its own model."""
+        import torch
+        from PIL import Image
+
+        clf, seg = self.readers.get("classification"), self.readers.get("segmentation")
+        if clf is None or seg is None or seg.probe is None:
+            return None
+        if len(clf.blocks) != len(seg.blocks) or clf.layout.grid != seg.layout.grid:
+            return None
+        if clf.probe is not None:  # a backbone without a head: two probes on the same output
+
+            def both(px: Any) -> dict[str, Any]:
+                h = clf.model(pixel_values=px).last_hidden_state
+                return {"classification": clf.probe.probs(h), "segmentation": seg.probe.probs(h)}
+
+        else:
+            base = getattr(clf.model, "base_model", None)
+            if not isinstance(base, torch.nn.Module) or base is clf.model:
+                return None
+            caught: dict[str, Any] = {}
+
+            def catch(module, args, output):
+                caught["h"] = getattr(output, "last_hidden_state", None)
+                if caught["h"] is None:
+                    caught["h"] = output[0]
+
+            def both(px: Any) -> dict[str, Any]:
+                handle = base.register_forward_hook(catch)
+                try:
+                    cls = clf.forward(px)
+                finally:
+                    handle.remove()
+                return {"classification": cls, "segmentation": seg.probe.probs(caught.pop("h"))}
+
+        rng = np.random.default_rng(0)
+        picture = Image.fromarray(rng.integers(0, 256, (37, 45, 3), dtype=np.uint8))
+        px, px_seg = clf.preprocess([picture]), seg.preprocess([picture])
+        if px.shape != px_seg.shape or px.dtype != px_seg.dtype or not torch.equal(px, px_seg):
+            return None
+        with torch.inference_mode():
+            try:
+                got = both(px)
+            except Exception:  # the base model's output is not a hidden-state tensor
+                return None
+            want_seg, want_cls = seg.forward(px_seg), clf.forward(px)
+        close = all(
+            g.shape == w.shape and float((g.float() - w.float()).abs().max()) <= 1e-5
+            for g, w in ((got["segmentation"], want_seg), (got["classification"], want_cls))
+        )
+        return both if close else None
 
     def _exemplar_keys(self, stats: Path) -> dict[int, str]:
         """Shard image_id -> image key, through the shard set's images.parquet (by the image's
@@ -362,8 +436,9 @@ class Explorer:
     def _open(self, key: str) -> tuple[Any, Any]:
         from saev_core.data import BadImage, open_image
 
-        if key in self._uploads:
-            return self._uploads[key], None
+        data = self._uploads.get(key)
+        if data is not None:
+            return self._decode_upload(data), None
         record = self.by_key.get(key)
         if record is None:
             raise ExploreError(
@@ -376,8 +451,9 @@ class Explorer:
                 400, f"image {key} ({record.path}) cannot be opened: {e.reason}"
             ) from None
 
-    def state(self, key: str) -> _ImageState:
-        """The image's cached residual stream, codes and unedited predictions (computed once)."""
+    def state(self, key: str, image: Any = None) -> _ImageState:
+        """The image's cached residual stream, codes and unedited predictions (computed once;
+        `image`: the key's picture, already decoded)."""
         import torch
 
         from saev_core.backbone import record_blocks
@@ -386,18 +462,27 @@ class Explorer:
             if key in self._states:
                 self._states.move_to_end(key)
                 return self._states[key]
-            image, record = self._open(key)
-            st = _ImageState(image, record)
+            if image is None:
+                image, record = self._open(key)
+            else:
+                record = self.by_key.get(key)
+            st = _ImageState(record)
+            shared = self._shared is not None
             for task, reader in self.readers.items():
+                if shared and task != "classification":
+                    continue  # filled by the classifier's forward
                 try:
                     pixels = reader.preprocess([image])
                 except Exception as e:  # the processor refuses this picture
                     raise ExploreError(
                         400, f"image {key}: the processor refuses it ({e})"
                     ) from None
+                forward = self._shared if shared else reader.forward
                 with torch.inference_mode(), record_blocks(reader.blocks, [self.layer]) as acts:
-                    before = reader.forward(pixels).float()[0].cpu().numpy()
-                st.tasks[task] = _TaskState(pixels, acts[self.layer].float().clone(), before)
+                    out = forward(pixels)
+                resid = acts[self.layer].float().clone()
+                for t, probs in out.items() if shared else [(task, out)]:
+                    st.tasks[t] = _TaskState(pixels, resid, probs.float()[0].cpu().numpy())
             resid = next(iter(st.tasks.values())).resid
             with torch.inference_mode():
                 from scipy import sparse
@@ -414,53 +499,78 @@ class Explorer:
                     st.truth = patch_targets(record, seg.labels, lay.grid, geometry).tolist()
                 except (ValueError, BadImage) as e:  # a mask the probe cannot read
                     print(f"saev explore: {key}: no true segmentation ({e})", file=sys.stderr)
+            st.png = self._view_png(image)
             self._states[key] = st
             while len(self._states) > self.cfg.max_cached_images:
                 self._states.popitem(last=False)
             return st
 
     def png(self, key: str) -> bytes:
-        """The image as the model sees it: resized and cropped by the processor's geometry,
-        cut to the area the patch grid covers."""
-        st = self.state(key)
-        if st.png is None:
-            from PIL import Image
+        """The image as the model sees it (`_view_png`). Needs no forward: the page asks for
+        every exemplar's thumbnail, which must neither cost a forward each nor push the image
+        being edited out of the state cache."""
+        with self.lock:
+            if key in self._states:
+                return self._states[key].png
+            if key in self._pngs:
+                self._pngs.move_to_end(key)
+                return self._pngs[key]
+        image, _ = self._open(key)
+        data = self._view_png(image)
+        with self.lock:
+            self._pngs[key] = data
+            while len(self._pngs) > MAX_PNGS:
+                self._pngs.popitem(last=False)
+        return data
 
-            lay = self.layout
-            h, w = lay.image_size
-            im = st.image.convert("RGB")
-            im = lay.geometry.view(im) if lay.geometry is not None else im.resize((w, h))
-            gh, gw = lay.grid
-            ph, pw = h // gh, w // gw
-            im = im.crop((0, 0, gw * pw, gh * ph))
-            if im.size != (gw * pw, gh * ph):
-                im = im.resize((gw * pw, gh * ph), Image.Resampling.BILINEAR)
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            st.png = buf.getvalue()
-        return st.png
+    def _view_png(self, image: Any) -> bytes:
+        """`image` resized and cropped by the processor's geometry, cut to the area the patch
+        grid covers, as PNG."""
+        from PIL import Image
 
-    def upload(self, data: bytes) -> str:
-        """Decode an uploaded image with extraction's safe opener; returns its key."""
+        lay = self.layout
+        h, w = lay.image_size
+        im = image.convert("RGB")
+        im = lay.geometry.view(im) if lay.geometry is not None else im.resize((w, h))
+        gh, gw = lay.grid
+        ph, pw = h // gh, w // gw
+        im = im.crop((0, 0, gw * pw, gh * ph))
+        if im.size != (gw * pw, gh * ph):
+            im = im.resize((gw * pw, gh * ph), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+    @staticmethod
+    def _decode_upload(data: bytes) -> Any:
         from saev_core.data import BadImage, ImageRecord, read_image
 
+        record = ImageRecord(0, "upload", "upload", "<upload>", (), source=_Bytes(data))
+        try:
+            return read_image(record, max_pixels=UPLOAD_MAX_PIXELS)[0]
+        except BadImage as e:
+            raise ExploreError(400, f"bad image: {e.reason}") from None
+
+    def upload(self, data: bytes) -> str:
+        """Decode an uploaded image with extraction's safe opener; returns its key. Its bytes
+        are kept (at most `MAX_UPLOADS`), not the decoded picture."""
         if len(data) > MAX_UPLOAD_BYTES:
             raise ExploreError(413, f"upload of {len(data)} bytes is over the {_mib()} limit")
         key = "upload:" + hashlib.sha256(data).hexdigest()[:16]
-        if key in self._uploads:
-            return key
-        record = ImageRecord(0, "upload", "upload", "<upload>", (), source=_Bytes(data))
-        try:
-            image, _ = read_image(record, max_pixels=UPLOAD_MAX_PIXELS)
-        except BadImage as e:
-            raise ExploreError(400, f"bad image: {e.reason}") from None
         with self.lock:
-            self._uploads[key] = image
-            while len(self._uploads) > 64:
+            if key in self._uploads:
+                self._uploads.move_to_end(key)
+                return key
+        image = self._decode_upload(data)
+        with self.lock:
+            self._uploads[key] = data
+            while len(self._uploads) > MAX_UPLOADS:
                 old, _ = self._uploads.popitem(last=False)
                 self._states.pop(old, None)
+                self._pngs.pop(old, None)
         try:
-            self.state(key)  # the processor's refusal shows now, not on the first slider move
+            # the processor's refusal shows now, not on the first slider move
+            self.state(key, image)
         except ExploreError:
             with self.lock:
                 self._uploads.pop(key, None)
@@ -616,6 +726,28 @@ class Explorer:
         mask[torch.as_tensor(p)] = True
         return edit, scope_tokens(self.layout, "region", mask)
 
+    def forward_all(self, st: _ImageState, edit: Any, tokens: Any) -> dict[str, np.ndarray]:
+        """Every task's probabilities with the edit: one forward of the blocks after the SAE's
+        when the tasks share it (`_shared_forward`), else one per task."""
+        if self._shared is None:
+            return {task: self.forward_after(task, st, edit, tokens) for task in self.readers}
+        import torch
+
+        from saev_core.intervene import Splice, splice
+
+        reader, ts = self.readers["classification"], st.tasks["classification"]
+        tuple_output = self._tuple_output["classification"]
+        with self.lock, torch.inference_mode():
+            with resume_after(reader.blocks, self.layer, ts.resid, tuple_output):
+                spliced = (
+                    splice(reader.blocks, Splice(self.layer, self.sae, edit, tokens))
+                    if edit is not None
+                    else contextlib.nullcontext()
+                )
+                with spliced:
+                    out = self._shared(ts.pixels)
+        return {t: p.float()[0].cpu().numpy() for t, p in out.items()}
+
     def forward_after(self, task: str, st: _ImageState, edit: Any, tokens: Any) -> np.ndarray:
         """The task's probabilities with the edit, rerunning only the blocks after the SAE's."""
         import torch
@@ -645,8 +777,9 @@ class Explorer:
         st = self.state(key)
         edit, tokens = self.edit_of(edits, where, patches)
         out: dict[str, Any] = {"seq": seq, "classification": None, "segmentation": None}
+        afters = self.forward_all(st, edit, tokens)
         for task in self.readers:
-            after = self.forward_after(task, st, edit, tokens)
+            after = afters[task]
             before = st.tasks[task].before
             labels = self.readers[task].labels
             if task == "classification":

@@ -235,6 +235,10 @@ class Reader:
     preprocess: Any
     forward: Any
     """pixel_values -> probabilities: [B, C], or [B, n_patches, C] for segmentation."""
+    model: Any = None
+    """The module `forward` runs: the classifier, or the backbone a probe reads."""
+    probe: Any = None
+    """The probe on `model`'s last hidden state (None: the classifier's own head)."""
 
     def probs(
         self, pixels: torch.Tensor, batch_size: int, splices=(), per_image=None
@@ -336,7 +340,8 @@ def load_reader(h: Hypothesis, device: str = "cpu") -> Reader:
             return torch.sigmoid(logits) if multi else logits.softmax(-1)
 
         labels = [id2label[i] for i in sorted(id2label)]
-        return Reader("multilabel" if multi else "softmax", labels, blocks, layout, prep, forward)
+        kind = "multilabel" if multi else "softmax"
+        return Reader(kind, labels, blocks, layout, prep, forward, model=model)
 
     from saev_core.backbone import load_backbone, preprocess
     from saev_core.probes import load_probe
@@ -358,6 +363,8 @@ def load_reader(h: Hypothesis, device: str = "cpu") -> Reader:
         TokenLayout.of_backbone(bb),
         lambda images: preprocess(bb, images),
         forward,
+        model=bb.model,
+        probe=probe,
     )
 
 

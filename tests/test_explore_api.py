@@ -204,6 +204,92 @@ def test_an_edit_changes_the_prediction_as_a_full_spliced_forward_does(app):
     np.testing.assert_allclose(after, want, atol=1e-5)
 
 
+def test_one_forward_after_the_sae_serves_both_tasks(app):
+    """The segmentation probe reads the classifier's own backbone (the same weights): an edit
+    reruns the blocks after the SAE's once, not once per task, and its segmentation is still
+    transformers' ViTModel + the probe with the SAE spliced in, run whole."""
+    from transformers import ViTModel
+
+    from saev_core.intervene import FeatureEdit, Splice, splice
+    from saev_core.probes import load_probe
+
+    client, ex, run = app
+    key = "test:28"
+    post(client, "/api/predict", {"image": key})  # the cache is filled
+    f = post(client, "/api/features", {"image": key, "n": 1})["features"][0]
+    runs = []
+    handles = [
+        block.register_forward_hook(lambda *a, i=i: runs.append(i))
+        for reader in ex.readers.values()
+        for i, block in enumerate(reader.blocks)
+    ]
+    try:
+        out = post(client, "/api/predict", {"image": key, "where": "image",
+                                            "edits": [{"feature": f["feature"], "scale": 6}]})  # fmt: skip
+    finally:
+        for h in handles:
+            h.remove()
+    n_blocks = len(ex.readers["classification"].blocks)
+    assert sorted(i for i in runs if i > LAYER) == list(range(LAYER + 1, n_blocks))
+
+    probe, _ = load_probe(run["probe_dir"] / "segmentation")
+    base = ViTModel.from_pretrained(run["model"], add_pooling_layer=False).eval()
+    _, _, _, _, px = hf_forward(run, Image.open(record(run, key).path).convert("RGB"))
+    edit = FeatureEdit("clamp", (f["feature"],), 6.0, (f["max_act"],))
+    with torch.no_grad():
+        plain = probe.probs(base(pixel_values=px["pixel_values"]).last_hidden_state)[0]
+        with splice(base.layers, Splice(LAYER, SAE.load(run["sae_dir"]), edit)):
+            edited = probe.probs(base(pixel_values=px["pixel_values"]).last_hidden_state)[0]
+    seg = out["segmentation"]
+    assert seg["before"] == plain.argmax(-1).tolist()
+    assert seg["after"] == edited.argmax(-1).tolist()
+
+
+def test_a_headless_backbone_with_both_probes_runs_one_forward(explore_run, tmp_path):  # noqa: F811
+    """The same weights declared as a plain ViTModel (no head): both probes read it, from one
+    forward, and give each probe on transformers' own last hidden state."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+    from transformers import ViTModel
+
+    from saev_core.explore import create_app, load, parse_args, resolve_config
+    from saev_core.probes import load_probe
+
+    model = tmp_path / "headless"
+    shutil.copytree(explore_run["model"], model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "architectures": ["ViTModel"]}))
+    args = ["--params", str(explore_run["params"]), "--model", str(model)]
+    ex = load(resolve_config(parse_args(args)))
+    assert ex.readers["classification"].probe is not None and ex._shared is not None
+    client = TestClient(create_app(ex))
+    key = "test:29"
+    runs = []
+    handles = [
+        block.register_forward_hook(lambda *a, i=i: runs.append(i))
+        for reader in ex.readers.values()
+        for i, block in enumerate(reader.blocks)
+    ]
+    try:
+        ex.state(key)  # the image's first, whole forward
+    finally:
+        for h in handles:
+            h.remove()
+    assert sorted(runs) == list(range(len(ex.readers["classification"].blocks)))
+    out = post(client, "/api/predict", {"image": key})
+    _, _, _, _, px = hf_forward(explore_run, Image.open(record(explore_run, key).path))
+    base = ViTModel.from_pretrained(explore_run["model"], add_pooling_layer=False).eval()
+    with torch.no_grad():
+        hidden = base(pixel_values=px["pixel_values"]).last_hidden_state
+        cls_probe, _ = load_probe(explore_run["probe_dir"] / "classification")
+        seg_probe, _ = load_probe(explore_run["probe_dir"] / "segmentation")
+        want_cls = cls_probe.probs(hidden)[0].numpy()
+        want_seg = seg_probe.probs(hidden)[0].argmax(-1).tolist()
+    np.testing.assert_allclose(out["classification"]["probs"]["before"], want_cls, atol=1e-5)
+    assert out["segmentation"]["before"] == want_seg
+
+
 def test_untouched_and_scale_zero_differ(app):
     client, _, _ = app
     key = "test:27"
@@ -259,6 +345,36 @@ def test_uploads_are_checked_and_served(app):
     assert png.size == (32, 32)  # resized by the processor's geometry
     out = post(client, "/api/predict", {"image": key})
     assert out["segmentation"]["truth"] is None and out["classification"]["before"]
+
+
+def test_thumbnails_need_no_forward_and_uploads_keep_no_decoded_picture(app):
+    """The page shows each feature's exemplars (up to 12 x 6 images): serving one costs no
+    forward (nor a place in the state cache), and an upload of a large picture keeps its
+    bytes, not 27 MB of decoded pixels."""
+    import gc
+
+    client, ex, run = app
+    runs = []
+    block = ex.readers["classification"].blocks[0]
+    handle = block.register_forward_hook(lambda *a: runs.append(1))
+    try:
+        for r in load_records(run["data"], ["train"]):
+            png = client.get(f"/api/image/train:{r.image_id}.png")
+            assert png.status_code == 200
+            got = np.asarray(Image.open(io.BytesIO(png.content)))
+            np.testing.assert_array_equal(got, np.asarray(Image.open(r.path).convert("RGB")))
+    finally:
+        handle.remove()
+    assert runs == []
+    assert not any(k.startswith("train:") for k in ex._states)
+
+    buf = io.BytesIO()
+    Image.new("RGB", (3000, 3000), (20, 200, 60)).save(buf, format="PNG")
+    key = client.post("/api/upload", files={"file": ("big.png", buf.getvalue())}).json()["key"]
+    assert post(client, "/api/predict", {"image": key})["classification"]["before"]
+    gc.collect()
+    pil = [o for o in gc.get_objects() if str(type(o).__module__).startswith("PIL.")]
+    assert [o for o in pil if isinstance(o, Image.Image) and o.size == (3000, 3000)] == []
 
 
 def test_log_records_an_mlflow_run(app, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ docs/explore.png for the README (a plain `make test` writes nothing into the rep
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -27,6 +28,8 @@ import numpy as np
 import pytest
 
 PREDICTION = "[data-testid=prediction]"
+MAX_FREQ = 0.25  # the page's default frequency filter (explore.html's #max-freq)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_page_is_one_self_contained_file():
@@ -51,23 +54,41 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def explore(tmp_path_factory):
     """The app over the tiny run, on 127.0.0.1:<free port>; stopped when the module ends."""
-    import uvicorn
     from explore_fixtures import build_explore_run
 
+    from flows.explore import log_intervention
     from saev_core.explore import create_app, load, parse_args, resolve_config
 
     paths = build_explore_run(tmp_path_factory.mktemp("explore"))
     logged: list[dict] = []
+    # the app's own MLflow callback, into a sqlite store of this test's
+    store = f"sqlite:///{paths['mlruns'] / 'mlflow.db'}"
+    paths["mlruns"].mkdir()
+    old_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = store
 
-    def log_run(record: dict) -> dict:  # the MLflow callback's shape; flows/explore.py's job
+    def log_run(record: dict) -> dict:
         logged.append(record)
-        return {"run_id": f"r{len(logged)}", "experiment_id": "0", "url": "/mlflow-stand-in"}
+        return log_intervention(record)
 
     ex = load(resolve_config(parse_args(["--params", str(paths["params"])])))
+    try:
+        with _serve(create_app(ex, log_run)) as url:
+            yield {"url": url, "paths": paths, "logged": logged, "store": store}
+    finally:
+        if old_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+
+
+@contextlib.contextmanager
+def _serve(app):
+    """`app` under uvicorn on 127.0.0.1:<free port> in a thread; yields its address."""
+    import uvicorn
+
     port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(ex, log_run), host="127.0.0.1", port=port, log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 60
@@ -76,7 +97,7 @@ def explore(tmp_path_factory):
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.05)
     try:
-        yield {"url": f"http://127.0.0.1:{port}", "paths": paths, "logged": logged}
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(30)
@@ -171,7 +192,8 @@ def test_click_a_patch_move_a_slider_and_the_prediction_changes(chromium_tab, ex
     assert "sel" in patches.nth(5).get_attribute("class")
     assert _query(page)["patches"] == "5"
     _settled(page)
-    want = _post(f"{base}/api/features", {"image": key, "patches": [5], "n": 12})
+    want = _post(f"{base}/api/features",
+                 {"image": key, "patches": [5], "n": 12, "max_freq": MAX_FREQ})  # fmt: skip
     cards = page.get_by_test_id("feature")
     shown = [int(c.get_attribute("data-feature")) for c in cards.all()]
     assert shown == [f["feature"] for f in want["features"]] and shown
@@ -227,7 +249,7 @@ def test_click_a_patch_move_a_slider_and_the_prediction_changes(chromium_tab, ex
     shot = tmp_path / "explore.png"
     card.hover()  # its heat map over the image, as a person would look at it
     page.screenshot(path=shot)
-    if os.environ.get("SAEV_EXPLORE_SCREENSHOT"):
+    if os.environ.get("SAEV_EXPLORE_SCREENSHOT") and not os.environ.get("SAEV_EXPLORE_DEMO"):
         dest = Path(os.environ["SAEV_EXPLORE_SCREENSHOT"])
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, dest)
@@ -340,6 +362,7 @@ def test_pick_by_label_at_random_and_by_upload(chromium_tab, explore, tmp_path):
     page.locator("#max-freq").dispatch_event("change")
     _settled(page)
     want = _post(f"{base}/api/features", {"image": up, "patches": [], "n": 12, "max_freq": 0.05})
+    assert page.locator("#max-freq").input_value() == "0.05"
     cards = page.get_by_test_id("feature").all()
     assert [int(c.get_attribute("data-feature")) for c in cards] == [
         f["feature"] for f in want["features"]
@@ -356,13 +379,96 @@ def test_pick_by_label_at_random_and_by_upload(chromium_tab, explore, tmp_path):
     examples = json.loads(_get(f"{base}/api/class/{name}/examples?limit=8"))
     got = [t.get_attribute("data-key") for t in page.locator("#examples .thumb").all()]
     assert got == [e["key"] for e in examples] and got
-    # log to MLflow: the callback gets this intervention
+    # where: the whole image (CLS too) rather than the selected patches (none: every patch)
+    card = page.get_by_test_id("feature").first
+    feature = int(card.get_attribute("data-feature"))
+    seq = int(page.locator(PREDICTION).get_attribute("data-seq"))
+    _slider_to(page, card, 1.0)
+    seq = _wait_prediction(page, seq)
+    _settled(page)
+    on_patches = _shown(page, "after")
+    body = {"image": up, "edits": [{"feature": feature, "scale": 5}], "patches": []}
+    api = _post(f"{base}/api/predict", {**body, "where": "selected"})
+    assert on_patches == {r["class"]: r["prob"] for r in api["classification"]["after"]}
+    page.locator("input[name=where][value=image]").check()
+    seq = _wait_prediction(page, seq)
+    _settled(page)
+    assert _query(page)["where"] == "image" and _query(page)["edits"] == f"{feature}:5"
+    api = _post(f"{base}/api/predict", {**body, "where": "image"})
+    whole = {r["class"]: r["prob"] for r in api["classification"]["after"]}
+    assert _shown(page, "after") == whole and whole != on_patches
+    # log to MLflow: the app's callback (flows.explore.log_intervention) records this view
+    import mlflow
+
     n = len(explore["logged"])
     page.locator("#log").click()
     page.locator("#log-link").wait_for()
     assert len(explore["logged"]) == n + 1
     assert explore["logged"][-1]["image"] == _query(page)["image"]
+    run_id = page.locator("#log-link").text_content()
+    mlflow.set_tracking_uri(explore["store"])
+    run = mlflow.get_run(run_id)
+    assert run.data.params["image"] == up and run.data.params["where"] == "image"
+    assert run.data.params["edits"] == f"{feature}:5" and run.data.tags["stage"] == "explore"
+    after = {r["class"]: r["prob"] for r in api["classification"]["after"]}
+    for cls, prob in after.items():
+        assert run.data.metrics[f"p_after.{cls}"] == pytest.approx(prob, abs=1e-9)
+    saved = mlflow.artifacts.load_dict(f"runs:/{run_id}/intervention.json")
+    assert saved["edits"] == [{"feature": feature, "scale": 5.0}] and saved["where"] == "image"
+    assert saved["prediction"]["classification"]["after"] == api["classification"]["after"]
+    assert page.locator("#log-link").get_attribute("href").endswith("workflowType=machine_learning")
     assert page.evaluate("window.saevErrors") == []
     # the one failed request the console shows is the bad upload's answer
     assert [e for e in chromium_tab.errors if "status of 400" not in e] == []
     assert len(chromium_tab.errors) == 1
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SAEV_EXPLORE_DEMO"),
+    reason="the demo run's picture for the README: `make screenshot` with the demo run built",
+)
+def test_screenshot_of_the_demo_run(chromium_tab, tmp_path, monkeypatch):
+    """The README's picture: the page over the demo run (SAEV_EXPLORE_DEMO names its params
+    file; its paths are relative to the repository), on the test image, feature and patches
+    where setting the feature to -2 x its max activation moves a class most (among the first
+    16 test images' top features within the page's default frequency filter)."""
+    from fastapi.testclient import TestClient
+
+    from saev_core.explore import create_app, load, parse_args, resolve_config
+
+    monkeypatch.chdir(REPO)
+    ex = load(resolve_config(parse_args(["--params", os.environ["SAEV_EXPLORE_DEMO"]])))
+    app = create_app(ex)
+    api = TestClient(app)
+    scale, best = -2.0, None
+    for img in api.get("/api/images", params={"limit": 16}).json():
+        key = img["key"]
+        body = {"image": key, "n": 6, "max_freq": MAX_FREQ}
+        for f in api.post("/api/features", json=body).json()["features"]:
+            patches = [i for i, v in enumerate(f["per_patch"]) if v > 0]
+            edit = {"image": key, "patches": patches, "where": "selected",
+                    "edits": [{"feature": f["feature"], "scale": scale}]}  # fmt: skip
+            probs = api.post("/api/predict", json=edit).json()["classification"]["probs"]
+            dp = float(np.abs(np.subtract(probs["after"], probs["before"])).max())
+            if best is None or dp > best[0]:
+                best = (dp, key, f["feature"], patches)
+    dp, key, feature, patches = best
+    assert dp > 0.5  # the edit visibly changes the answer
+    page = chromium_tab.page
+    with _serve(app) as base:
+        edits = f"{feature}:{scale:g}"
+        page.goto(f"{base}/?image={key}&patches={','.join(map(str, patches))}&edits={edits}")
+        _wait_prediction(page, 0)
+        _settled(page)
+        before, after = _shown(page, "before"), _shown(page, "after")
+        moved = max(abs(after.get(c, 0) - p) for c, p in before.items())
+        assert moved > 0.3 or set(after) != set(before)
+        card = page.locator(f"[data-testid=feature][data-feature='{feature}']")
+        card.hover()  # its heat map over the image
+        shot = tmp_path / "explore.png"
+        page.screenshot(path=shot)
+        assert page.evaluate("window.saevErrors") == [] and chromium_tab.errors == []
+    dest = os.environ.get("SAEV_EXPLORE_SCREENSHOT")
+    if dest:
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, dest)
