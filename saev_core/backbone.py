@@ -289,7 +289,9 @@ def load_backbone(name_or_path: str, device: str | None = None, dtype: str = "au
 
     `device=None` picks CUDA, MPS or CPU; `dtype` is one of `DTYPES` ("auto": float16 on CUDA).
     A hub id resolves through the Hugging Face cache like any `from_pretrained` call, so with
-    HF_HUB_OFFLINE=1 it only reads what is already cached.
+    HF_HUB_OFFLINE=1 it only reads what is already cached. A ViTMAE checkpoint (facebook/vit-mae-*,
+    or the demo MAE of `saev_core.objectives`) loads as its encoder over every patch, in order
+    (`keep_patch_order`).
     """
     import torch
     from PIL import Image
@@ -309,6 +311,8 @@ def load_backbone(name_or_path: str, device: str | None = None, dtype: str = "au
     kwargs = {}
     if config.model_type == "vit":
         kwargs["add_pooling_layer"] = False  # unused here; would be initialised at random
+    if config.model_type == "vit_mae":
+        config.mask_ratio = 0.0  # an MAE checkpoint (ours, facebook/vit-mae-*): every patch
     # A classifier checkpoint (the demo ViT) has head weights AutoModel does not use; transformers
     # reports those loudly. Report only what matters: weights the model needed and did not find.
     # transformers 5 loads in the checkpoint's own dtype unless told, so always say which.
@@ -328,6 +332,8 @@ def load_backbone(name_or_path: str, device: str | None = None, dtype: str = "au
         )
     if isinstance(getattr(model, "vision_model", None), torch.nn.Module):
         model = model.vision_model  # a multimodal model without an AutoModel class for its tower
+    if config.model_type == "vit_mae":
+        keep_patch_order(model)
     model = model.eval().to(device)
     processor = AutoImageProcessor.from_pretrained(name_or_path)
     # Checked against the processor itself; a processor it cannot follow still extracts.
@@ -383,6 +389,36 @@ def load_backbone(name_or_path: str, device: str | None = None, dtype: str = "au
     backbone.n_prefix_tokens = n_tokens - n_patches
     backbone.has_cls, backbone.n_registers = _prefix_layout(backbone, vcfg)
     return backbone
+
+
+def keep_patch_order(model: Any) -> None:
+    """Make a `ViTMAEModel` see every patch in its original (row-major) order, always.
+
+    ViTMAE's embeddings shuffle the patches by argsort of random noise, then keep the first
+    (1 - mask_ratio) of them; even at mask_ratio 0 the tokens come out in a random order that
+    changes every call. Noise that increases along the patches makes that argsort the identity,
+    so with `config.mask_ratio = 0` (set by `load_backbone`) the encoder is a plain ViT over all
+    patches. A forward pre-hook supplies it on every call, whatever the caller passed.
+    """
+    import torch
+
+    embeddings = model.embeddings
+    if not 0 <= float(model.config.mask_ratio) < 1 / (embeddings.patch_embeddings.num_patches):
+        raise ValueError(
+            f"keep_patch_order needs config.mask_ratio 0 (every patch kept), "
+            f"got {model.config.mask_ratio}"
+        )
+
+    def in_order(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        pixel_values = args[0] if args else kwargs["pixel_values"]
+        n_patches = (pixel_values.shape[-2] // module.patch_size) * (
+            pixel_values.shape[-1] // module.patch_size
+        )
+        noise = torch.arange(n_patches, device=pixel_values.device, dtype=torch.float32)
+        kwargs["noise"] = noise.expand(pixel_values.shape[0], n_patches)
+        return args[:1], kwargs
+
+    embeddings.register_forward_pre_hook(in_order, with_kwargs=True)
 
 
 def _prefix_layout(backbone: Backbone, config: Any) -> tuple[bool, int]:

@@ -102,6 +102,12 @@ class BackboneConfig:
     """torch CPU threads while training (the demo machine has 2 cores)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "cpu"
     """Where to train; "auto" picks CUDA, then MPS, then CPU."""
+    objective: Literal["supervised", "clip", "mae"] = "supervised"
+    """What the ViT learns from: the concept labels (with the dense loss above), the images'
+    captions (a CLIPModel, contrastive), or nothing but the pixels (ViTMAEForPreTraining);
+    `saev_core.objectives`. The aux_* options apply to "supervised" only."""
+    mask_ratio: float = 0.75
+    """For objective "mae": the share of patches hidden from the encoder while training."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -153,6 +159,10 @@ class BackboneConfig:
             raise ValueError(f"attn_sharpness must be > 0, got {self.attn_sharpness}")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+        if self.objective not in ("supervised", "clip", "mae"):
+            raise ValueError(f"objective must be supervised, clip or mae, got {self.objective!r}")
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
 
 
 @dataclass
@@ -182,7 +192,7 @@ def _load_split(data_dir: Path, split: str, progress: bool) -> _Split:
     from PIL import Image
     from tqdm import tqdm
 
-    from .shapes import COLOURS, CONCEPTS, SHAPES
+    from .shapes import COLOURS, CONCEPTS, FORMS, SHAPES
 
     images = pd.read_csv(data_dir / "images.csv", keep_default_na=False)
     objects = pd.read_csv(data_dir / "objects.csv")
@@ -210,14 +220,18 @@ def _load_split(data_dir: Path, split: str, progress: bool) -> _Split:
     objs = objects[objects["image_id"].isin(row_of)]
     rows = objs["image_id"].map(row_of).to_numpy()
     obj = objs["object"].to_numpy()
-    shape_lut[rows, obj] = objs["shape"].map({s: i + 1 for i, s in enumerate(SHAPES)})
-    colour_lut[rows, obj] = objs["colour"].map({c: i + 1 for i, c in enumerate(COLOURS)})
+    # A forms-world word names one concept: its other column is empty (class 0 there).
+    shape_lut[rows, obj] = objs["shape"].map({s: i + 1 for i, s in enumerate(SHAPES)}).fillna(0)
+    colour_lut[rows, obj] = objs["colour"].map({c: i + 1 for i, c in enumerate(COLOURS)}).fillna(0)
     r = np.arange(len(images))[:, None, None]
     class_maps = np.stack([shape_lut[r, masks_nhw], colour_lut[r, masks_nhw]], axis=1)
     labels = np.zeros((len(images), len(CONCEPTS)), dtype=np.float32)
     for row, text in enumerate(images["labels"]):
         for concept in filter(None, text.split(";")):
-            labels[row, CONCEPTS.index(concept)] = 1.0
+            if concept in CONCEPTS:
+                labels[row, CONCEPTS.index(concept)] = 1.0
+            elif ":" not in concept and concept not in FORMS:  # forms world: "red:word", "word"
+                raise ValueError(f"{data_dir}/images.csv: unknown label {concept!r}")
     return _Split(
         pixels=torch.from_numpy(np.ascontiguousarray(pixels_nhwc.transpose(0, 3, 1, 2))),
         labels=torch.from_numpy(labels),
@@ -478,12 +492,19 @@ def train_backbone(
 ) -> dict[str, Any]:
     """Train the demo ViT on the world in `cfg.data_dir`, save it to `cfg.out_dir`, return metrics.
 
+    `cfg.objective` "clip" or "mae" hands over to `saev_core.objectives.train_objective`; what
+    follows describes "supervised".
+
     The saved directory holds the classifier (safetensors + config.json with id2label), its image
     processor and metrics.json (per-concept val accuracy and AUROC); it loads with both
     `load_backbone(out_dir)` and `load_classifier(out_dir)`. It appears complete or not at all.
     The returned metrics also hold timings (`TIMING_KEYS`, for MLflow); metrics.json does not,
     so the same config on the same machine writes the same bytes.
     """
+    if cfg.objective != "supervised":
+        from .objectives import train_objective
+
+        return train_objective(cfg, log, progress)
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -641,7 +662,14 @@ def train_backbone(
         "device": device,
         "history": history,
         # where it was written is no property of the model (and would differ between copies)
-        "config": {k: v for k, v in to_dict(cfg).items() if k != "out_dir"},
+        # objective and mask_ratio are left out for "supervised" (they do not apply), so a
+        # supervised backbone's metrics.json reads as it did before the other objectives existed
+        "config": {
+            k: v
+            for k, v in to_dict(cfg).items()
+            if k != "out_dir"
+            and not (k in ("objective", "mask_ratio") and cfg.objective == "supervised")
+        },
     }
     _save(model, cfg, metrics)
     log(
@@ -697,12 +725,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", help="read the config from this params.yaml (section backbone)")
     parser.add_argument("--epochs", type=int, help="override epochs")
     parser.add_argument("--seed", type=int, help="override seed")
+    parser.add_argument(
+        "--objective", choices=("supervised", "clip", "mae"), help="override objective"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     from .config import from_dict, load_section
 
     overrides = {"data_dir": args.data, "out_dir": args.out, "epochs": args.epochs}
     overrides["seed"] = args.seed
+    overrides["objective"] = args.objective
     try:
         if args.params:
             cfg = load_section(args.params, "backbone", BackboneConfig, **overrides)
