@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from saev_core.sae import ARCHS, K_SPARSE, SAE, SAEConfig
+from saev_core.sae import ARCHS, DENSE_AUX_FACTOR, K_SPARSE, SAE, SAEConfig
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -409,9 +409,12 @@ def _train_step_outputs(sae: SAE, x: Tensor, dead: Tensor, sparse: bool):
 
 
 @pytest.mark.parametrize("arch", list(K_SPARSE))
-@pytest.mark.parametrize("n_dead", [0, 5, 40])
+@pytest.mark.parametrize("n_dead", [0, 5, 20, 40])
 def test_sparse_kernels_match_the_dense_path(arch, n_dead):
-    """Loss terms, activations and every gradient agree; AuxK with fewer or more dead than aux_k."""
+    """Loss terms, activations and every gradient agree. AuxK (aux_k 8): none dead; 5 and 20 dead,
+    which the sparse path computes densely over the dead columns (<= DENSE_AUX_FACTOR x aux_k;
+    20 needs its top-k); 40 dead, through the sparse kernels."""
+    assert 8 < 20 <= DENSE_AUX_FACTOR * 8 < 40
     torch.manual_seed(11)
     cfg = SAEConfig(arch=arch, d_model=16, d_sae=64, k=4, aux_k=8, matryoshka_prefixes=())
     dense = SAE(cfg, torch.Generator().manual_seed(5))

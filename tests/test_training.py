@@ -18,6 +18,7 @@ from saev_core.training import (
     fit_normalisation,
     geometric_median,
     lr_at,
+    make_adam,
     noop_log,
     sparsity_coeff_at,
     sweep_configs,
@@ -552,3 +553,25 @@ def test_topk_default_encoder_init_trains_further_in_a_short_run():
         fvu[scale] = evaluate(sae, [x_val])["fvu"]
         assert sae.cfg.encoder_scale() == (scale or 0.5)
     assert fvu[None] < 0.5 * fvu[1.0], fvu
+
+
+def test_trainer_adam_is_fused_and_steps_as_the_per_op_adam():
+    """The trainer's Adam runs fused on CPU (one kernel per tensor; the speed-up of bench/frontier.py)
+    and moves the weights as torch's per-op Adam does, from the same gradients."""
+    sae = SAE(
+        SAEConfig(arch="topk", d_model=D_MODEL, d_sae=64, k=4), torch.Generator().manual_seed(0)
+    )
+    ref = SAE(sae.cfg)
+    ref.load_state_dict(sae.state_dict())
+    opt = make_adam(sae, 1e-2, torch.device("cpu"))
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, foreach=False)
+    assert opt.param_groups[0]["fused"] is True
+    x = sparse_data(n_tokens=128)
+    for _ in range(5):
+        for model, o in ((sae, opt), (ref, ref_opt)):
+            o.zero_grad()
+            model(x).loss.backward()
+            o.step()
+    assert not torch.equal(sae.W_enc, SAE(sae.cfg, torch.Generator().manual_seed(0)).W_enc)
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(dict(sae.named_parameters())[name], p, rtol=1e-5, atol=1e-6)
