@@ -403,10 +403,11 @@ def keep_patch_order(model: Any) -> None:
     import torch
 
     embeddings = model.embeddings
-    if not 0 <= float(model.config.mask_ratio) < 1 / (embeddings.patch_embeddings.num_patches):
+    # exactly 0: ViTMAE keeps int(L * (1 - r)) patches, L - 1 for any 0 < r <= 1/L as well
+    if float(model.config.mask_ratio) != 0.0:
         raise ValueError(
-            f"keep_patch_order needs config.mask_ratio 0 (every patch kept), "
-            f"got {model.config.mask_ratio}"
+            f"keep_patch_order needs config.mask_ratio exactly 0 (every patch kept; ViTMAE keeps "
+            f"int(L * (1 - mask_ratio)) of L patches), got {model.config.mask_ratio}"
         )
 
     def in_order(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -12,8 +12,13 @@ its highest patch value of each unit, as `saev_core.stats` scores an SAE feature
 the image labels are the shard set's `images.parquet` `labels` (what the stats stage uses), or,
 where it has none, every label one of the image's patches carries. Per method and concept the
 best unit by image-level AUROC on the select split (val) is reported on the report split (test),
-with a percentile bootstrap CI over the report split's images (the same draws for every method,
-so methods compare paired). Each row also carries the unit's direction in activation space,
+with a percentile bootstrap CI over the report split's images. The draws are the same for every
+method, so each method is compared with the SAE paired: per concept, the bootstrap distribution
+of its AUROC minus the SAE's on the same draws gives `diff_lo`, `diff_hi` and a two-sided
+bootstrap `diff_p`, and `headline` counts the concepts whose difference CI excludes 0. Random
+directions default to d_sae/2 per sign beside an SAE (d_sae scored units, as many as the SAE
+has: choosing the best of more units on val would flatter them); `n_units` records each
+method's count. Each row also carries the unit's direction in activation space,
 so that the intervene stage can edit along the best PCA direction beside the SAE feature
 (`best_direction`, `read_direction`).
 
@@ -52,6 +57,9 @@ COLUMNS = (
     "lo",
     "hi",
     "n_units",
+    "diff_lo",
+    "diff_hi",
+    "diff_p",
     "n_test_images",
     "n_test_pos",
     "select_split",
@@ -71,7 +79,8 @@ class BaselinesConfig:
     n_components: int = 0
     """Components of PCA, ICA and NMF (0: d_model, a full basis for PCA and ICA)."""
     n_random: int = 0
-    """Random unit directions, each scored with both signs (0: d_model)."""
+    """Random unit directions, each scored with both signs (0: d_sae // 2 beside an SAE, so both
+    signs give as many units as the SAE has; else d_model)."""
     seed: int = 0
     """Seed of the fit sample, ICA, NMF, the random directions and the bootstrap."""
     n_boot: int = 1000
@@ -225,7 +234,8 @@ def fit_baselines(x_nd: np.ndarray, cfg: BaselinesConfig, sae: Any = None) -> di
             )
         elif name == "random":
             rng = np.random.default_rng(cfg.seed)
-            dirs = _unit_rows(rng.standard_normal((cfg.n_random or d, d)))
+            n = cfg.n_random or (max(int(sae.W_dec.shape[0]) // 2, 1) if sae is not None else d)
+            dirs = _unit_rows(rng.standard_normal((n, d)))
             out[name] = Units(name, dirs, True, W_dm=dirs.T, mean_d=mean)
         elif name == "sae":
             if sae is None:
@@ -341,14 +351,17 @@ def select_and_report(
     """The tidy table: per method and concept the best unit on `select`, reported on `report`.
 
     `select` and `report` are `(image_id, scores {method: [i, u]}, labels [i, l])`. Ties on the
-    select split go to the lowest unit. The bootstrap draws are shared by every row.
+    select split go to the lowest unit. The bootstrap draws are shared by every row; with an
+    "sae" method, each other row's `diff_lo`/`diff_hi` is the CI of its AUROC minus the SAE's on
+    the same draws and `diff_p` the two-sided paired bootstrap p (2 x the smaller share of draws
+    on either side of 0, at most 1); NaN for the SAE's own rows and without an SAE.
     """
     _, s_sel, y_sel = select
     _, s_rep, y_rep = report
     rng = np.random.default_rng(cfg.seed)
     idx_bi = rng.integers(0, len(y_rep), size=(cfg.n_boot, len(y_rep)))
     q = (1 - cfg.ci) / 2
-    rows = []
+    rows, boots = [], []
     for name, u in units.items():
         a_sel = auroc_matrix(s_sel[name], y_sel)  # [u, l]
         for j, concept in enumerate(names):
@@ -359,8 +372,9 @@ def select_and_report(
             comp, sign = u.unit(best)
             s_i = s_rep[name][:, best]
             test = auroc_matrix(s_i[:, None], y_rep[:, [j]])[0, 0]
-            boot = bootstrap_auroc(s_i, y_rep[:, j], idx_bi)
-            boot = boot[~np.isnan(boot)]
+            boot_all = bootstrap_auroc(s_i, y_rep[:, j], idx_bi)  # [b], NaN on one-class draws
+            boots.append(boot_all)
+            boot = boot_all[~np.isnan(boot_all)]
             lo, hi = np.quantile(boot, [q, 1 - q]) if len(boot) else (np.nan, np.nan)
             rows.append(
                 {
@@ -373,6 +387,9 @@ def select_and_report(
                     "lo": float(lo),
                     "hi": float(hi),
                     "n_units": int(col.shape[0]),
+                    "diff_lo": np.nan,
+                    "diff_hi": np.nan,
+                    "diff_p": np.nan,
                     "n_test_images": int(len(y_rep)),
                     "n_test_pos": int(y_rep[:, j].sum()),
                     "select_split": cfg.select_split,
@@ -380,6 +397,15 @@ def select_and_report(
                     "direction": (sign * u.directions_md[comp]).astype(np.float32).tolist(),
                 }
             )
+    sae_boot = {r["concept"]: b for r, b in zip(rows, boots, strict=True) if r["method"] == "sae"}
+    for r, b in zip(rows, boots, strict=True):
+        ref = sae_boot.get(r["concept"])
+        if r["method"] == "sae" or ref is None:
+            continue
+        diff = (b - ref)[~(np.isnan(b) | np.isnan(ref))]  # same draws: paired
+        if len(diff):
+            r["diff_lo"], r["diff_hi"] = (float(v) for v in np.quantile(diff, [q, 1 - q]))
+            r["diff_p"] = float(min(1.0, 2 * min((diff <= 0).mean(), (diff >= 0).mean())))
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
@@ -499,18 +525,16 @@ def read_baselines(path: str | Path) -> pd.DataFrame:
 
 
 def headline(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean test AUROC per method over concepts, and on how many concepts it beats the SAE's
-    CI (its lower bound above the SAE's upper) or loses to it."""
+    """Mean test AUROC per method over concepts, and on how many concepts it is better or worse
+    than the SAE, paired: the CI of its AUROC minus the SAE's on the same bootstrap draws
+    (`diff_lo`, `diff_hi`) lies wholly above 0 (`better_than_sae`) or below it (`worse_than_sae`).
+    Overlapping CIs are not tested: paired differences are tighter than two separate CIs."""
     out = table.groupby("method", sort=False)["auroc_test"].agg(["mean", "min", "max"])
     if "sae" in set(table["method"]):
-        sae = table[table["method"] == "sae"].set_index("concept")
-        wins, losses = {}, {}
-        for name, g in table.groupby("method", sort=False):
-            g = g.set_index("concept").join(sae[["lo", "hi"]], rsuffix="_sae", how="inner")
-            wins[name] = int((g["lo"] > g["hi_sae"]).sum())
-            losses[name] = int((g["hi"] < g["lo_sae"]).sum())
-        out["above_sae_ci"] = pd.Series(wins)
-        out["below_sae_ci"] = pd.Series(losses)
+        g = table.groupby("method", sort=False)
+        out["better_than_sae"] = g["diff_lo"].apply(lambda v: int((v > 0).sum()))
+        out["worse_than_sae"] = g["diff_hi"].apply(lambda v: int((v < 0).sum()))
+        out["n_units"] = g["n_units"].max()
     return out.reset_index()
 
 

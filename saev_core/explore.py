@@ -218,6 +218,49 @@ class _Bytes:
 # the run
 
 
+class HeatMaps:
+    """The stats' heat maps as one float32 `[rows, patches]` array and a (feature, image_id) ->
+    row index: 24,576 features x 16 exemplars x 196 patches are 300 MB as float32, several GB as
+    Python float lists; `get` converts only the row a response needs."""
+
+    def __init__(self, values_rp: np.ndarray, index: dict[tuple[int, int], int]) -> None:
+        self.values_rp, self.index = values_rp, index
+
+    @classmethod
+    def empty(cls) -> HeatMaps:
+        return cls(np.zeros((0, 0), np.float32), {})
+
+    @classmethod
+    def read(cls, path: Path) -> HeatMaps:
+        """heatmaps.parquet (`feature`, `image_id`, `values`: one list of patch values a row)."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(path, columns=["feature", "image_id", "values"])
+        values = t.column("values").combine_chunks()
+        lengths = np.unique(pc.list_value_length(values).to_numpy(zero_copy_only=False))
+        if len(lengths) > 1:
+            raise ValueError(f"{path}: heat maps of unequal lengths {lengths.tolist()[:5]}")
+        n = int(lengths[0]) if len(lengths) else 0
+        flat = values.flatten().to_numpy(zero_copy_only=False)  # nulls -> NaN
+        arr = np.asarray(flat, np.float32).reshape(len(t), n)
+        feature = t.column("feature").to_numpy().astype(np.int64)
+        image_id = t.column("image_id").to_numpy().astype(np.int64)
+        pairs = zip(feature.tolist(), image_id.tolist(), strict=True)
+        return cls(arr, {fi: r for r, fi in enumerate(pairs)})
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def get(self, key: tuple[int, int]) -> list[float | None] | None:
+        """The heat map of (feature, image_id) as a JSON list (4 decimals, None for no value)."""
+        r = self.index.get((int(key[0]), int(key[1])))
+        if r is None:
+            return None
+        row = self.values_rp[r].astype(np.float64).round(4)
+        return [None if v != v else float(v) for v in row]
+
+
 class Explorer:
     """One run, loaded once: readers, SAE, stats tables, image records; images on demand."""
 
@@ -368,21 +411,42 @@ class Explorer:
 
     def _exemplar_keys(self, stats: Path) -> dict[int, str]:
         """Shard image_id -> image key, through the shard set's images.parquet (by the image's
-        source key), else the record ids (the same numbering when the data is the same)."""
+        source key). run.parquet's `shard_dir` is taken as given (absolute or from the working
+        directory), else relative to the stats dir or one of its parents (a run moved or served
+        from elsewhere). Where it resolves nowhere, a warning and no exemplars: shard ids are
+        not the record ids in general, and a guess would show other images."""
+        import warnings
+
         import pandas as pd
 
-        run = pd.read_parquet(stats / "run.parquet") if (stats / "run.parquet").exists() else None
-        shard_dir = Path(str(run["shard_dir"].iloc[0])) if run is not None else None
+        run_path = stats / "run.parquet"
+        if not run_path.exists():
+            warnings.warn(
+                f"{run_path} not found: which shard set? no exemplars shown", stacklevel=2
+            )
+            return {}
+        given = Path(str(pd.read_parquet(run_path, columns=["shard_dir"])["shard_dir"].iloc[0]))
+        tries = [given] + (
+            [] if given.is_absolute() else [p / given for p in (stats, *stats.parents)]
+        )
+        path = next((t / "images.parquet" for t in tries if (t / "images.parquet").is_file()), None)
+        if path is None:
+            warnings.warn(
+                f"{run_path}: shard_dir {str(given)!r} has no images.parquet (tried the working "
+                f"directory and {stats} and its parents): no exemplars shown",
+                stacklevel=2,
+            )
+            return {}
+        images = pd.read_parquet(path)
+        if not {"image_id", "key"} <= set(images.columns):
+            warnings.warn(f"{path}: no image_id/key columns: no exemplars shown", stacklevel=2)
+            return {}
         by_source_key = {r.key: f"{r.split}:{r.image_id}" for r in self.records}
-        path = shard_dir / "images.parquet" if shard_dir is not None else None
-        if path is not None and path.exists():
-            images = pd.read_parquet(path, columns=["image_id", "key"])
-            return {
-                int(i): by_source_key[k]
-                for i, k in zip(images.image_id, images.key, strict=True)
-                if k in by_source_key
-            }
-        return {r.image_id: f"{r.split}:{r.image_id}" for r in self.records}
+        return {
+            int(i): by_source_key[k]
+            for i, k in zip(images.image_id, images.key, strict=True)
+            if k in by_source_key
+        }
 
     def _read_exemplars(self, stats: Path):
         import pandas as pd
@@ -394,13 +458,8 @@ class Explorer:
         exemplars: dict[int, list[int]] = {}
         for f, ids in top.groupby("feature", sort=False)["image_id"]:
             exemplars[int(f)] = [int(i) for i in ids]
-        heat: dict[tuple[int, int], list[float]] = {}
         path = stats / "heatmaps.parquet"
-        if path.exists():
-            hm = pd.read_parquet(path, columns=["feature", "image_id", "values"])
-            for f, i, v in zip(hm.feature, hm.image_id, hm["values"], strict=True):
-                heat[(int(f), int(i))] = [round(float(a), 4) for a in v]
-        return exemplars, heat
+        return exemplars, (HeatMaps.read(path) if path.exists() else HeatMaps.empty())
 
     def _read_labels(self, stats: Path, report: str | None) -> dict[int, list[dict]]:
         """feature -> its best label associations on the stats' report split (AUROC at the
@@ -911,12 +970,59 @@ class PredictBody(BaseModel):
     seq: int = 0
 
 
-def create_app(ex: Explorer, log_run: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
-    """The FastAPI app over `ex`; `log_run(record)` makes /api/log record an intervention."""
+def allowed_hosts(hosts: Sequence[str] = ()) -> list[str]:
+    """Host header names the app answers to: the loopback names plus `hosts` (the --host it
+    listens on; for 0.0.0.0 / :: this machine's names too). IPv6 literals come bracketed, as
+    in a Host header. Anything else is refused (400): a DNS-rebinding page's requests carry
+    its own domain as Host."""
+    import socket
+
+    names = list(LOOPBACK)
+    for h in hosts:
+        names.append(h)
+        if h in ("0.0.0.0", "::", ""):
+            names += [socket.gethostname(), socket.getfqdn()]
+    return sorted({f"[{h}]" if ":" in h else h.lower() for h in names if h})
+
+
+SAME_SITE = ("same-origin", "none")
+"Sec-Fetch-Site values a POST may carry: the page itself, or the user (curl, address bar)."
+
+
+def create_app(
+    ex: Explorer,
+    log_run: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    hosts: Sequence[str] = (),
+):
+    """The FastAPI app over `ex`; `log_run(record)` makes /api/log record an intervention.
+
+    Only Host names of `allowed_hosts(hosts)` are served (against DNS rebinding; tests pass
+    TestClient's "testserver"), and a POST from another site (`Sec-Fetch-Site` cross-site or
+    same-site, or an `Origin` other than this Host) is refused (403): a page elsewhere cannot
+    upload, predict or log through the user's browser.
+    """
+    from urllib.parse import urlsplit
+
     from fastapi import FastAPI
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     app = FastAPI(title="saev explore", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def same_origin_posts(request: Request, call_next):
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            site = request.headers.get("sec-fetch-site")
+            origin = request.headers.get("origin")
+            if site is not None and site not in SAME_SITE:
+                return JSONResponse({"detail": f"cross-site request refused ({site})"}, 403)
+            if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+                return JSONResponse({"detail": f"request from origin {origin} refused"}, 403)
+        return await call_next(request)
+
+    # added last: runs first, so a foreign Host is refused before anything else
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(hosts))
 
     @app.exception_handler(ExploreError)
     async def refused(request: Request, e: ExploreError):
@@ -948,7 +1054,7 @@ def create_app(ex: Explorer, log_run: Callable[[dict[str, Any]], dict[str, Any]]
     @app.post("/api/upload")
     async def upload(request: Request):
         data = await _upload_bytes(request)
-        return {"key": ex.upload(data)}
+        return {"key": await run_in_threadpool(ex.upload, data)}  # decoding: off the loop
 
     @app.post("/api/features")
     def features(body: FeaturesBody):
@@ -1008,6 +1114,9 @@ async def _upload_bytes(request: Request) -> bytes:
     body = b"".join(chunks)
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
+        if not ctype.startswith("image/"):  # a form or text/plain: what a cross-site form sends
+            raise ExploreError(415, f"upload Content-Type {ctype or '(none)'!r}: send "
+                               "multipart/form-data (field 'file') or image/*")  # fmt: skip
         if not body:
             raise ExploreError(400, "empty upload: send the image as multipart field 'file'")
         return body
@@ -1137,5 +1246,6 @@ def main(argv: list[str] | None = None, log_run: Callable | None = None) -> int:
 
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"saev explore: http://{host}:{args.port}/  (Ctrl-C stops)")
-    uvicorn.run(create_app(ex, log_run), host=args.host, port=args.port, log_level="warning")
+    app = create_app(ex, log_run, hosts=(args.host,))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -326,3 +326,25 @@ def test_train_backbone_tiny_world(tmp_path: Path) -> None:
         dataclasses.replace(cfg, out_dir=str(tmp_path / "again")), progress=False
     )
     assert again["weights_sha256"] == metrics["weights_sha256"]
+
+
+def test_keep_patch_order_refuses_any_masking_even_below_one_patch():
+    """ViTMAE keeps int(L * (1 - r)) patches: at r = 0.01 < 1/L it still drops one (checked on
+    transformers' own model), so only mask_ratio 0 is accepted."""
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    from saev_core.backbone import keep_patch_order
+
+    cfg = ViTMAEConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, mask_ratio=0.01)  # fmt: skip
+    model = ViTMAEModel(cfg).eval()
+    L = (32 // 8) ** 2  # 16 patches, 1 / L = 0.0625 > 0.01
+    with torch.no_grad():
+        out = model(pixel_values=torch.zeros(1, 3, 32, 32)).last_hidden_state
+    assert out.shape[1] == 1 + L - 1  # CLS + 15: one patch silently dropped
+    with pytest.raises(ValueError, match="mask_ratio exactly 0.*got 0.01"):
+        keep_patch_order(model)
+    model.config.mask_ratio = 0.0
+    keep_patch_order(model)
+    with torch.no_grad():
+        assert model(pixel_values=torch.zeros(1, 3, 32, 32)).last_hidden_state.shape[1] == 1 + L

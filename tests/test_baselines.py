@@ -186,7 +186,7 @@ def test_best_direction_is_the_pca_component_and_survives_parquet(planted, tmp_p
     with pytest.raises(ValueError, match="no 'pca' row for concept 'nope'"):
         B.best_direction(back, "nope")
     head = B.headline(table)
-    assert set(head.method) == set(B.METHODS) and {"above_sae_ci", "below_sae_ci"} <= set(head)
+    assert set(head.method) == set(B.METHODS) and {"better_than_sae", "worse_than_sae"} <= set(head)
 
 
 def test_auroc_matrix_equals_scikit_learn_with_ties():
@@ -248,3 +248,57 @@ def test_image_scores_skip_cls_and_take_each_images_highest_patch():
     np.testing.assert_allclose(scores["neuron"], want, rtol=1e-6)
     # counting CLS (6 D[0] on every image) would change the scores
     assert not np.allclose(B.image_scores(units, batches, n_prefix_tokens=0)[1]["neuron"], want)
+
+
+def test_methods_compare_with_the_sae_paired_on_the_same_bootstrap_draws():
+    """A method a little better than the SAE on every image: the two CIs overlap, but the CI of
+    the difference on the same draws (checked with scikit-learn) excludes 0, and headline says
+    better; a method equal to the SAE is neither better nor worse."""
+    rng = np.random.default_rng(3)
+    n = 200
+    y_sel, y_rep = rng.random((n, 1)) < 0.4, rng.random((n, 1)) < 0.4
+
+    def scores(y):
+        s = y[:, 0] + rng.standard_normal(n)
+        return {"sae": s[:, None], "neuron": (s + 0.4 * y[:, 0])[:, None], "pca": s[:, None]}
+
+    units = {m: B.Units(m, np.eye(1), False) for m in ("sae", "neuron", "pca")}
+    s_sel, s_rep = scores(y_sel), scores(y_rep)
+    cfg = B.BaselinesConfig(n_boot=300, seed=5)
+    table = B.select_and_report(units, (None, s_sel, y_sel), (None, s_rep, y_rep), ["c"], cfg)
+    sae, better, same = (_row(table, m, "c") for m in ("sae", "neuron", "pca"))
+    assert better.lo < sae.hi  # the separate CIs overlap: an overlap test says nothing
+    idx = np.random.default_rng(cfg.seed).integers(0, n, size=(cfg.n_boot, n))
+    diff = [
+        roc_auc_score(y_rep[i, 0], s_rep["neuron"][i, 0])
+        - roc_auc_score(y_rep[i, 0], s_rep["sae"][i, 0])
+        for i in idx
+    ]
+    lo, hi = np.quantile(diff, [0.025, 0.975])
+    assert (better.diff_lo, better.diff_hi) == (
+        pytest.approx(lo, abs=1e-9),
+        pytest.approx(hi, abs=1e-9),
+    )
+    assert 0 < better.diff_lo and better.diff_p == pytest.approx(
+        min(1, 2 * min(np.mean(np.array(diff) <= 0), np.mean(np.array(diff) >= 0)))
+    )
+    assert np.isnan(sae.diff_lo) and same.diff_lo == 0 == same.diff_hi
+    head = B.headline(table).set_index("method")
+    assert head.loc["neuron", "better_than_sae"] == 1 and head.loc["neuron", "worse_than_sae"] == 0
+    assert head.loc["pca", ["better_than_sae", "worse_than_sae"]].tolist() == [0, 0]
+
+
+def test_random_directions_default_to_as_many_units_as_the_sae_has(planted):
+    """Best-of-more on val flatters a method: beside an SAE of d_sae features, random directions
+    default to d_sae // 2 per sign (d_sae units), and the table records each method's count."""
+    _, _, table, units, _ = planted
+    assert units["random"].n_components == D_MODEL // 2
+    n_units = table.groupby("method")["n_units"].first()
+    assert n_units["random"] == n_units["sae"] == D_MODEL
+    x = np.random.default_rng(0).standard_normal((50, D_MODEL))
+    sae = type("S", (), {"W_dec": torch.zeros(40, D_MODEL)})()  # only its d_sae is read
+    cfg = B.BaselinesConfig(methods=("random",))
+    assert B.fit_baselines(x, cfg, sae)["random"].n_components == 20
+    assert B.fit_baselines(x, cfg)["random"].n_components == D_MODEL  # no SAE: d_model
+    cfg7 = B.BaselinesConfig(methods=("random",), n_random=7)
+    assert B.fit_baselines(x, cfg7, sae)["random"].n_components == 7

@@ -29,7 +29,7 @@ def app(explore_run):  # noqa: F811
 
     cfg = resolve_config(parse_args(["--params", str(explore_run["params"])]))
     ex = load(cfg)
-    return TestClient(create_app(ex, log_intervention)), ex, explore_run
+    return TestClient(create_app(ex, log_intervention, hosts=("testserver",))), ex, explore_run
 
 
 def hf_forward(run, image: Image.Image):
@@ -263,7 +263,7 @@ def test_a_headless_backbone_with_both_probes_runs_one_forward(explore_run, tmp_
     args = ["--params", str(explore_run["params"]), "--model", str(model)]
     ex = load(resolve_config(parse_args(args)))
     assert ex.readers["classification"].probe is not None and ex._shared is not None
-    client = TestClient(create_app(ex))
+    client = TestClient(create_app(ex, hosts=("testserver",)))
     key = "test:29"
     runs = []
     handles = [
@@ -480,7 +480,7 @@ def test_a_folder_run_with_a_headless_hub_backbone(tmp_path):
 
     run = build_folder_run(tmp_path / "run")
     ex = load(resolve_config(parse_args(["--params", str(run["params"])])))
-    client = TestClient(create_app(ex))
+    client = TestClient(create_app(ex, hosts=("testserver",)))
     info = client.get("/api/info").json()
     probe, meta = load_probe(run["probe_dir"] / "classification")
     assert info["tasks"] == ["classification"] and info["classes"] == meta["classes"]
@@ -509,3 +509,104 @@ def test_a_folder_run_with_a_headless_hub_backbone(tmp_path):
                                            "edits": [{"feature": f, "scale": -5}]})  # fmt: skip
     assert np.abs(np.array(edited["classification"]["probs"]["after"]) - want).max() > 1e-4
     assert edited["segmentation"] is None
+
+
+def test_foreign_hosts_cross_site_posts_and_form_uploads_are_refused(app, monkeypatch):
+    """DNS rebinding (a foreign Host), a POST from another site (Origin / Sec-Fetch-Site) and
+    an upload a cross-site HTML form could send (text/plain, urlencoded) are refused; the
+    upload's decoding runs off the event loop (no running loop in its thread)."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from saev_core.explore import create_app
+
+    client, ex, _ = app
+    prod = TestClient(create_app(ex))  # no extra hosts: what `saev explore` serves by default
+    assert prod.get("/api/info").status_code == 400  # Host "testserver" is not loopback
+    for host in ("127.0.0.1:8000", "localhost", "[::1]:8000"):
+        assert prod.get("/api/info", headers={"Host": host}).status_code == 200, host
+    assert prod.get("/api/info", headers={"Host": "rebind.attacker.example"}).status_code == 400
+    lan = TestClient(create_app(ex, hosts=("10.1.2.3",)))
+    assert lan.get("/api/info", headers={"Host": "10.1.2.3:8000"}).status_code == 200
+
+    body = {"image": "test:24"}
+    evil = client.post("/api/predict", json=body, headers={"Origin": "http://evil.example"})
+    assert evil.status_code == 403 and "evil.example" in evil.json()["detail"]
+    assert client.post("/api/predict", json=body,
+                       headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403  # fmt: skip
+    ok = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}
+    assert client.post("/api/predict", json=body, headers=ok).status_code == 200
+    assert client.get("/api/info", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (20, 200, 30)).save(buf, format="PNG")
+    good = buf.getvalue()
+    for ctype in ("text/plain", "application/x-www-form-urlencoded"):
+        r = client.post("/api/upload", content=good, headers={"Content-Type": ctype})
+        assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"], ctype
+    where = []
+    real = ex.upload
+
+    def upload(data):
+        try:
+            asyncio.get_running_loop()
+            where.append("event loop")
+        except RuntimeError:
+            where.append("worker thread")
+        return real(data)
+
+    monkeypatch.setattr(ex, "upload", upload)
+    r = client.post("/api/upload", content=good, headers={"Content-Type": "image/png"})
+    assert r.status_code == 200 and r.json()["key"].startswith("upload:")
+    assert where == ["worker thread"]
+
+
+def test_exemplar_keys_resolve_a_relative_shard_dir_or_show_none(tmp_path, monkeypatch):
+    """run.parquet's shard_dir relative to the repository, served from another directory: it is
+    found beside the stats (shard image 100 is record train:7, not record 100); where it is
+    nowhere, a warning and no exemplars instead of taking shard ids for record ids."""
+    from types import SimpleNamespace
+
+    from saev_core.explore import Explorer
+
+    (tmp_path / "artifacts" / "shards").mkdir(parents=True)
+    stats = tmp_path / "artifacts" / "stats" / "run"
+    stats.mkdir(parents=True)
+    pd.DataFrame({"image_id": [100, 101], "key": ["a.png", "b.png"]}).to_parquet(
+        tmp_path / "artifacts" / "shards" / "images.parquet"
+    )
+    pd.DataFrame({"shard_dir": ["artifacts/shards"]}).to_parquet(stats / "run.parquet")
+    recs = [SimpleNamespace(key="b.png", split="train", image_id=7),
+            SimpleNamespace(key="a.png", split="val", image_id=100)]  # fmt: skip
+    fake = SimpleNamespace(records=recs)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert Explorer._exemplar_keys(fake, stats) == {100: "val:100", 101: "train:7"}
+    pd.DataFrame({"shard_dir": ["gone/shards"]}).to_parquet(stats / "run.parquet")
+    with pytest.warns(UserWarning, match="shard_dir 'gone/shards'.*no exemplars"):
+        assert Explorer._exemplar_keys(fake, stats) == {}
+
+
+def test_heat_maps_are_one_float32_array_converted_row_by_row(tmp_path, app):
+    import pyarrow as pa
+
+    from saev_core.explore import HeatMaps
+
+    rng = np.random.default_rng(0)
+    vals = rng.random((5, 9)).astype(np.float32)
+    flat = pa.array(vals.reshape(-1), pa.float32(), mask=np.eye(5, 9, dtype=bool).reshape(-1))
+    table = pa.table({"feature": pa.array([3, 3, 8, 9, 9], pa.int32()),
+                      "image_id": pa.array([10, 11, 10, 12, 13], pa.int64()),
+                      "values": pa.ListArray.from_arrays(pa.array(np.arange(0, 46, 9, dtype=np.int32)), flat)})  # fmt: skip
+    pq.write_table(table, tmp_path / "heatmaps.parquet")
+    hm = HeatMaps.read(tmp_path / "heatmaps.parquet")
+    assert hm.values_rp.dtype == np.float32 and hm.values_rp.shape == (5, 9) and len(hm) == 5
+    back = pd.read_parquet(tmp_path / "heatmaps.parquet")  # pandas' own reading
+    for f, i, v in zip(back.feature, back.image_id, back["values"], strict=True):
+        got = hm.get((f, i))
+        want = [None if np.isnan(a) else round(float(a), 4) for a in v]
+        assert got == [pytest.approx(w, abs=1e-6) if w is not None else None for w in want]
+    assert hm.get((3, 10))[0] is None and hm.get((3, 12)) is None
+    _, ex, _ = app
+    assert isinstance(ex._heat, HeatMaps)

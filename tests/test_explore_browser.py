@@ -438,7 +438,7 @@ def test_screenshot_of_the_demo_run(chromium_tab, tmp_path, monkeypatch):
 
     monkeypatch.chdir(REPO)
     ex = load(resolve_config(parse_args(["--params", os.environ["SAEV_EXPLORE_DEMO"]])))
-    app = create_app(ex)
+    app = create_app(ex, hosts=("testserver",))
     api = TestClient(app)
     scale, best = -2.0, None
     for img in api.get("/api/images", params={"limit": 16}).json():
@@ -472,3 +472,30 @@ def test_screenshot_of_the_demo_run(chromium_tab, tmp_path, monkeypatch):
     if dest:
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, dest)
+
+
+def test_an_untouched_slider_stands_at_the_features_current_value(chromium_tab, explore):
+    """Not at 0 (that is an ablation): at the feature's code on the selected patch over its max
+    activation (the API's per_patch and max_act), clamped and snapped to the slider's steps, and
+    it stays untouched (no edit in the link) until moved."""
+    page, base = chromium_tab.page, explore["url"]
+    key = _test_keys(base)[1]
+    page.goto(f"{base}/?image={key}")
+    page.get_by_test_id("feature").first.wait_for()
+    page.get_by_test_id("patch").nth(5).click()
+    _settled(page)
+    want = _post(f"{base}/api/features",
+                 {"image": key, "patches": [5], "n": 12, "max_freq": MAX_FREQ})  # fmt: skip
+    cards = page.get_by_test_id("feature")
+    assert cards.count() == len(want["features"]) > 0
+    lo, hi, step = -5.0, 5.0, 0.25
+    nonzero = 0
+    for card, f in zip(cards.all(), want["features"], strict=True):
+        v = min(hi, max(lo, f["per_patch"][5] / f["max_act"]))
+        snapped = lo + round((v - lo) / step) * step
+        got = float(card.get_by_test_id("slider").input_value())
+        assert got == pytest.approx(snapped, abs=1e-9), f["feature"]
+        assert card.locator(".scale").text_content() == "untouched"
+        nonzero += snapped != 0
+    assert nonzero >= 1  # the top features fire on the patch they were chosen for
+    assert "edits" not in _query(page)
