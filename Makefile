@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup data demo test lint lock clean mlflow-ui chromium interop screenshot
+.PHONY: setup data demo compare test lint lock clean mlflow-ui chromium interop screenshot
 
 setup: $(STAMP)
 
@@ -29,8 +29,10 @@ data: setup
 		|| { git checkout -q -- data.dvc; echo "data/ differs from the bytes data.dvc pins:" \
 		"regenerate it with: $(BIN)/saev shapes --out data/shapes --overwrite"; exit 1; }
 
+# `dvc repro warehouse`: the demo's stages (warehouse is their last); a bare `dvc repro` would
+# also run the backbone comparison (`make compare`, 20-40 min more)
 demo: data
-	$(BIN)/dvc repro
+	$(BIN)/dvc repro warehouse
 	@echo
 	@echo "== demo finished =="
 	@echo "-- SAE metrics (dvc metrics show; all of them: $(BIN)/dvc metrics show) --"
@@ -43,8 +45,22 @@ demo: data
 	@echo "SAE checkpoint:   artifacts/saes/demo/    shards: artifacts/activations/shapes/"
 	@echo "stats (Parquet):  artifacts/stats/demo/   interventions: artifacts/interventions/demo/"
 
+# The backbone comparison (issue 15): the forms world, then for every entry of params.yaml
+# compare.backbones the demo's recipe (backbone, extract, SAE + seeds, stats, baselines,
+# stability, probe), then warehouse/compare.duckdb; the second thing to run, after make demo.
+# (compare-warehouse depends on artifacts/compare/, so DVC runs every compare stage before it)
+compare: setup
+	$(BIN)/dvc repro compare-warehouse
+	@echo
+	@echo "== comparison finished (warehouse/compare.duckdb) =="
+	@$(BIN)/saev sql --db warehouse/compare.duckdb cross_form_features
+	@$(BIN)/saev sql --db warehouse/compare.duckdb semantic_probe
+	@$(BIN)/saev sql --db warehouse/compare.duckdb sae_vs_baselines
+	@$(BIN)/saev sql --db warehouse/compare.duckdb seed_stability
+	@echo "per concept and form: $(BIN)/saev sql --db warehouse/compare.duckdb compare_backbones"
+
 test: setup chromium interop
-	$(BIN)/pytest -q
+	SAEV_REQUIRE_PLAYWRIGHT=1 $(BIN)/pytest -q
 
 # A side venv with SAELens and saev, which tests/test_interchange.py runs to check our SAELens
 # export and saev import against those projects' own code. Its own venv because sae-lens needs

@@ -10,6 +10,7 @@
     saev deploy | worker [--gpu]      deployments and workers on a Prefect server (flows/deploy.py)
     saev doctor                       check the configuration and the services it names
     saev baselines --shards D --sae S one SAE against neurons/PCA/ICA/NMF/random directions
+    saev stability --shards D --sae S1 --sae S2   seed stability (Hungarian-matched features)
     saev explore [--port 8050]        interactive app over one run: patches, features, sliders
 
 Sub-commands import their module only when called, so `saev --help` and `saev sql` start fast.
@@ -39,6 +40,7 @@ COMMANDS = {
     "worker": ("flows.deploy", "worker_main", "start a Prefect worker (--gpu on a GPU machine)"),
     "doctor": ("flows.doctor", "main", "what is configured, what answers, what does not"),
     "baselines": ("saev_core.baselines", "main", "SAE vs neurons, PCA, ICA, NMF, random"),
+    "stability": ("saev_core.stability", "main", "SAEs of several seeds: matched features vs random"),
     "explore": ("flows.explore", "main", "interactive app over one run (--port 8050)"),
 }
 

@@ -65,9 +65,34 @@ def match_dictionaries(W_a_sd: Any, W_b_sd: Any) -> Match:
     A, B = _unit_rows(W_a_sd, "W_a"), _unit_rows(W_b_sd, "W_b")
     if A.shape[1] != B.shape[1]:
         raise ValueError(f"W_a has d_model {A.shape[1]}, W_b has {B.shape[1]}")
-    cos_ab = A @ B.T
+    check_size(max(len(A), len(B)))
+    # float32 matrix (d_sae^2 of them); matched cosines recomputed in float64 from the rows
+    cos_ab = A.astype(np.float32) @ B.astype(np.float32).T
     rows, cols = linear_sum_assignment(cos_ab, maximize=True)
-    return Match(rows, cols, cos_ab[rows, cols])
+    return Match(rows, cols, np.einsum("md,md->m", A[rows], B[cols]))
+
+
+MAX_D_SAE = 8192
+"Largest dictionary matched: the Hungarian method holds a d_sae^2 cost matrix (scipy: float64)."
+MAX_CODE_BYTES = 2 * 1024**3
+"Largest dense code matrix (n_tokens * d_sae float32) one SAE's codes may take."
+
+
+def check_size(d_sae: int, n_tokens: int = 0) -> None:
+    """Refuse a matching whose d_sae^2 cosine matrix or n_tokens x d_sae dense codes would not
+    fit (`MAX_D_SAE`, `MAX_CODE_BYTES`): say so rather than run out of memory half-way."""
+    if d_sae > MAX_D_SAE:
+        raise ValueError(
+            f"stability: d_sae {d_sae} > {MAX_D_SAE}: the {d_sae}x{d_sae} cosine matrix of the "
+            f"Hungarian matching would take {d_sae**2 * 12 / 2**30:.1f} GiB; match a subset "
+            "of the features (rows of W_dec) instead"
+        )
+    if n_tokens * d_sae * 4 > MAX_CODE_BYTES:
+        raise ValueError(
+            f"stability: {n_tokens} tokens x d_sae {d_sae} dense float32 codes take "
+            f"{n_tokens * d_sae * 4 / 2**30:.1f} GiB > {MAX_CODE_BYTES / 2**30:.1f} GiB; "
+            f"use at most {MAX_CODE_BYTES // (4 * d_sae)} tokens (--n-tokens)"
+        )
 
 
 def random_dictionary(d_sae: int, d_model: int, seed: int) -> np.ndarray:
@@ -88,8 +113,8 @@ def activation_correlation(codes_a_ns: Any, codes_b_ns: Any, match: Match) -> np
 
     NaN where either feature is constant on the tokens (dead on the sample).
     """
-    a = _as_np(codes_a_ns)[:, match.rows]
-    b = _as_np(codes_b_ns)[:, match.cols]
+    a = _as_np(_np_view(codes_a_ns)[:, match.rows])  # only the matched columns in float64
+    b = _as_np(_np_view(codes_b_ns)[:, match.cols])
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"codes cover {a.shape[0]} and {b.shape[0]} tokens; they must be the same")
     a = a - a.mean(0)
@@ -97,6 +122,12 @@ def activation_correlation(codes_a_ns: Any, codes_b_ns: Any, match: Match) -> np
     den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, (a * b).sum(0) / np.where(den > 0, den, 1), np.nan)
+
+
+def _np_view(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
 
 
 def _as_np(x: Any) -> np.ndarray:
@@ -123,14 +154,33 @@ def summarize(match: Match, corr: np.ndarray | None = None) -> dict[str, float]:
     return out
 
 
+RANDOM_STREAM = 0x5AE_12A4D
+"Mixed with a random SAE's seed so its draw is not the `SAE.__init__` of a trained one."
+
+
+def random_torch_seed(seed: int) -> int:
+    """The torch seed of random SAE `seed`: `SeedSequence([seed, RANDOM_STREAM])`, a stream apart
+    from the `Generator().manual_seed(cfg.seed)` that `train_saes` initialises with (with the
+    same seed, a "random" SAE would be a trained SAE's own initialisation: matched cosine 1)."""
+    state = np.random.SeedSequence([int(seed), RANDOM_STREAM]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])  # < 2^63
+
+
+def training_seed(sae: Any) -> int | None:
+    """The `TrainConfig.seed` a checkpoint records in cfg.json (`extra.train.seed`), if any."""
+    train = (getattr(sae, "extra", None) or {}).get("train") or {}
+    return int(train["seed"]) if isinstance(train, dict) and "seed" in train else None
+
+
 def random_sae_like(sae: Any, seed: int) -> Any:
-    """An untrained SAE of `sae`'s config (`SAE.__init__` seeded), with its input normalisation
-    and `b_dec`: what a matching and a code correlation look like with no training at all."""
+    """An untrained SAE of `sae`'s config (`SAE.__init__` drawn from `random_torch_seed(seed)`),
+    with its input normalisation and `b_dec`: what a matching and a code correlation look like
+    with no training at all."""
     import torch
 
     from saev_core.sae import SAE
 
-    rnd = SAE(sae.cfg, generator=torch.Generator().manual_seed(int(seed)))
+    rnd = SAE(sae.cfg, generator=torch.Generator().manual_seed(random_torch_seed(seed)))
     with torch.no_grad():
         rnd.set_normalisation(sae.norm_mean.detach().cpu(), sae.norm_scale.detach().cpu())
         rnd.b_dec.copy_(sae.b_dec.detach().cpu())
@@ -170,7 +220,9 @@ def seed_stability(
     val split). Returns `(summary, per_match)`: one summary row per pair (`kind` trained,
     trained_vs_random or random; `a`, `b`; the `summarize` fields) and the matched cosine and
     correlation of every match (`kind`, `a`, `b`, `feature_a`, `feature_b`, `cos`, `corr`).
-    Random SAEs copy the first SAE's config and normalisation, seeded `seed + i`.
+    Random SAEs copy the first SAE's config and normalisation, seeded `seed + i` through
+    `random_torch_seed` (a stream apart from training's), refused if one equals a checked SAE's
+    recorded training seed. Refused above `MAX_D_SAE` / `MAX_CODE_BYTES` (`check_size`).
     """
     from saev_core.sae import SAE
 
@@ -181,7 +233,17 @@ def seed_stability(
     for name, s in saes.items():
         if int(s.W_dec.shape[1]) != int(first.W_dec.shape[1]):
             raise ValueError(f"{name}: d_model {s.W_dec.shape[1]}, others {first.W_dec.shape[1]}")
-    rnd = {f"random{seed + i}": random_sae_like(first, seed + i) for i in range(max(n_random, 0))}
+    check_size(max(int(s.cfg.d_sae) for s in saes.values()), len(x_nd))
+    rnd_seeds = [seed + i for i in range(max(n_random, 0))]
+    for name, s in saes.items():
+        t = training_seed(s)
+        clash = [r for r in rnd_seeds if t is not None and random_torch_seed(r) == t]
+        if clash:
+            raise ValueError(
+                f"{name}/cfg.json: trained from torch seed {t}, the stream of random SAE seed "
+                f"{clash[0]}: that random SAE would be its initialisation; pick another --seed"
+            )
+    rnd = {f"random{r}": random_sae_like(first, r) for r in rnd_seeds}
     codes = {k: encode_all(v, x_nd) for k, v in {**saes, **rnd}.items()}
     models = {**saes, **rnd}
     pairs = [("trained", a, b) for a, b in itertools.combinations(saes, 2)]
@@ -237,3 +299,64 @@ def write_stability(summary: pd.DataFrame, per_match: pd.DataFrame, out_dir: str
         pa.Table.from_pandas(per_match, preserve_index=False), out_dir / "seed_matches.parquet"
     )
     return out_dir
+
+
+def stability_of(
+    shard_dir: str | Path,
+    sae_dirs: Sequence[str | Path],
+    out_dir: str | Path | None = None,
+    n_tokens: int = 20_000,
+    split: str = "val",
+    n_random: int = 2,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`seed_stability` of SAEs trained on `shard_dir`, codes correlated on `n_tokens` patch
+    tokens drawn uniformly from its `split` at the first SAE's layer; written by
+    `write_stability` to `out_dir` when given."""
+    from saev_core import loaders
+    from saev_core.sae import SAE
+    from saev_core.sae_io import check_sae_matches
+
+    if not sae_dirs:
+        raise ValueError("stability: give at least one SAE directory (--sae)")
+    for d in sae_dirs:
+        check_sae_matches(d, shard_dir)  # refuse an SAE of another backbone or shard set
+    extra = SAE.load(sae_dirs[0]).extra
+    if "layer" not in extra:
+        raise ValueError(f"{sae_dirs[0]}/cfg.json: no extra.layer: which layer was it trained on?")
+    x = loaders.sample_rows(shard_dir, int(extra["layer"]), n_tokens, seed, [split], "patches")
+    if len(x) == 0:
+        raise ValueError(f"{shard_dir}: no {split!r} patch tokens to correlate the codes on")
+    summary, per_match = seed_stability(sae_dirs, x, n_random=n_random, seed=seed)
+    if out_dir is not None:
+        write_stability(summary, per_match, out_dir)
+    return summary, per_match
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`saev stability`: do SAEs trained with different seeds find the same features?"""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="saev stability", description=main.__doc__)
+    p.add_argument("--shards", required=True, help="the shard set the SAEs were trained on")
+    p.add_argument(
+        "--sae", action="append", required=True, help="SAE checkpoint directory (repeat: 2+)"
+    )
+    p.add_argument("--out", default=None, help="directory for seed_stability/seed_matches.parquet")
+    p.add_argument(
+        "--n-tokens", type=int, default=20_000, help="tokens the codes are correlated on"
+    )
+    p.add_argument("--split", default="val", help="split those tokens come from")
+    p.add_argument("--n-random", type=int, default=2, help="random SAEs of the same shape")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="token sample and random SAEs (drawn via random_torch_seed, apart from training's)",
+    )
+    a = p.parse_args(argv)
+    summary, _ = stability_of(a.shards, a.sae, a.out, a.n_tokens, a.split, a.n_random, a.seed)
+    cols = [c for c in ("kind", "a", "b", "mean_cos", "cos_q50", "mean_corr") if c in summary]
+    with pd.option_context("display.width", 160, "display.max_colwidth", 60):
+        print(summary[cols].round(3).to_string(index=False))
+    return 0

@@ -122,3 +122,42 @@ def test_seed_stability_over_checkpoints_against_random_saes(tmp_path):
     assert back.kind.tolist() == summary.kind.tolist() and len(
         pd.read_parquet(out / "seed_matches.parquet")
     ) == len(per)
+
+
+def test_a_random_sae_is_not_the_initialisation_of_the_trained_sae_of_the_same_seed(tmp_path):
+    """train_saes initialises SAE seed s with Generator().manual_seed(s); random SAE s must come
+    from another stream, or 'trained vs random' compares a checkpoint with its own start."""
+    init0 = _sae(0)  # exactly what train_saes draws for TrainConfig(seed=0)
+    rnd0 = S.random_sae_like(init0, 0)
+    m = S.match_dictionaries(init0.W_dec, rnd0.W_dec)
+    assert m.mean_cos < 0.9, m.mean_cos  # was 1.0: the same draw
+    assert not torch.equal(init0.W_enc, rnd0.W_enc)
+    # a checkpoint whose recorded training seed is a random SAE's stream is refused
+    clash = _sae(1)
+    clash.save(tmp_path / "c", extra={"layer": 0, "train": {"seed": S.random_torch_seed(7)}})
+    x = np.zeros((10, 8), np.float32)
+    with pytest.raises(ValueError, match=r"c/cfg.json.*random SAE seed 7"):
+        S.seed_stability([tmp_path / "c"], x, n_random=2, seed=6)
+    S.seed_stability([tmp_path / "c"], x, n_random=1, seed=6)  # seed 6 alone is fine
+
+
+def test_sizes_whose_cosine_matrix_or_codes_would_not_fit_are_refused(tmp_path, monkeypatch):
+    big = np.ones((S.MAX_D_SAE + 1, 4))
+    with pytest.raises(ValueError, match=r"d_sae 8193 > 8192"):
+        S.match_dictionaries(big, big)
+    seen = {}
+    real = S.linear_sum_assignment
+
+    def spy(cost, maximize):
+        seen["dtype"] = cost.dtype
+        return real(cost, maximize=maximize)
+
+    monkeypatch.setattr(S, "linear_sum_assignment", spy)
+    W = np.random.default_rng(0).standard_normal((16, 4))
+    m = S.match_dictionaries(W, W)
+    assert seen["dtype"] == np.float32
+    np.testing.assert_allclose(m.cos, 1.0, atol=1e-12)  # matched ones recomputed in float64
+    _sae(0).save(tmp_path / "a", extra={"layer": 0})
+    monkeypatch.setattr(S, "MAX_CODE_BYTES", 100 * 32 * 4)
+    with pytest.raises(ValueError, match=r"101 tokens x d_sae 32.*at most 100 tokens"):
+        S.seed_stability([tmp_path / "a"], np.zeros((101, 8), np.float32), n_random=0)
