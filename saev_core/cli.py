@@ -40,7 +40,11 @@ COMMANDS = {
     "worker": ("flows.deploy", "worker_main", "start a Prefect worker (--gpu on a GPU machine)"),
     "doctor": ("flows.doctor", "main", "what is configured, what answers, what does not"),
     "baselines": ("saev_core.baselines", "main", "SAE vs neurons, PCA, ICA, NMF, random"),
-    "stability": ("saev_core.stability", "main", "SAEs of several seeds: matched features vs random"),
+    "stability": (
+        "saev_core.stability",
+        "main",
+        "SAEs of several seeds: matched features vs random",
+    ),
     "explore": ("flows.explore", "main", "interactive app over one run (--port 8050)"),
 }
 
