@@ -30,7 +30,7 @@ data: setup
 		"regenerate it with: $(BIN)/saev shapes --out data/shapes --overwrite"; exit 1; }
 
 # `dvc repro warehouse`: the demo's stages (warehouse is their last); a bare `dvc repro` would
-# also run the backbone comparison (`make compare`, 20-40 min more)
+# also run the backbone comparison (`make compare`, about 22 min more)
 demo: data
 	$(BIN)/dvc repro warehouse
 	@echo
