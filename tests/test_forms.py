@@ -6,7 +6,6 @@ captions against objects.csv, and the labels reaching records, patch labels and 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import re
@@ -18,6 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 from scipy import ndimage
+from test_shapes import read_csv, tree_digest
 
 from saev_core import shapes
 from saev_core.data import load_records
@@ -40,19 +40,6 @@ SMALL_TREE_SHA256 = "ae4bf7799f8e1009eb48a71ee59717aec58d72a0d90ad0478e7091c12f0
 COVER = FormsConfig(seed=0, n_train=100, n_val=100, n_test=100)
 # Flat backgrounds and no pixel noise: ink, colour and background are told apart by value.
 FLAT = FormsConfig(seed=1, n_train=40, n_val=10, n_test=10, pixel_noise=0, background_contrast=0)
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def expected_labels(obj: dict[str, str]) -> set[str]:
