@@ -3,7 +3,10 @@
     python -m flows.compare world                  the forms world (one stage for every backbone)
     python -m flows.compare STEP --name NAME       backbone|extract|train|stats|baselines|
                                                    stability|probe for backbone NAME
+    python -m flows.compare intervene              the best PCA direction's edit beside the SAE
+                                                   feature's, on compare.intervene.backbone
     python -m flows.compare warehouse              warehouse/compare.duckdb over all of them
+    python -m flows.compare figures                one figure per question, from that warehouse
 
 Every backbone gets the demo's recipe: each step's config is the demo's own params section
 (`backbone`, `extract`, `train`, `stats`, `probe`) with the paths moved under
@@ -32,7 +35,10 @@ from flows.common import parse_args, write_metrics
 from saev_core.config import from_dict, read_params
 
 STEPS = ("world", "backbone", "extract", "train", "stats", "baselines", "stability", "probe")
-SECTIONS = ("world", "backbone", "extract", "sae", "stats", "baselines", "stability", "probe")
+SECTIONS = ("world", "backbone", "extract", "sae", "stats", "baselines", "stability", "probe",
+            "intervene", "figures", "warehouse")  # fmt: skip
+# steps over all backbones at once (no --name)
+GLOBAL_STEPS = ("world", "intervene", "warehouse", "figures")
 
 
 def compare_section(params: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +95,7 @@ def paths(cmp: dict[str, Any], name: str) -> dict[str, str]:
         "baselines": f"{base}/baselines.parquet",
         "stability": f"{base}/stability",
         "probes": f"{base}/probes",
+        "probe_labels": f"{base}/probes/labels.parquet",
         "metrics": f"metrics/compare/{name}",
     }
 
@@ -168,7 +175,7 @@ def step_config(params: dict[str, Any], step: str, name: str | None = None) -> A
             {"model": p["backbone"], "data": world_dir(cmp), "out_dir": p["probes"]},
         )
         return from_dict(ProbeConfig, values, where=where)
-    raise ValueError(f"unknown compare step {step!r}; steps: {', '.join(STEPS)}, warehouse")
+    raise ValueError(f"unknown compare step {step!r}; steps: {', '.join(STEPS + GLOBAL_STEPS[1:])}")
 
 
 def sae_dirs(params: dict[str, Any], name: str) -> list[str]:
@@ -235,15 +242,68 @@ def run_step(params_file: str, step: str, name: str | None = None) -> dict[str, 
     elif step == "probe":
         from flows.probe import probe_task
 
+        from saev_core.compare_probes import probe_labels
+
         results = probe_task(cfg)
         metrics = {
             t: {k: round(v, 4) for k, v in m.items() if k in ("mean_accuracy", "miou", "patch_accuracy")}
             for t, m in results.items()
         }  # fmt: skip
+        # per concept x form, on the test split, with bootstrap CIs over images
+        metrics["by_form"] = probe_labels(cfg, backbone=name, out_path=p["probe_labels"])
     else:
         raise ValueError(f"unknown compare step {step!r}")
     write_metrics(f"{p['metrics']}/{step}.json", metrics)
     return metrics
+
+
+def intervene_dir(cmp: dict[str, Any]) -> str:
+    return f"{str(cmp.get('out_dir', 'artifacts/compare')).rstrip('/')}/intervene"
+
+
+def run_intervene(params_file: str) -> dict[str, Any]:
+    """The best PCA direction's edit beside the best SAE feature's, per concept, on the backbone
+    `compare.intervene.backbone` (one with a classifier head: its logits are what changes)."""
+    from saev_core.compare_intervene import pca_vs_sae
+
+    cmp = compare_section(read_params(params_file))
+    cfg = dict(cmp.get("intervene") or {})
+    name = str(cfg.pop("backbone", "supervised"))
+    p = paths(cmp, name)
+    metrics = pca_vs_sae(
+        backbone_dir=p["backbone"],
+        shard_dir=p["shards"],
+        sae_dir=p["sae"],
+        stats_dir=p["stats"],
+        baselines_path=p["baselines"],
+        data_dir=world_dir(cmp),
+        out_dir=intervene_dir(cmp),
+        backbone=name,
+        **cfg,
+    )
+    write_metrics("metrics/compare/intervene.json", metrics)
+    return metrics
+
+
+def figures_dirs(cmp: dict[str, Any]) -> tuple[str, str]:
+    """(where the figures' PNGs go: DVC-cached, where their data goes: `dvc plots` JSON in git)"""
+    fig = cmp.get("figures") or {}
+    return str(fig.get("out_dir", "artifacts/figures/compare")), "metrics/compare/plots"
+
+
+def run_figures(params_file: str) -> dict[str, Any]:
+    """One figure per question of the comparison, from warehouse/compare.duckdb's named queries;
+    PNGs under compare.figures.out_dir, their data under metrics/compare/plots/ (`dvc plots`), both
+    logged to MLflow (experiment `compare`)."""
+    from saev_core.compare_figures import make_figures
+
+    cmp = compare_section(read_params(params_file))
+    out_dir, plots_dir = figures_dirs(cmp)
+    db = str((cmp.get("warehouse") or {}).get("db", "warehouse/compare.duckdb"))
+    opts = {k: v for k, v in (cmp.get("figures") or {}).items() if k != "out_dir"}
+    report = make_figures(db, out_dir=out_dir, plots_dir=plots_dir, **opts)
+    print(f"compare figures in {out_dir}: {', '.join(report.get('figures', []))}")
+    return report
 
 
 def run_warehouse(params_file: str) -> dict[str, Any]:
@@ -266,16 +326,20 @@ def compare_flow(params: str = "params.yaml", step: str = "world", name: str | N
     """One step of the comparison (a DVC stage), for backbone `name`."""
     if step == "warehouse":
         return run_warehouse(params)
+    if step == "intervene":
+        return run_intervene(params)
+    if step == "figures":
+        return run_figures(params)
     return run_step(params, step, name)
 
 
 def main(argv: list[str] | None = None) -> int:
     def extra(p: argparse.ArgumentParser) -> None:
-        p.add_argument("step", choices=[*STEPS, "warehouse"], help="which step")
+        p.add_argument("step", choices=[*STEPS, *GLOBAL_STEPS[1:]], help="which step")
         p.add_argument("--name", default=None, help="backbone: a key of compare.backbones")
 
     args = parse_args("compare", argv, extra=extra)
-    if args.step not in ("world", "warehouse") and not args.name:
+    if args.step not in GLOBAL_STEPS and not args.name:
         print(f"saev compare {args.step}: --name is required", file=sys.stderr)
         return 2
     compare_flow(params=args.params, step=args.step, name=args.name)
