@@ -1,12 +1,16 @@
 """Tests for the forms world: each concept as a filled shape, an outline and a written word.
 
 Determinism, coverage of every concept x form in every split, labels against the pixels, the
-captions against objects.csv, and the labels reaching records, patch labels and shards.
+captions against objects.csv, the labels reaching records, patch labels and shards, and an
+outline's two parts (ink with its colour, inside with only its shape) against the world of
+one-value outlines it replaced (`FORMS_VERSION` 1: same images, labels and captions).
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import re
 import shutil
@@ -25,6 +29,7 @@ from saev_core.shapes import (
     COLOURS,
     CONCEPTS,
     FORMS,
+    FORMS_VERSION,
     SHAPES,
     FormsConfig,
     ShapesConfig,
@@ -32,10 +37,17 @@ from saev_core.shapes import (
     image_seed,
     read_captions,
     render_forms_image,
+    whole_objects,
 )
 
 SMALL = FormsConfig(seed=5, n_train=10, n_val=4, n_test=4)
-SMALL_TREE_SHA256 = "ae4bf7799f8e1009eb48a71ee59717aec58d72a0d90ad0478e7091c12f05631a"
+SMALL_TREE_SHA256 = "115714d6858d55a5565fabcc5100d5387aa9e54b758589e9a1560f6eab0f4c75"
+# SMALL as FORMS_VERSION 1 wrote it (an outline one mask value), digested by `_v1_digests` from
+# that code's output: the images, images.csv and captions.csv; the masks' arrays; objects.csv.
+V1_IMAGES_SHA256 = "97c3dc1cff8c625e697cebb7d302df50151f691c76d244b8677856b4fa103b96"
+V1_MASKS_SHA256 = "0b3268c08e0cc31abffaba9fc4a8c076bb480064d7910b7b2a4ec54be892afe0"
+V1_OBJECTS_SHA256 = "11ef105ecf6d7b4a655bfbe51fb0a30f7378ef30fe789e0fb76a8b0aa28d5424"
+V1_OBJECT_COLUMNS = shapes.FORMS_OBJECT_COLUMNS[:-2]  # without part, part_of
 # Enough images that every concept x form shows in every split (checked, not assumed).
 COVER = FormsConfig(seed=0, n_train=100, n_val=100, n_test=100)
 # Flat backgrounds and no pixel noise: ink, colour and background are told apart by value.
@@ -86,8 +98,116 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
     assert len(world["labels"]) == 8 + 8 * 3 + 3
 
 
+def _one_value_outlines(mask: np.ndarray, rows: list[dict[str, str]]) -> np.ndarray:
+    """`mask` with each outline's inside given back to its outline (`part_of`): one value per
+    object, as FORMS_VERSION 1 wrote it. `rows` are the image's objects.csv rows."""
+    lut = np.arange(256, dtype=np.uint8)
+    for r in rows:
+        lut[int(r["object"])] = int(r["part_of"])
+    return lut[mask]
+
+
+def test_outline_parts_keep_images_labels_and_captions(tmp_path: Path) -> None:
+    """Splitting outlines into ink and inside changes the masks' values and objects.csv's rows
+    only: merged back, both are FORMS_VERSION 1's, byte for byte."""
+    out = tmp_path / "w"
+    generate(out, SMALL, progress=False)
+    images = hashlib.sha256()
+    for path in sorted((out / "images").rglob("*.png")):
+        images.update(path.relative_to(out).as_posix().encode() + b"\0" + path.read_bytes())
+    for name in ("images.csv", "captions.csv"):
+        images.update(name.encode() + b"\0" + (out / name).read_bytes())
+    assert images.hexdigest() == V1_IMAGES_SHA256
+
+    rows = read_csv(out / "objects.csv")
+    by_image: dict[int, list[dict[str, str]]] = {}
+    for r in rows:
+        by_image.setdefault(int(r["image_id"]), []).append(r)
+    masks = hashlib.sha256()
+    n_split = 0
+    for path in sorted((out / "masks").rglob("*.png")):
+        mask = np.asarray(Image.open(path))
+        merged = _one_value_outlines(mask, by_image.get(int(path.stem), []))
+        n_split += int((merged != mask).any())
+        masks.update(merged.tobytes())
+    assert masks.hexdigest() == V1_MASKS_SHA256
+    assert n_split >= 3  # the pins above are met by a world with outlines split, not by chance
+
+    whole = [r for r in rows if r["part"] != "inside"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(V1_OBJECT_COLUMNS)
+    writer.writerows([r[c] for c in V1_OBJECT_COLUMNS] for r in whole)
+    assert hashlib.sha256(buf.getvalue().encode()).hexdigest() == V1_OBJECTS_SHA256
+
+    # The parts: objects first (ink or whole, part_of = itself), then the insides.
+    for mine in by_image.values():
+        n = sum(r["part"] != "inside" for r in mine)
+        for r in mine:
+            v, owner = int(r["object"]), mine[int(r["part_of"]) - 1]
+            if r["part"] == "inside":
+                assert v > n and owner["part"] == "ink" and owner["form"] == "outline"
+                assert (r["shape"], r["colour"]) == (owner["shape"], "")
+                assert set(r["labels"].split(";")) == {
+                    r["shape"],
+                    f"{r['shape']}:outline",
+                    "outline",
+                }
+            else:
+                assert v <= n and owner is r
+                assert r["part"] == ("ink" if r["form"] == "outline" else "whole")
+    world = json.loads((out / "world.json").read_text())
+    assert world["forms_version"] == FORMS_VERSION == 2
+    assert "inside" in world["mask"] and "part_of" in world["parts"]
+    counts = world["counts"]
+    assert counts["objects"] == len(whole) and counts["outline_insides"] == len(rows) - len(whole)
+    hist = counts["images_with_n_objects"]
+    assert sum(int(k) * c for k, c in hist.items()) == len(whole)
+
+
+def insides_of(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [r for r in rows if r["part"] == "inside"]
+
+
+def test_an_outline_is_one_object_to_occlusion(cover: Path) -> None:
+    """Merged back into one value, every drawing keeps >= 1 - max_occlusion of its silhouette
+    and every word all of its box; an outline's ink and inside tile its visible silhouette."""
+    rows = read_csv(cover / "objects.csv")
+    by_image: dict[int, list[dict[str, str]]] = {}
+    for r in rows:
+        by_image.setdefault(int(r["image_id"]), []).append(r)
+    captions = read_captions(cover)
+    n_outlines = 0
+    for rec in load_records(cover):
+        mask = np.asarray(Image.open(rec.mask_path))
+        mine = by_image.get(rec.image_id, [])
+        merged = _one_value_outlines(mask, mine)
+        for r in whole_objects(mine):
+            v = int(r["object"])
+            if r["form"] == "word":
+                area = (int(r["x1"]) - int(r["x0"])) * (int(r["y1"]) - int(r["y0"]))
+                assert (merged == v).sum() == area
+                continue
+            full = shapes.shape_mask(r["shape"], int(r["cx"]), int(r["cy"]), int(r["radius"]), 64)
+            assert not (merged == v)[~full].any()
+            assert (merged == v).sum() >= (1 - COVER.max_occlusion) * full.sum()
+            if r["form"] == "outline":
+                n_outlines += 1
+                ink = shapes.outline_ink(full, COVER.outline_width)
+                assert not ((mask == v) & ~ink).any()  # the ink's value is only on the ink
+                insides = [
+                    int(o["object"]) for o in insides_of(mine) if o["part_of"] == r["object"]
+                ]
+                assert not (np.isin(mask, insides) & ink).any()
+        text = captions[rec.image_id]  # one phrase per object, none for an inside
+        phrases = [] if text == shapes.EMPTY_CAPTION else _parse_caption(text)
+        assert len(phrases) == len(whole_objects(mine)) == len(mine) - len(insides_of(mine))
+    assert n_outlines >= 100
+
+
 def test_every_concept_in_every_form_in_each_split(cover: Path) -> None:
     objects = pd.read_csv(cover / "objects.csv", keep_default_na=False)
+    objects = objects[objects["part"] != "inside"]  # an outline's inside is part of an object
     images = pd.read_csv(cover / "images.csv", keep_default_na=False)
     objects = objects.merge(images[["image_id", "split"]], on="image_id")
     long = pd.concat(
@@ -120,6 +240,8 @@ def test_labels_follow_objects(cover: Path) -> None:
     by_image: dict[str, list[dict[str, str]]] = {}
     for o in objects:
         assert set(o["labels"].split(";")) == expected_labels(o)
+        if o["part"] == "inside":  # no colour: the inside shows the background
+            assert o["colour"] == "" and set(o["labels"].split(";")).isdisjoint(COLOURS)
         by_image.setdefault(o["image_id"], []).append(o)
     vocabulary = set(json.loads((cover / "world.json").read_text())["labels"])
     for r in read_csv(cover / "images.csv"):
@@ -143,10 +265,12 @@ def _patch_majority(mask: np.ndarray, p: int) -> np.ndarray:
 
 def test_patch_labels_agree_with_pixels(flat: Path) -> None:
     """Flat backgrounds (grey >= 70), ink <= 40 and saturated colours: a pixel is ink when all
-    its channels are 20 below the image's flat background, coloured when they spread by > 60."""
+    its channels are 20 below the image's flat background, coloured when they spread by > 60.
+    A patch's labels are those of its majority mask value, as records hand them out."""
     objects = read_csv(flat / "objects.csv")
     records = {r.image_id: r for r in load_records(flat)}
     n_word_patches = n_word_ink = n_outline_inside = 0
+    n_inside_only = n_ink_patches = n_were_coloured = 0
     for image_id, rec in records.items():
         rgb = np.asarray(Image.open(rec.path)).astype(int)
         mask = np.asarray(Image.open(rec.mask_path))
@@ -161,15 +285,43 @@ def test_patch_labels_agree_with_pixels(flat: Path) -> None:
         }
         assert set(rec.labels) == set().union(*(expected_labels(o) for o in mine))
         words = [int(o["object"]) for o in mine if o["form"] == "word"]
+        insides = [int(o["object"]) for o in mine if o["part"] == "inside"]
         assert not (ink & ~np.isin(mask, words)).any()  # ink only inside word boxes
-        assert not (coloured & np.isin(mask, [0, *words])).any()  # colour only on drawings
+        # Colour only on filled objects and outlines' ink.
+        assert not (coloured & np.isin(mask, [0, *words, *insides])).any()
         majority = _patch_majority(mask, 8)
+        merged = _patch_majority(_one_value_outlines(mask, mine), 8)
+        for i, j in np.ndindex(*majority.shape):
+            block = (slice(8 * i, 8 * i + 8), slice(8 * j, 8 * j + 8))
+            labels = set(rec.mask_labels.get(int(majority[i, j]), ()))
+            o = mine[int(majority[i, j]) - 1] if majority[i, j] else None
+            if not coloured[block].any() and o and o["form"] != "word":
+                assert labels.isdisjoint(COLOURS)  # no colour to see, no colour (but a word's)
+            if np.isin(mask[block], insides).all():  # inside-only: the shape, no colour
+                assert labels == expected_labels(o) and o["shape"] in labels
+                n_inside_only += 1
+            if o and o["part"] == "ink":  # mostly its ink (or ink >= inside > background)
+                assert {o["colour"], f"{o['colour']}:outline", o["shape"]} <= labels
+                n_ink_patches += 1
+            was = mine[int(merged[i, j]) - 1] if merged[i, j] else None
+            if was and was["form"] == "outline" and was["colour"] not in labels:
+                n_were_coloured += 1  # a one-value outline gave this patch its colour
         for o in mine:
             v = int(o["object"])
             visible = mask == v
             x0, y0, x1, y1 = (int(o[k]) for k in ("x0", "y0", "x1", "y1"))
             assert visible[y0:y1, x0:x1].sum() == visible.sum()  # the box holds the mask
             patches = np.argwhere(majority == v)
+            if o["part"] == "inside":  # background only, deeper than the ink
+                owner = mine[int(o["part_of"]) - 1]
+                assert not coloured[visible].any() and visible.any()
+                sil = shapes.shape_mask(
+                    o["shape"], int(o["cx"]), int(o["cy"]), int(o["radius"]), 64
+                )
+                hollow = sil & ~shapes.outline_ink(sil, FLAT.outline_width)
+                assert owner["part"] == "ink" and not (visible & ~hollow).any()
+                n_outline_inside += int(visible.sum())
+                continue
             if o["form"] == "word":
                 assert visible.sum() == (x1 - x0) * (y1 - y0)  # nothing covers a word
                 assert len(patches) >= 1  # every word labels at least one patch
@@ -189,15 +341,14 @@ def test_patch_labels_agree_with_pixels(flat: Path) -> None:
             if o["form"] == "filled":
                 assert coloured[visible].all()
                 continue
-            # An outline: coloured on its rim, background (neutral) deeper inside.
+            # An outline's ink: coloured all of it, on the silhouette's rim, never deep inside.
             full = shapes.shape_mask(o["shape"], int(o["cx"]), int(o["cy"]), int(o["radius"]), 64)
             depth = ndimage.distance_transform_edt(np.pad(full, 1))[1:-1, 1:-1]
-            rim, inside = visible & (depth <= 1.0), visible & (depth > FLAT.outline_width + 1.5)
-            assert coloured[rim].all() and rim.any()
-            assert not coloured[inside].any() and inside.any()
-            n_outline_inside += int(inside.sum())
+            assert coloured[visible].all() and (visible & (depth <= 1.0)).any()
+            assert not (visible & (depth > FLAT.outline_width * 1.5)).any()
     assert n_word_patches >= 10 and n_outline_inside > 0
     assert n_word_ink / n_word_patches >= 8  # most word patches hold whole letters
+    assert n_inside_only >= 5 and n_ink_patches >= 20 and n_were_coloured >= n_inside_only
 
 
 def _parse_caption(text: str) -> list[tuple[str, str, str]]:
@@ -224,7 +375,7 @@ def test_captions_match_objects(cover: Path, tmp_path: Path) -> None:
     assert sorted(captions) == list(range(COVER.n_images))
     objects = read_csv(cover / "objects.csv")
     for image_id, text in captions.items():
-        mine = [o for o in objects if int(o["image_id"]) == image_id]
+        mine = [o for o in objects if int(o["image_id"]) == image_id and o["part"] != "inside"]
         assert _parse_caption(text) == [(o["form"], o["shape"], o["colour"]) for o in mine]
     # Checked by eye on images/train/00002.png of seed 0: two circle outlines, "triangle" above.
     assert captions[2] == (
@@ -260,7 +411,8 @@ def test_captions_of_the_default_world_and_errors(tmp_path: Path) -> None:
 
 
 def test_patch_labels_reach_the_shards(tmp_path: Path, tiny_vit: Path) -> None:
-    """Extraction with a 32 px model: the forms labels of each patch's majority object."""
+    """Extraction with a 32 px model: the forms labels of each patch's majority mask value (an
+    outline's inside: its shape's labels, no colour)."""
     from saev_core import shards
     from saev_core.extract import ExtractConfig, extract, patch_majority
 
@@ -273,7 +425,7 @@ def test_patch_labels_reach_the_shards(tmp_path: Path, tiny_vit: Path) -> None:
     objects = pd.read_csv(world / "objects.csv", keep_default_na=False)
     masks = {int(r["image_id"]): r["mask"] for r in read_csv(world / "images.csv")}
     assert set(labels["image_id"]) <= set(masks) and len(set(labels["image_id"])) >= 8
-    seen_forms = set()
+    seen_forms, seen_parts = set(), set()
     for image_id, rel in masks.items():
         mask = np.asarray(Image.open(world / rel))
         values = patch_majority(mask, (4, 4), (32, 32))
@@ -285,8 +437,11 @@ def test_patch_labels_reach_the_shards(tmp_path: Path, tiny_vit: Path) -> None:
                 continue
             obj = objects[(objects["image_id"] == image_id) & (objects["object"] == v)].iloc[0]
             assert got == expected_labels(obj.to_dict())
+            if obj["part"] == "inside":
+                assert got.isdisjoint(COLOURS) and obj["shape"] in got
             seen_forms.add(obj["form"])
-    assert seen_forms == set(FORMS)
+            seen_parts.add(obj["part"])
+    assert seen_forms == set(FORMS) and seen_parts == set(shapes.PARTS)
 
 
 def test_config_checks() -> None:
@@ -296,6 +451,9 @@ def test_config_checks() -> None:
         FormsConfig(world="shapes")
     with pytest.raises(ValueError, match="outline_width"):
         FormsConfig(outline_width=0)
+    with pytest.raises(ValueError, match="max_objects <= 127"):  # an outline takes two values
+        FormsConfig(max_objects=128)
+    assert FormsConfig(max_objects=127).max_objects == 127
     with pytest.raises(ValueError, match="font_size"):
         FormsConfig(min_font_size=14, max_font_size=12)
 
