@@ -241,7 +241,6 @@ def run_step(params_file: str, step: str, name: str | None = None) -> dict[str, 
         }
     elif step == "probe":
         from flows.probe import probe_task
-
         from saev_core.compare_probes import probe_labels
 
         results = probe_task(cfg)
@@ -291,17 +290,43 @@ def figures_dirs(cmp: dict[str, Any]) -> tuple[str, str]:
     return str(fig.get("out_dir", "artifacts/figures/compare")), "metrics/compare/plots"
 
 
+def mlflow_tracker(experiment: str = "compare", run_name: str = "figures"):
+    """The figures' tracker (`saev_core.compare_figures`): one MLflow run (`flows.common.mlflow_run`:
+    the flows' tracking URI and provenance tags) with the PNGs under `figures/`, their data
+    under `data/`, the headline numbers as metrics and the options as params."""
+
+    def log(pngs: list, data: list, metrics: dict[str, float], params: dict) -> None:
+        import mlflow
+
+        from flows.common import mlflow_run
+
+        with mlflow_run(experiment, run_name, tags={"stage": "compare-figures"}):
+            mlflow.log_params({k: str(v) for k, v in params.items()})
+            if metrics:
+                mlflow.log_metrics(metrics)
+            for p in pngs:
+                mlflow.log_artifact(str(p), artifact_path="figures")
+            for p in data:
+                mlflow.log_artifact(str(p), artifact_path="data")
+
+    return log
+
+
 def run_figures(params_file: str) -> dict[str, Any]:
     """One figure per question of the comparison, from warehouse/compare.duckdb's named queries;
     PNGs under compare.figures.out_dir, their data under metrics/compare/plots/ (`dvc plots`), both
     logged to MLflow (experiment `compare`)."""
-    from saev_core.compare_figures import make_figures
+    from saev_core.compare_figures import FiguresConfig, make_figures
 
     cmp = compare_section(read_params(params_file))
     out_dir, plots_dir = figures_dirs(cmp)
     db = str((cmp.get("warehouse") or {}).get("db", "warehouse/compare.duckdb"))
     opts = {k: v for k, v in (cmp.get("figures") or {}).items() if k != "out_dir"}
-    report = make_figures(db, out_dir=out_dir, plots_dir=plots_dir, **opts)
+    defaults = FiguresConfig()
+    tracker = mlflow_tracker(
+        opts.get("experiment", defaults.experiment), opts.get("run_name", defaults.run_name)
+    )
+    report = make_figures(db, out_dir=out_dir, plots_dir=plots_dir, tracker=tracker, **opts)
     print(f"compare figures in {out_dir}: {', '.join(report.get('figures', []))}")
     return report
 
