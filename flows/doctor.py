@@ -2,8 +2,9 @@
 
 Reads the settings (`flows/settings.py`) and the params file, then checks each service the way
 a flow would meet it: the Prefect API and its work pools, the MLflow tracking store, the DVC
-remote, the GPU, and the free disk next to the shards. Services are probed over HTTP and the
-`dvc` command line, with short timeouts, so a dead server costs seconds, not minutes.
+remote, the object store (`SAEV_OBJECT_STORE`, and a DVC remote on S3: endpoint, bucket, reachable,
+writable), the GPU, and the free disk next to the shards. Services are probed over HTTP, the
+`dvc` command line and boto3, with short timeouts, so a dead server costs seconds, not minutes.
 Exit status 1 when something configured does not work, else 0.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flows import settings
+from saev_core import object_store
 
 TIMEOUT_S = 3.0
 
@@ -162,6 +165,10 @@ def check_dvc(cfg: settings.Settings) -> list[Check]:
     url = found.stdout.strip() if found.returncode == 0 else ""
     if not url:
         return [Check("DVC remote", "fail", f"remote {name!r} is not defined (`dvc remote list`)")]
+    if object_store.is_url(url):
+        found = _dvc(["config", f"remote.{name}.endpointurl"], root)
+        endpoint = found.stdout.strip() if found.returncode == 0 else ""
+        return [_probe_check("DVC remote", url, endpoint or None, f"{name!r} = ")]
     if "://" in url and not url.startswith("file://"):
         return [
             Check(
@@ -178,6 +185,51 @@ def check_dvc(cfg: settings.Settings) -> list[Check]:
     if not path.exists() and parent is not None and parent.is_dir() and _writable(parent):
         return [Check("DVC remote", "ok", f"{name!r} = {path}, created by the first push")]
     return [Check("DVC remote", "fail", f"{name!r} = {path}: not a writable directory")]
+
+
+def check_object_store() -> list[Check]:
+    """The bucket `SAEV_OBJECT_STORE` names, at the endpoint the AWS variables name."""
+    url = os.environ.get(object_store.OBJECT_STORE_ENV, "").strip()
+    if not url:
+        return [
+            Check(
+                "object store",
+                "info",
+                f"{object_store.OBJECT_STORE_ENV} is not set: nothing to check (fine on one "
+                "machine). For several machines set it to s3://bucket/prefix, with "
+                "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and, for a server other than AWS, "
+                "AWS_ENDPOINT_URL",
+            )
+        ]
+    if not object_store.is_url(url):
+        return [
+            Check(
+                "object store",
+                "fail",
+                f"{object_store.OBJECT_STORE_ENV}={url!r} is not an s3://bucket/prefix URL",
+            )
+        ]
+    return [_probe_check("object store", url, None)]
+
+
+def _probe_check(name: str, url: str, endpoint: str | None, lead: str = "") -> Check:
+    """One line from `object_store.probe`: endpoint, bucket, reachable, writable."""
+    try:
+        p = object_store.probe(url, endpoint, timeout=TIMEOUT_S)
+    except Exception as e:  # a malformed URL or endpoint: say it, do not crash the report
+        return Check(name, "fail", f"{lead}{url}: cannot probe it: {e}")
+    where = f"endpoint {p.endpoint or 'AWS S3 (AWS_ENDPOINT_URL not set)'}, bucket {p.bucket!r}"
+    if p.problem is None:
+        return Check(name, "ok", f"{lead}{url}: {where}: reachable, writable (probe put, deleted)")
+    if not p.credentials:
+        state, hint = "not probed", ""
+    elif not p.reachable:
+        state, hint = "unreachable", " (is the server running? AWS_ENDPOINT_URL names it)"
+    elif not p.bucket_exists:
+        state, hint = "reachable, bucket missing", " (create it, or name another bucket)"
+    else:
+        state, hint = "reachable, bucket present, not writable", " (check the credentials' rights)"
+    return Check(name, "fail", f"{lead}{url}: {where}: {state}: {p.problem}{hint}")
 
 
 def check_gpu() -> list[Check]:
@@ -229,6 +281,7 @@ def run_checks(cfg: settings.Settings | None = None) -> list[Check]:
         *check_prefect(cfg),
         *check_mlflow(cfg),
         *check_dvc(cfg),
+        *check_object_store(),
         *check_gpu(),
         *check_disk(cfg),
     ]

@@ -10,6 +10,7 @@ Every setting is an environment variable with a default that works offline on on
 | `SAEV_DVC_REMOTE` | unset: the repository's default remote (`dvc remote default`), if any | the DVC remote scheduled runs push to |
 | `SAEV_GPU_POOL` | `gpu` | work pool for tasks that need a GPU (training, extraction) |
 | `SAEV_CPU_POOL` | `local` | process work pool for everything else, and the GPU work when no GPU pool exists |
+| `SAEV_OBJECT_STORE` | unset | `s3://bucket/prefix`: the bucket `saev doctor` checks (reachable, writable), with `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_ENDPOINT_URL` for a non-AWS store |
 | `SAEV_MIN_FREE_GB` | `10` | free disk below which `saev doctor` warns about the shard directory |
 | `SAEV_CACHE_DIR` | `$XDG_CACHE_HOME/saev-flow` or `~/.cache/saev-flow` | the weights' sha256 cache; read by `saev_core/hashing.py` itself |
 

@@ -35,6 +35,11 @@ difference between milliseconds and seconds); the database then reflects the fil
 build, so rebuild after the stats change (the `warehouse` stage does). `materialize=False`
 creates views that read the Parquet at query time instead (a small file that follows the
 Parquet, slower queries; an empty source is still frozen until the next build).
+
+A source glob may also name objects in an S3-compatible store (`s3://bucket/stats/*/run.parquet`,
+`saev_core.object_store`): the build registers an s3fs filesystem on its DuckDB connection (the
+httpfs extension cannot be downloaded here) and reads through it. Such sources are always
+materialised: a query connection is sandboxed and never reaches the network.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ from typing import Any, Literal, NamedTuple
 
 import duckdb
 import yaml
+
+from saev_core import object_store
 
 DEFAULT_DB = "warehouse/saev.duckdb"
 PARAM_TYPES = ("varchar", "integer", "double", "boolean")
@@ -95,7 +102,7 @@ class Source:
     """One Parquet source from sql/sources.yaml."""
 
     name: str
-    path: str  # glob relative to the project root
+    path: str  # glob relative to the project root, or an s3:// glob
     columns: dict[str, str]  # column -> DuckDB type
 
 
@@ -245,15 +252,28 @@ def build_warehouse(
     for stale in (tmp, Path(f"{tmp}.wal")):
         stale.unlink(missing_ok=True)
 
+    remote = [src.name for src in sources if object_store.is_url(src.path)]
+    if remote and not materialize:
+        raise ValueError(
+            f"sources {remote} read an object store: build with materialize=True (a query's "
+            "sandboxed connection cannot reach the bucket)"
+        )
     report: dict[str, Any] = {"db_path": str(db_path), "root": str(root), "sources": {}}
     try:
         con = duckdb.connect(str(tmp))
         try:
             con.execute("set file_search_path = $root", {"root": str(root)})
+            fs = None
+            if remote:
+                fs = object_store.filesystem()
+                con.register_filesystem(fs)
             empty, seconds = [], {}
             for src in sources:
                 t = time.perf_counter()
-                n_files = len(glob.glob(str(root / src.path), recursive=True))
+                if object_store.is_url(src.path):
+                    n_files = len(object_store.glob(fs, src.path))
+                else:
+                    n_files = len(glob.glob(str(root / src.path), recursive=True))
                 if not n_files:
                     empty.append(src.name)
                 present = _columns_present(con, src) if n_files else None
@@ -513,13 +533,18 @@ def source_dirs(sources: Sequence[Source]) -> list[str]:
     written in sources.yaml: what a sandboxed query may still read when the sources are views."""
     out: list[str] = []
     for src in sources:
-        parts = Path(src.path).parts
+        url = object_store.is_url(src.path)  # s3://bucket/dir/*.parquet: split on "/" only
+        scheme, rest = src.path.split("://", 1) if url else ("", src.path)
+        parts = rest.split("/") if url else Path(rest).parts
         fixed = []
         for part in parts[:-1]:
             if any(c in part for c in "*?[{"):
                 break
             fixed.append(part)
-        d = str(Path(*fixed)) if fixed else "."
+        if url:
+            d = f"{scheme}://" + "/".join(fixed)
+        else:
+            d = str(Path(*fixed)) if fixed else "."
         if d not in out:
             out.append(d)
     return out

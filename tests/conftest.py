@@ -61,3 +61,23 @@ def tiny_vit(tmp_path_factory):
     build_classifier(cfg).save_pretrained(out)
     build_processor(32).save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def s3_server(tmp_path, monkeypatch):
+    """A moto S3 server on loopback with an empty bucket `saev`, for one test (tests/servers.py).
+
+    The test's environment gets the fake credentials and `AWS_ENDPOINT_URL`, so boto3, s3fs,
+    dvc-s3 and MLflow in this process and in its children reach it. Stopped by its PID at the
+    end; its log's tail is printed at teardown, which pytest shows when the test fails."""
+    from servers import MotoServer
+
+    server = MotoServer(tmp_path / "moto")
+    try:
+        server.start()
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        yield server
+    finally:
+        server.stop()
+        print(f"moto server log {server.home / 'moto-server.log'}:\n{server.tail()}")

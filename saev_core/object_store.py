@@ -1,0 +1,139 @@
+"""The object store: an S3-compatible bucket that carries shards, stats and artifacts between
+machines (DVC's remote, MLflow's artifact root, the warehouse's Parquet sources).
+
+The project reaches it with the AWS clients' own configuration, so one set of environment
+variables serves DVC (dvc-s3), MLflow, boto3 and s3fs alike:
+
+| variable | what it says |
+| --- | --- |
+| `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (or `AWS_PROFILE`) | the credentials |
+| `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) | a server other than AWS: MinIO, Ceph, moto |
+| `SAEV_OBJECT_STORE` | `s3://bucket/prefix`, the bucket `saev doctor` checks |
+
+Reading goes through s3fs (an fsspec filesystem): the warehouse registers it on its DuckDB
+connection (`con.register_filesystem`), because DuckDB's own httpfs extension cannot be downloaded
+on these machines. `probe` is what the doctor runs: reachable, bucket present, writable (a tiny
+object put and deleted), each failure said in words.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMES = ("s3://", "s3a://")
+OBJECT_STORE_ENV = "SAEV_OBJECT_STORE"
+ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # botocore's order
+
+
+def is_url(path: str) -> bool:
+    """Whether `path` names an object in the store (`s3://bucket/key`) rather than a file."""
+    return str(path).startswith(SCHEMES)
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix")."""
+    if not is_url(url):
+        raise ValueError(f"not an object-store URL (s3://bucket/prefix): {url!r}")
+    bucket, _, prefix = url.split("://", 1)[1].partition("/")
+    if not bucket:
+        raise ValueError(f"object-store URL without a bucket: {url!r}")
+    return bucket, prefix.strip("/")
+
+
+def endpoint_url(explicit: str | None = None) -> str | None:
+    """The S3 endpoint: `explicit`, else the environment's, else None (AWS itself)."""
+    if explicit:
+        return explicit
+    return next((os.environ[v] for v in ENDPOINT_ENVS if os.environ.get(v)), None)
+
+
+def filesystem(endpoint: str | None = None) -> Any:
+    """An s3fs filesystem on the store, with no listing cache (a rebuild sees new files)."""
+    import s3fs
+
+    url = endpoint_url(endpoint)
+    return s3fs.S3FileSystem(
+        client_kwargs={"endpoint_url": url} if url else {},
+        skip_instance_cache=True,
+        use_listings_cache=False,
+    )
+
+
+def glob(fs: Any, pattern: str) -> list[str]:
+    """The objects matching an `s3://` glob, as `s3://` URLs (fsspec drops the scheme)."""
+    scheme = pattern.split("://", 1)[0]
+    return [f"{scheme}://{p}" for p in fs.glob(pattern)]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What `probe` found out about one bucket."""
+
+    url: str
+    """The `s3://bucket/prefix` probed."""
+    endpoint: str | None
+    """The endpoint it was reached at (None: AWS's own)."""
+    bucket: str
+    """The bucket."""
+    credentials: bool
+    """Some credentials were found (environment, profile or instance role)."""
+    reachable: bool
+    """The endpoint answered."""
+    bucket_exists: bool
+    """The bucket is there (and these credentials may see it)."""
+    writable: bool
+    """A probe object could be written under the prefix, and deleted."""
+    problem: str | None
+    """What is missing or wrong, in words; None when all is well."""
+
+
+def probe(url: str, endpoint: str | None = None, timeout: float = 3.0) -> Probe:
+    """Check the bucket of `url` the way a push would meet it: credentials, endpoint, bucket, and
+    a put + delete of a tiny object under the prefix. Short timeouts and no retries, so a dead
+    endpoint costs seconds."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = split_url(url)
+    endpoint = endpoint_url(endpoint)
+    where = endpoint or "AWS S3"
+
+    session = boto3.session.Session()
+    credentials = session.get_credentials() is not None
+
+    def result(reachable=False, exists=False, writable=False, problem=None) -> Probe:
+        return Probe(url, endpoint, bucket, credentials, reachable, exists, writable, problem)
+
+    if not credentials:
+        return result(
+            problem="no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE)"
+        )
+    client = session.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=session.region_name or "us-east-1",
+        config=Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1}),
+    )
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            return result(True, problem=f"bucket {bucket!r} does not exist at {where}")
+        if code in ("403", "AccessDenied", "Forbidden"):
+            return result(True, problem=f"bucket {bucket!r} at {where}: access denied ({code})")
+        return result(True, problem=f"bucket {bucket!r} at {where}: {code or e}")
+    except BotoCoreError as e:
+        return result(problem=f"{where} does not answer: {e}")
+    key = "/".join(p for p in (prefix, f".saev-doctor-probe-{uuid.uuid4().hex}") if p)
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"saev doctor probe\n")
+        client.delete_object(Bucket=bucket, Key=key)
+    except (ClientError, BotoCoreError) as e:
+        return result(True, True, problem=f"cannot write s3://{bucket}/{key}: {e}")
+    return result(True, True, True)
