@@ -482,13 +482,14 @@ def intervention_rows(rows: Rows) -> Rows:
 
 
 def paired_rows(rows: Rows) -> Rows:
-    """The rows that carry pca minus sae paired over images (`diff`, `diff_lo`, `diff_hi`; the
-    pca rows of a query with a `method` column), with `stronger` where the query says which
-    edit moved the concept further (sae, pca or level)."""
+    """The rows that carry the control-adjusted pca minus sae paired over images (`adj_diff`,
+    `adj_diff_lo`, `adj_diff_hi`: (pca - random_pca) - (sae - random_sae); the pca rows of a
+    query with a `method` column), with `stronger` where the query says which edit moved the
+    concept further beyond its control (sae, pca or level: CI and Holm-adjusted p)."""
     return [{"backbone": r.get("backbone"), "strength": r.get("strength"),
-             "concept": r["concept"], "diff": r["diff"], "diff_lo": r.get("diff_lo"),
-             "diff_hi": r.get("diff_hi"), "stronger": r.get("stronger")}
-            for r in rows if r.get("diff") is not None
+             "concept": r["concept"], "diff": r["adj_diff"], "diff_lo": r.get("adj_diff_lo"),
+             "diff_hi": r.get("adj_diff_hi"), "stronger": r.get("stronger")}
+            for r in rows if r.get("adj_diff") is not None
             and r.get("method", "pca") == "pca"]  # fmt: skip
 
 
@@ -501,8 +502,9 @@ def fig_pca_vs_sae_intervention(rows: Rows, **_: Any):
     """Per concept, on the test images holding it: the mean change of the concept's logit when
     the best SAE feature, the best PCA direction or a norm-matched random direction (the
     control of each) is clamped, with the 95% bootstrap CI over images (top); below, where the
-    query has it, pca minus sae paired over the same images with its CI, coloured by which edit
-    moved the concept further. One column of panels per backbone and strength in the rows."""
+    query has it, the control-adjusted (pca - random_pca) - (sae - random_sae) paired over the
+    same images with its CI, coloured by which edit moved the concept further beyond its own
+    control (CI and Holm-adjusted p). One column of panels per backbone and strength."""
     plt = _plt()
     long, paired = intervention_rows(rows), paired_rows(rows)
     groups = list(dict.fromkeys((r["backbone"], r["strength"]) for r in long))
@@ -540,7 +542,7 @@ def fig_pca_vs_sae_intervention(rows: Rows, **_: Any):
             if any(r["stronger"] for r in ps):
                 answer.append(f"SAE further on {counts['sae']}, PCA further on "
                               f"{counts['pca']}, level on {counts['level']} of {len(ps)} "
-                              "concepts (paired CI)")  # fmt: skip
+                              "concepts (beyond controls, paired CI, Holm)")  # fmt: skip
             ax2 = axes[1][col]
             xs = [concepts.index(r["concept"]) for r in ps]
             v = [_num(r["diff"]) for r in ps]
@@ -556,8 +558,8 @@ def fig_pca_vs_sae_intervention(rows: Rows, **_: Any):
             answer[-1] += f" ({_where(b, s)})"
     axes[0][0].set_ylabel("mean change of the\nconcept's logit (95% CI)", fontsize=8)
     if paired:
-        axes[1][0].set_ylabel("pca - sae, paired (95% CI)\nblue: sae further, orange: pca",
-                              fontsize=7)  # fmt: skip
+        axes[1][0].set_ylabel("(pca - control) - (sae - control)\npaired 95% CI; blue: sae "
+                              "further, orange: pca", fontsize=7)  # fmt: skip
     title = (
         "Does an edit along the best PCA direction move the concept's logit like the SAE "
         "feature's?\n" + "; ".join(answer)
@@ -642,7 +644,7 @@ def headline_metrics(name: str, rows: Rows) -> dict[str, float]:
             out[_key(name, *_where_key(b, s), m, "mean_delta")] = _mean(d)
         for b, s in {(r["backbone"], r["strength"]) for r in paired}:
             ps = [r for r in paired if (r["backbone"], r["strength"]) == (b, s)]
-            out[_key(name, *_where_key(b, s), "mean_pca_minus_sae")] = _mean(
+            out[_key(name, *_where_key(b, s), "mean_adj_pca_minus_sae")] = _mean(
                 [_num(r["diff"]) for r in ps]
             )
             for k in ("sae", "pca", "level"):

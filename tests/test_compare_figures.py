@@ -243,10 +243,13 @@ def test_all_seven_from_a_warehouse_built_from_parquet(tiny, tmp_path):  # noqa:
         ] + [{"backbone": b, "label": "word", "concept": None, "form": "word", "split": "test",
               "n_images": 100, "n_pos": 40, "accuracy": 0.9, "balanced_accuracy": 0.9,
               "auroc": 0.99, "auroc_lo": 0.98, "auroc_hi": 1.0}])  # fmt: skip
-    # circle: the SAE feature moves the logit further (pca - sae 1.0, CI above 0); square: level
+    # circle: the SAE feature moves the logit further beyond its control (adjusted pca - sae
+    # 1.0, CI above 0, Holm p 0.01); square: level (CI holds 0); triangle: CI below 0, but its
+    # Holm-adjusted p 0.2 is not below alpha: level too
     edits = []
-    for c, sae, pca, diff in (("circle", -1.5, -0.5, (1.0, 0.7, 1.3)),
-                              ("square", -0.9, -1.1, (-0.2, -0.4, 0.1))):  # fmt: skip
+    for c, sae, pca, diff, p_adj in (("circle", -1.5, -0.5, (1.0, 0.7, 1.3), 0.01),
+                                     ("square", -0.9, -1.1, (-0.2, -0.4, 0.1), 0.4),
+                                     ("triangle", -0.6, -1.0, (-0.4, -0.6, -0.1), 0.2)):  # fmt: skip
         for s in (-2.0, 0.0):
             k = 1.0 if s else 0.0
             common = {"backbone": "supervised", "concept": c, "strength": s, "n_images": 30,
@@ -255,8 +258,9 @@ def test_all_seven_from_a_warehouse_built_from_parquet(tiny, tmp_path):  # noqa:
                 {**common, "method": "sae", "unit": 3, "delta": k * sae, "lo": k * sae - 0.2,
                  "hi": k * sae + 0.2},
                 {**common, "method": "pca", "unit": 0, "delta": k * pca, "lo": k * pca - 0.2,
-                 "hi": k * pca + 0.2, "diff": k * diff[0], "diff_lo": k * diff[1],
-                 "diff_hi": k * diff[2], "diff_p": 0.01},
+                 "hi": k * pca + 0.2, "adj_diff": k * diff[0], "adj_diff_lo": k * diff[1],
+                 "adj_diff_hi": k * diff[2], "adj_diff_p": p_adj / 2, "p_adjusted": p_adj,
+                 "alpha": 0.05, "raw_diff": k * (pca - sae)},
                 {**common, "method": "random", "control_for": "sae", "unit": 3, "delta": 0.01,
                  "lo": -0.02, "hi": 0.04},
                 {**common, "method": "random", "control_for": "pca", "unit": 0,
@@ -279,14 +283,14 @@ def test_all_seven_from_a_warehouse_built_from_parquet(tiny, tmp_path):  # noqa:
         assert m[f"probe_by_form/clip/{form}/mean_auroc"] == pytest.approx(0.9)
         assert m[f"probe_by_form/supervised/{form}/mean_auroc"] == pytest.approx(0.7)
     at = "pca_vs_sae_intervention/supervised/strength_-2/"
-    assert m[at + "sae/mean_delta"] == pytest.approx((-1.5 - 0.9) / 2)
-    assert m[at + "pca/mean_delta"] == pytest.approx((-0.5 - 1.1) / 2)
-    assert m[at + "mean_pca_minus_sae"] == pytest.approx((1.0 - 0.2) / 2)
+    assert m[at + "sae/mean_delta"] == pytest.approx((-1.5 - 0.9 - 0.6) / 3)
+    assert m[at + "pca/mean_delta"] == pytest.approx((-0.5 - 1.1 - 1.0) / 3)
+    assert m[at + "mean_adj_pca_minus_sae"] == pytest.approx((1.0 - 0.2 - 0.4) / 3)
     assert (m[at + "n_sae_further"], m[at + "n_pca_further"], m[at + "n_level_further"]) == (
-        1.0, 0.0, 1.0,
+        1.0, 0.0, 2.0,
     )  # fmt: skip
     assert not any("strength_0" in k for k in m)  # the strength option reached the query
     assert (
-        "SAE further on 1, PCA further on 0, level on 1 of 2"
+        "SAE further on 1, PCA further on 0, level on 2 of 3"
         in (report["titles"]["pca_vs_sae_intervention"])
     )
