@@ -18,6 +18,15 @@ A deployment that wants a GPU goes to the GPU pool (`$SAEV_GPU_POOL`, `gpu`) whe
 exists on the server, else to the local process pool; the run then says so in its first log line.
 Runs execute in the project directory (`--workdir`, default the current one) and carry the
 tracking settings that were set when deploying (`MLFLOW_TRACKING_URI`, `SAEV_DVC_REMOTE`, ...).
+
+Two more deployments take the pieces of a fanned-out stage, one flow run each
+(flows/distributed.py): `extract-partition/saev-extract-partition` (`saev extract --partitions N
+--distributed`) and `train-member/saev-train-member` (`train.sweep.distribute: true`). The stage
+registers them itself before submitting (`ensure_fanout`), on the GPU pool when it exists. Their
+runs, tagged `saev-fan-out`, send a heartbeat every 30 s (Prefect's minimum; other runs keep
+Prefect's 180 s), and the automation `ZOMBIE_AUTOMATION` marks such a run Crashed once none came
+for `$SAEV_ZOMBIE_AFTER_S` s (90): Prefect's zombie-run detection, which lets the fanned-out stage
+submit again a piece whose machine died.
 """
 
 from __future__ import annotations
@@ -44,6 +53,15 @@ FORWARDED_ENV = (
     "HF_HUB_OFFLINE",
     "HF_HOME",
 )
+HEARTBEAT_S = 30
+"""Seconds between a fan-out piece's heartbeats (`PREFECT_FLOWS_HEARTBEAT_FREQUENCY`, whose
+minimum this is)."""
+DEFAULT_ZOMBIE_AFTER_S = 90
+"""A running flow run without a heartbeat for this long is marked Crashed (three heartbeats, as
+in Prefect's zombie-flow guide); `$SAEV_ZOMBIE_AFTER_S` overrides it."""
+ZOMBIE_AUTOMATION = "saev: crash zombie flow runs"
+FANOUT_TAG = "saev-fan-out"
+"""Tag of every fan-out piece's flow run: the zombie automation watches only these."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +82,8 @@ class Spec:
     """Interval schedule in seconds, or None."""
     parameters: dict[str, Any] = field(default_factory=dict)
     """Flow parameters besides `params`."""
+    takes_params: bool = True
+    """The flow has a `params` parameter (the params file); fan-out pieces get their config."""
 
 
 def sweep_flow_ref() -> str:
@@ -111,6 +131,25 @@ def specs(cron: str | None = None, watch_every_s: int | None = None) -> list[Spe
     ]
 
 
+FANOUT = {
+    "extract": Spec(
+        "saev-extract-partition",
+        "flows.distributed:extract_partition_flow",
+        needs_gpu=True,
+        description="one partition of a distributed extraction (`saev extract --distributed`)",
+        takes_params=False,
+    ),
+    "train": Spec(
+        "saev-train-member",
+        "flows.distributed:train_member_flow",
+        needs_gpu=True,
+        description="one member of a distributed sweep (`train.sweep.distribute: true`)",
+        takes_params=False,
+    ),
+}
+"""The deployments that take one piece of a fanned-out stage (flows/distributed.py)."""
+
+
 def load_flow(ref: str):
     """The flow object named by `module:attribute`."""
     import importlib
@@ -124,18 +163,28 @@ def pool_for(spec: Spec, cfg: settings.Settings, existing_pools: set[str]) -> st
     return cfg.gpu_pool if spec.needs_gpu and cfg.gpu_pool in existing_pools else cfg.cpu_pool
 
 
-def to_deployment(spec: Spec, pool: str, params: str, workdir: str | Path):
-    """A Prefect `RunnerDeployment` for a work pool (not yet registered)."""
+def to_deployment(
+    spec: Spec,
+    pool: str,
+    params: str,
+    workdir: str | Path,
+    heartbeat_s: int | None = None,
+    tags: tuple[str, ...] = (),
+):
+    """A Prefect `RunnerDeployment` for a work pool (not yet registered); `heartbeat_s` sets the
+    runs' `PREFECT_FLOWS_HEARTBEAT_FREQUENCY`, `tags` are added to the deployment's."""
     from prefect.deployments.runner import EntrypointType
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if heartbeat_s:
+        env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(heartbeat_s)
     return load_flow(spec.flow).to_deployment(
         name=spec.name,
         cron=spec.cron,
         interval=spec.interval_s,
-        parameters={"params": params, **spec.parameters},
+        parameters={**({"params": params} if spec.takes_params else {}), **spec.parameters},
         description=spec.description,
-        tags=["saev", "gpu" if spec.needs_gpu else "cpu"],
+        tags=["saev", "gpu" if spec.needs_gpu else "cpu", *tags],
         work_pool_name=pool,
         # Imported from the installed package on the worker, not uploaded from this machine.
         entrypoint_type=EntrypointType.MODULE_PATH,
@@ -164,6 +213,78 @@ def existing_pools() -> set[str]:
         return {p.name for p in client.read_work_pools()}
 
 
+def zombie_after_s() -> int:
+    return int(os.environ.get("SAEV_ZOMBIE_AFTER_S", DEFAULT_ZOMBIE_AFTER_S))
+
+
+def ensure_zombie_automation(after_s: int | None = None) -> str:
+    """Create (or update) the automation that marks a running flow run Crashed once it has sent
+    no heartbeat for `after_s` seconds (Prefect's "detect zombie flows" guide); what it did."""
+    from datetime import timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    after_s = after_s or zombie_after_s()
+    if after_s <= HEARTBEAT_S:
+        raise ValueError(
+            f"SAEV_ZOMBIE_AFTER_S={after_s}: must exceed the {HEARTBEAT_S} s between heartbeats"
+        )
+    automation = AutomationCore(
+        name=ZOMBIE_AUTOMATION,
+        description="fan-out flow runs that stop sending heartbeats (machine died) -> Crashed",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            # Only fan-out pieces: other runs beat every 180 s (Prefect's default), too seldom.
+            match_related=ResourceSpecification(
+                {"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{FANOUT_TAG}"}
+            ),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=after_s),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {after_s} s: its worker or machine is gone",
+            )
+        ],
+    )
+    with get_client(sync_client=True) as client:
+        found = client.read_automations_by_name(ZOMBIE_AUTOMATION)
+        if not found:
+            client.create_automation(automation)
+            return f"created (after {after_s} s)"
+        client.update_automation(found[0].id, automation)  # the same name: one automation
+        return f"updated (after {after_s} s)"
+
+
+def ensure_fanout(kind: str, workdir: str | Path = ".") -> str:
+    """Register (or update) the fan-out deployment of `kind` (`FANOUT`) and the zombie automation;
+    returns the deployment's `flow/deployment` name for `run_deployment`."""
+    cfg = settings.load()
+    spec = FANOUT[kind]
+    pools = existing_pools()
+    if cfg.cpu_pool not in pools:
+        ensure_pool(cfg.cpu_pool)
+    pool = pool_for(spec, cfg, pools)
+    to_deployment(spec, pool, cfg.params, workdir, HEARTBEAT_S, (FANOUT_TAG,)).apply()
+    ensure_zombie_automation()
+    return f"{load_flow(spec.flow).name}/{spec.name}"
+
+
 def deploy(
     params: str | None = None,
     workdir: str | Path = ".",
@@ -176,6 +297,8 @@ def deploy(
     pools = set() if dry_run else existing_pools()
     if not dry_run and cfg.cpu_pool not in pools:
         ensure_pool(cfg.cpu_pool)
+    if not dry_run:
+        ensure_zombie_automation()
     out = []
     for spec in specs():
         if only and spec.name not in only:

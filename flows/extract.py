@@ -2,7 +2,9 @@
 
 With `partitions` > 1 the images are fanned out: one task plans the chunks, one mapped task per
 partition extracts its share (each writing its own shard files), and a last task merges them
-into one manifest; the shard set is byte-identical to a single-worker run.
+into one manifest; the shard set is byte-identical to a single-worker run. With `distributed`
+each partition is instead its own flow run of the `saev-extract-partition` deployment, which
+any worker of the pool may take (flows/distributed.py: shared storage, crashed runs resubmitted).
 """
 
 from __future__ import annotations
@@ -59,10 +61,24 @@ def extract_flow(
     overrides: dict | None = None,
     version: bool = True,
     partitions: int = 1,
+    distributed: bool = False,
 ) -> dict:
-    """Extract (or extend) the shard set of the `extract` params section, then version it."""
+    """Extract (or extend) the shard set of the `extract` params section, then version it.
+
+    `distributed`: one flow run per partition on the work pool, not mapped tasks in this run."""
     cfg = load_section(params, "extract", ExtractConfig, overrides)
-    if partitions > 1:
+    if distributed:
+        from flows.distributed import require_server, run_partitions
+
+        require_server("saev extract --distributed")  # before planning: fail in a second
+        plan = plan_task(cfg, partitions)
+        print(
+            f"{cfg.out_dir}: {sum(map(len, plan['partitions']))} of {plan['n_chunks']} chunks "
+            f"to extract, in {len(plan['partitions'])} flow runs"
+        )
+        run_partitions(cfg, plan["partitions"])
+        manifest = merge_task(cfg)
+    elif partitions > 1:
         plan = plan_task(cfg, partitions)
         print(
             f"{cfg.out_dir}: {sum(map(len, plan['partitions']))} of {plan['n_chunks']} chunks "
@@ -84,19 +100,34 @@ def extract_flow(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(
-        "extract",
-        argv,
-        overrides=True,
-        extra=lambda p: p.add_argument(
+    def options(p) -> None:
+        p.add_argument(
             "--partitions",
             type=int,
             default=1,
             help="fan the images out over this many mapped tasks, merged into one shard set "
             "identical to a single-worker run (default: %(default)s)",
-        ),
+        )
+        p.add_argument(
+            "--distributed",
+            action="store_true",
+            help="each partition its own flow run, taken by any worker of the work pool "
+            "(needs PREFECT_API_URL and `saev worker`s; paths on storage every worker shares)",
+        )
+        p.add_argument("--no-version", action="store_true", help="do not hand the shard set to DVC")
+
+    args = parse_args("extract", argv, overrides=True, extra=options)
+    if args.distributed:
+        from flows.distributed import require_server
+
+        require_server("saev extract --distributed")  # before a temporary server starts
+    extract_flow(
+        params=args.params,
+        overrides=args.overrides,
+        partitions=args.partitions,
+        distributed=args.distributed,
+        version=not args.no_version,
     )
-    extract_flow(params=args.params, overrides=args.overrides, partitions=args.partitions)
     return 0
 
 

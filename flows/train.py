@@ -7,13 +7,17 @@ git-commit and shard-manifest tags. DVC: `metrics/train.json` (the main SAE) and
 
 The sweep runs inside this one flow (members share the data pass), so `saev deploy`
 (flows/deploy.py) sends it whole to the `gpu` work pool when that pool exists, else to the local
-one; run here, it trains in this process.
+one; run here, it trains in this process. With `train.sweep.distribute: true` each member is
+instead its own flow run on the GPU pool (flows/distributed.py), trained while this flow trains
+the main SAE; the members then land in `<out_dir>/sweep/<name>/` as the one-pass sweep's do, and
+their MLflow runs carry the tags `sweep_id` (this flow run) and `member`.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 from prefect import flow, task
@@ -44,21 +48,19 @@ def _log_final(client: Any, run_id: str, metrics: dict, sae_dir: str) -> None:
 
 
 @task  # no cache and no retries: training is the expensive, non-idempotent part
-def train_task(io: TrainStage) -> tuple[dict, list[dict]]:
+def train_task(io: TrainStage, tags: dict[str, str] | None = None) -> tuple[dict, list[dict]]:
     import mlflow
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from saev_core.config import from_dict
-    from saev_core.training import TrainConfig
-
     manifest = f"{io.shard_dir}/manifest.json"
-    tags = {"shard_manifest_sha256": file_sha256(manifest), "stage": "train"}
+    tags = {"shard_manifest_sha256": file_sha256(manifest), "stage": "train", **(tags or {})}
     out = io.out_dir.rstrip("/")
     with mlflow_run("train", run_name=out.split("/")[-1], tags=tags) as parent:
         client = MlflowClient()
         mlflow.log_params({"layer": io.layer, "tokens": io.tokens, **io.sae})
-        mlflow.set_tag("sweep_members", ",".join(io.sweep) or "none")
+        # a distributed sweep's main run names the members training elsewhere (in `tags`)
+        mlflow.set_tag("sweep_members", ",".join(io.sweep) or tags.get("sweep_members", "none"))
         children = {}
         for name, overrides in io.sweep.items():
             child = client.create_run(
@@ -90,29 +92,62 @@ def train_task(io: TrainStage) -> tuple[dict, list[dict]]:
             client.set_terminated(children[name])
 
     run_ids = {"main": parent.info.run_id, **children}
-    rows = []
-    for name, m, cfg in [("main", metrics, io.sae)] + [
-        (n, sweep[n], {**io.sae, **io.sweep[n]}) for n in io.sweep
-    ]:
-        c = from_dict(TrainConfig, cfg)
-        rows.append(
-            {
-                "name": name,
-                "arch": c.arch,
-                "k": c.k,
-                "l1_coeff": c.l1_coeff,
-                "lr": c.lr,
-                **{
-                    k: v
-                    for k, v in scalars(m).items()
-                    if k in ("l0", "fvu", "dead_frac", "dense_frac")
-                },
-            }
-        )
+    rows = [sweep_row("main", io.sae, metrics)]
+    rows += [sweep_row(n, {**io.sae, **io.sweep[n]}, sweep[n]) for n in io.sweep]
     rows = sorted(rows, key=lambda r: r["l0"])
     if io.register_as:
         register_best(io, rows, run_ids)
     return scalars(metrics), rows
+
+
+def sweep_row(name: str, sae: dict, metrics: dict) -> dict:
+    """One row of `metrics/train_sweep.json`: the SAE's knobs and its held-out figures."""
+    from saev_core.config import from_dict
+    from saev_core.training import TrainConfig
+
+    c = from_dict(TrainConfig, sae)
+    return {
+        "name": name,
+        "arch": c.arch,
+        "k": c.k,
+        "l1_coeff": c.l1_coeff,
+        "lr": c.lr,
+        **{
+            k: v
+            for k, v in scalars(metrics).items()
+            if k in ("l0", "fvu", "dead_frac", "dense_frac")
+        },
+    }
+
+
+def distributed_sweep(io: TrainStage) -> tuple[dict, list[dict]]:
+    """The main SAE in this flow while each sweep member trains in its own flow run on the
+    pool's workers (flows/distributed.py); the same outputs as `train_task` gives a sweep."""
+    import uuid
+
+    import mlflow
+    from prefect.runtime import flow_run
+
+    from flows.distributed import run_members
+
+    sweep_id = str(flow_run.get_id() or uuid.uuid4())
+    members = run_members(io, sweep_id)  # submitted: they train while the main SAE does
+    main = replace(io, sweep={}, distribute_sweep=False, register_as="")
+    metrics, rows = train_task(
+        main, tags={"sweep_members": ",".join(io.sweep), "sweep_id": sweep_id}
+    )
+    for name, cfg in members.wait().items():
+        rows.append(sweep_row(name, cfg["extra"]["train"], cfg["extra"]["metrics"]))
+    rows = sorted(rows, key=lambda r: r["l0"])
+    if io.register_as:
+        found = mlflow.search_runs(
+            experiment_names=["train"],
+            filter_string=f"tags.sweep_id = '{sweep_id}'",
+            output_format="list",
+        )
+        run_ids = {r.data.tags.get("member", "main"): r.info.run_id for r in found}
+        register_best(io, rows, run_ids)
+    return metrics, rows
 
 
 def best_sae(rows: list[dict], max_l0: float) -> dict | None:
@@ -151,7 +186,10 @@ def register_best(io: TrainStage, rows: list[dict], run_ids: dict[str, str]) -> 
 @flow(name="train", log_prints=True)
 def train_flow(params: str = "params.yaml", overrides: dict | None = None) -> dict:
     io = load_section(params, "train", TrainStage, overrides)
-    metrics, rows = train_task(io)
+    if io.distribute_sweep and io.sweep:
+        metrics, rows = distributed_sweep(io)
+    else:
+        metrics, rows = train_task(io)
     write_metrics(METRICS, metrics, overrides)
     write_metrics(SWEEP_METRICS, rows, overrides)
     print(

@@ -66,7 +66,11 @@ class TrainStage:
     sae: dict[str, Any] = field(default_factory=dict)
     """SAE hyperparameters: the fields of `training.TrainConfig`."""
     sweep: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """More SAEs trained on the same pass of the data: `{name: overrides of sae}` (e.g. `{k8: {k: 8}}`)."""
+    """More SAEs trained on the same pass of the data: `{name: overrides of sae}` (e.g. `{k8: {k: 8}}`).
+    The key `distribute: true` among them sets `distribute_sweep` instead of naming a member."""
+    distribute_sweep: bool = False
+    """Each sweep member its own flow run on the GPU work pool (flows/distributed.py), each with
+    its own pass of the data, instead of one pass here; members land in the same place."""
     checkpoint_dir: str = ""
     """Resumable training checkpoints ('' = `<out_dir>.ckpt`); a killed run resumes from it; removed on success."""
     register_as: str = ""
@@ -77,6 +81,13 @@ class TrainStage:
     def __post_init__(self) -> None:
         from saev_core.training import TrainConfig, sweep_configs
 
+        if isinstance(self.sweep, dict) and "distribute" in self.sweep:
+            flag = self.sweep["distribute"]
+            if not isinstance(flag, bool):
+                raise ValueError(f"train.sweep.distribute must be true or false, got {flag!r}")
+            members = {k: v for k, v in self.sweep.items() if k != "distribute"}
+            object.__setattr__(self, "sweep", members)
+            object.__setattr__(self, "distribute_sweep", self.distribute_sweep or flag)
         for name in self.sweep:
             if not name or "/" in name or name.startswith(".") or name == "main":
                 raise ValueError(f"train.sweep: bad member name {name!r}")

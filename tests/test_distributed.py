@@ -1,0 +1,366 @@
+"""One flow run per partition on real parts: a Prefect server, two workers and a kill -9.
+
+The project (params, images, backbone, shards) lies on "shared storage", a directory every
+process reaches by the same path, as an NFS mount would be on several machines. Two workers run
+as separate processes, each started in a working directory of its own with its own Prefect home
+and weights cache: they share only the server and that storage. `saev extract --partitions 2
+--distributed` submits one flow run per partition; once the first partition has finished a
+chunk, its worker and the flow run under it are killed with SIGKILL (a machine that dies). No
+heartbeat comes any more, Prefect's zombie automation marks the run Crashed, the extract flow
+submits it again, the other worker finishes it (only the chunks not done yet), and the merged set
+is byte-identical to a single-worker run. Every process is stopped by its PID at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from servers import BIN, Proc, base_env, start_prefect_server, wait_http
+from test_extract_safety import digest
+
+from saev_core.extract import ExtractConfig, extract
+
+ZOMBIE_AFTER_S = 40  # the automation's wait past the last heartbeat (heartbeats every 30 s)
+EXTRACT = dict(
+    model="model",
+    data="data",
+    out_dir="acts",
+    layers=[0, -1],
+    batch_size=2,
+    images_per_row_group=2,
+    images_per_file=2,  # 100 chunks: the kill lands well inside a partition
+    n_workers=1,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: a worker's flow runs start in sessions of their own, so "the machine dies" means
+# its whole tree, found through /proc.
+
+
+def children_of(pid: int) -> list[int]:
+    """Every descendant of `pid`, parents first."""
+    parent_of = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent_of[int(stat.parent.name)] = int(fields[1])
+    out, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, pp in parent_of.items() if pp in frontier]
+        out += kids
+        frontier = kids
+    return out
+
+
+def environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid`, every descendant and their process groups, all at once."""
+    victims = [pid, *children_of(pid)]
+    for p in victims:
+        try:
+            os.killpg(os.getpgid(p), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            os.kill(p, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class Worker:
+    """`saev worker --limit 1` started in its own directory, with its own Prefect home."""
+
+    def __init__(self, name: str, root: Path, api: str, request):
+        self.dir = root / name
+        self.dir.mkdir()
+        env = {
+            **base_env(self.dir),
+            "PREFECT_API_URL": api,
+            "SAEV_CACHE_DIR": str(self.dir / "cache"),
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+        }
+        self.name = name
+        self.proc = Proc(
+            [str(BIN / "saev"), "worker", "--limit", "1"], self.dir / "worker.log", env, self.dir
+        )
+        request.addfinalizer(self.stop)
+
+    def runs(self, flow_run_id: str) -> bool:
+        """Whether a process under this worker runs flow run `flow_run_id`."""
+        pids = children_of(self.proc.pid)
+        return any(environ(p).get("PREFECT__FLOW_RUN_ID") == flow_run_id for p in pids)
+
+    def stop(self) -> None:
+        kids = children_of(self.proc.pid)
+        self.proc.stop()
+        for p in kids:  # flow runs left by a failed test
+            kill_tree(p)
+
+
+def mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def project(root: Path, tiny_vit: Path) -> Path:
+    """The shared project: params, 200 images of a 32 px shapes world, the tiny backbone."""
+    from saev_core.shapes import ShapesConfig, generate
+
+    root.mkdir(parents=True)
+    world = ShapesConfig(
+        seed=5, image_size=32, n_train=120, n_val=40, n_test=40, min_radius=5, max_radius=9
+    )
+    generate(root / "data", world, progress=False)
+    shutil.copytree(tiny_vit, root / "model")
+    (root / "params.yaml").write_text(yaml.safe_dump({"extract": EXTRACT}))
+    return root
+
+
+def single_worker(root: Path, out: str) -> Path:
+    """The reference: the same config extracted by one process in the project directory."""
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        extract(ExtractConfig(**{**EXTRACT, "layers": (0, -1), "out_dir": out}), progress=False)
+    finally:
+        os.chdir(cwd)
+    return root / out
+
+
+def polling(client) -> list:
+    """The online workers of the local pool (none while the pool does not exist yet)."""
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+    try:
+        found = client.read_workers_for_work_pool("local")
+    except (ObjectNotFound, PrefectHTTPStatusError):
+        return []
+    return [w for w in found if w.status.value == "ONLINE"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, request) -> str:
+    """One Prefect server for this module's tests (each starts workers of its own); its API."""
+    home = tmp_path_factory.mktemp("server")
+    api, proc = start_prefect_server(home, request)
+    wait_http(api + "/health", proc)
+    return api
+
+
+def wait_for_workers(client, workers: list[Worker], n: int) -> None:
+    deadline = time.time() + 90
+    while len(polling(client)) < n:
+        assert time.time() < deadline, [w.proc.tail() for w in workers]
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_killed_workers_partition_finishes_on_the_other(server, tiny_vit, tmp_path, request):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, LogFilter
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    t0 = time.time()
+    api = server
+    shared = project(tmp_path / "shared" / "project", tiny_vit)
+    workers = [Worker(name, tmp_path, api, request) for name in ("worker-a", "worker-b")]
+    started = time.time()
+    reference = single_worker(shared, "single")  # while the workers start
+    timings = {"single_process_extract_s": time.time() - started}
+
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as c:
+        wait_for_workers(c, workers, 2)  # both polling the pool before anything is submitted
+
+        env = {
+            **base_env(mkdir(tmp_path / "orchestrator")),
+            "PREFECT_API_URL": api,
+            "SAEV_ZOMBIE_AFTER_S": str(ZOMBIE_AFTER_S),
+        }
+        started = time.time()
+        orchestrator = Proc(
+            [str(BIN / "saev"), "extract", "--partitions", "2", "--distributed", "--no-version"],
+            tmp_path / "orchestrator.log",
+            env,
+            shared,
+        )
+        request.addfinalizer(orchestrator.stop)
+        partition_flow = FlowFilter(name=FlowFilterName(any_=["extract-partition"]))
+
+        def partitions() -> dict:
+            return {r.name: r for r in c.read_flow_runs(flow_filter=partition_flow)}
+
+        # Partition 0 running under one of the workers, which is then the victim.
+        deadline = time.time() + 120
+        victim = None
+        while victim is None:
+            assert orchestrator.popen.poll() is None, orchestrator.tail()
+            assert time.time() < deadline, f"{partitions()}\n{orchestrator.tail()}"
+            run = partitions().get("partition-0")
+            if run is not None and run.state.is_running():
+                victim = next((w for w in workers if w.runs(str(run.id))), None)
+            time.sleep(0.2)
+        survivor = next(w for w in workers if w is not victim)
+        chunks = run.parameters["chunks"]
+        records = shared / ".acts.partial" / "chunks"
+
+        def finished() -> list[str]:
+            return [n for n in chunks if (records / f"{n}.json").exists()]
+
+        while not finished():
+            assert time.time() < deadline, f"no chunk finished\n{orchestrator.tail()}"
+            time.sleep(0.005)
+        kill_tree(victim.proc.pid)
+        killed_at = time.time()
+        done_at_kill = len(finished())
+        assert done_at_kill < len(chunks), "the partition finished before the kill"
+        assert victim.proc.popen.wait(10) == -signal.SIGKILL
+
+        assert orchestrator.popen.wait(240) == 0, orchestrator.tail()
+        timings["distributed_extract_s"] = time.time() - started
+        runs = partitions()
+
+        # The killed run was marked Crashed by the zombie automation, for want of heartbeats.
+        crashed = runs["partition-0"]
+        assert crashed.state.is_crashed(), crashed.state
+        assert "no heartbeat" in crashed.state.message
+        retry = runs["partition-0-try2"]
+        assert retry.state.is_completed(), retry.state
+        assert runs["partition-1"].state.is_completed()
+        assert set(runs) == {"partition-0", "partition-1", "partition-0-try2"}
+        # Only the survivor was left to run it, and it redid only what the victim had not done.
+        assert survivor.proc.popen.poll() is None
+        took = "Flow run 'partition-0-try2' submitted to infrastructure"
+        assert took in survivor.proc.tail(200_000) and took not in victim.proc.tail(200_000)
+        logs = [
+            entry.message
+            for entry in c.read_logs(LogFilter(flow_run_id={"any_": [retry.id]}), limit=200)
+        ]
+        ran = next(m for m in logs if "chunks extracted here" in m)
+        n_ran = int(ran.split(": ", 1)[1].split(" of ")[0])
+        assert n_ran == len(chunks) - done_at_kill, (ran, done_at_kill)
+        timings["kill_to_crashed_s"] = crashed.state.timestamp.timestamp() - killed_at
+        timings["kill_to_retry_done_s"] = retry.end_time.timestamp() - killed_at
+
+    # One manifest over both partitions' chunks: the very bytes of the single-worker run.
+    manifest = json.loads((shared / "acts" / "manifest.json").read_text())
+    assert manifest["n_images"] == 200
+    assert digest(shared / "acts") == digest(reference)
+    assert not (shared / ".acts.partial").exists()
+    log = orchestrator.tail(20000)
+    assert "partition-0: flow run 'partition-0' crashed" in log
+    timings["chunks_done_when_killed"] = f"{done_at_kill} of {len(chunks)}"
+    timings["total_s"] = time.time() - t0
+    print(f"timings: {json.dumps(timings)}")
+
+
+@pytest.mark.slow
+def test_distributed_sweep_members_are_flow_runs(server, tiny_world, tiny_vit, tmp_path, request):
+    """`train.sweep.distribute: true`: each member its own flow run, landing where the one-pass
+    sweep puts it; the main SAE trains in the submitting flow meanwhile."""
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from saev_core.stages import TrainStage, train_stage
+
+    api = server
+    root = tmp_path / "shared" / "project"
+    root.mkdir(parents=True)
+    acts = root / "acts"
+    cfg = ExtractConfig(model=str(tiny_vit), data=str(tiny_world), out_dir=str(acts), layers=(1,))
+    extract(replace_cfg(cfg), progress=False)
+    sae = {"arch": "topk", "expansion": 2, "k": 4, "batch_size": 32, "n_epochs": 1}
+    members = {"k2": {"k": 2}, "k8": {"k": 8}}
+    train = {"shard_dir": "acts", "layer": 1, "eval_split": "val", "out_dir": "saes/t", "sae": sae}
+    params = {"train": {**train, "sweep": {"distribute": True, **members}}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    workers = [Worker("worker", tmp_path, api, request)]
+    # The one-pass sweep of the same section, for the layout it writes.
+    one_pass = train_stage(
+        TrainStage(
+            **{**train, "shard_dir": str(acts), "out_dir": str(tmp_path / "one")}, sweep=members
+        ),
+        progress=False,
+    )
+    assert set(one_pass["sweep"]) == set(members)
+
+    tracking = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    env = {**base_env(mkdir(tmp_path / "orchestrator")), "PREFECT_API_URL": api}
+    env["MLFLOW_TRACKING_URI"] = tracking
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as c:
+        wait_for_workers(c, workers, 1)
+        orchestrator = Proc([str(BIN / "saev"), "train"], tmp_path / "train.log", env, root)
+        request.addfinalizer(orchestrator.stop)
+        assert orchestrator.popen.wait(300) == 0, orchestrator.tail()
+        member_flow = FlowFilter(name=FlowFilterName(any_=["train-member"]))
+        runs = {r.name: r for r in c.read_flow_runs(flow_filter=member_flow)}
+    assert set(runs) == set(members)
+    assert all(r.state.is_completed() and "saev-fan-out" in r.tags for r in runs.values())
+
+    out = root / "saes" / "t"
+    layout = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    one = tmp_path / "one"
+    assert layout == sorted(str(p.relative_to(one)) for p in one.rglob("*") if p.is_file())
+    for name, overrides in members.items():
+        saved = json.loads((out / "sweep" / name / "cfg.json").read_text())
+        assert saved["sae"]["k"] == overrides["k"] and saved["extra"]["layer"] == 1
+    assert json.loads((out / "cfg.json").read_text())["sae"]["k"] == 4
+    assert not (root / "saes" / ".t.sweep").exists()
+    rows = json.loads((root / "metrics" / "train_sweep.json").read_text())
+    assert sorted(r["name"] for r in rows) == ["k2", "k8", "main"]
+    assert [r["l0"] for r in rows] == sorted(r["l0"] for r in rows)
+
+    found = mlflow.MlflowClient(tracking).search_runs(
+        [mlflow.MlflowClient(tracking).get_experiment_by_name("train").experiment_id]
+    )
+    sweep_ids = {r.data.tags.get("sweep_id") for r in found}
+    assert len(found) == 3 and len(sweep_ids) == 1 and None not in sweep_ids
+    assert sorted(r.data.tags.get("member", "main") for r in found) == ["k2", "k8", "main"]
+
+
+def replace_cfg(cfg: ExtractConfig) -> ExtractConfig:
+    """The tiny world's shards, small files (the service test's sizes)."""
+    from dataclasses import replace
+
+    return replace(cfg, batch_size=4, images_per_row_group=2, images_per_file=4, n_workers=1)
+
+
+def test_sweep_distribute_is_a_flag_not_a_member():
+    from saev_core.stages import TrainStage
+
+    sae = {"arch": "topk", "expansion": 2, "k": 4}
+    io = TrainStage(sae=sae, sweep={"distribute": True, "k2": {"k": 2}})
+    assert io.distribute_sweep and io.sweep == {"k2": {"k": 2}}
+    io = TrainStage(sae=sae, sweep={"distribute": False, "k2": {"k": 2}})
+    assert not io.distribute_sweep and io.sweep == {"k2": {"k": 2}}
+    with pytest.raises(ValueError, match="sweep.distribute must be true or false"):
+        TrainStage(sae=sae, sweep={"distribute": {"k": 2}})
+
+
+def test_distributed_without_a_server_says_what_is_missing(monkeypatch, capsys, tmp_path):
+    from saev_core.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))  # no profile with an API url either
+    assert main(["extract", "--partitions", "2", "--distributed"]) == 1
+    err = capsys.readouterr().err
+    assert "needs a Prefect server and workers" in err and "saev worker" in err
