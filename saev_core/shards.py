@@ -36,8 +36,15 @@ SCHEMA_VERSION = 2  # 2: images.parquet has `key`; manifest has chunks, history,
 ACT_PAGE_BYTES = 256 * 2**20  # largest data page the writer makes (Parquet allows < 2 GiB)
 
 
+def _tmp_name(path: Path) -> Path:
+    """Where `path` is written before its rename: named per process, so that two writers of
+    one file (a partition's flow run marked Crashed while still alive, and its retry on another
+    worker) never write into each other's temporary file."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_name(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
@@ -47,7 +54,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_write_table(table: pa.Table, path: Path, **kwargs: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_name(path)
     pq.write_table(table, tmp, **kwargs)
     os.replace(tmp, path)
 
@@ -219,7 +226,8 @@ class ShardWriter:
 
     def _open(self) -> None:
         name = f"{self.split}-{self.first_index + len(self.files):05d}.parquet"
-        self._tmp = self.dir / (name + ".tmp")
+        self._final = self.dir / name
+        self._tmp = _tmp_name(self._final)
         self._writer = pq.ParquetWriter(
             self._tmp,
             self.schema,
@@ -255,7 +263,7 @@ class ShardWriter:
             return
         self._flush()
         self._writer.close()
-        final = self._tmp.with_suffix("")  # drop ".tmp"
+        final = self._final
         os.replace(self._tmp, final)
         self.files.append(
             {
