@@ -50,22 +50,43 @@ def endpoint_url(explicit: str | None = None) -> str | None:
     return next((os.environ[v] for v in ENDPOINT_ENVS if os.environ.get(v)), None)
 
 
+# s3fs retries 5 times on top of botocore's own retries by default: minutes on a dead endpoint
+CONNECT_TIMEOUT_S, READ_TIMEOUT_S, ATTEMPTS = 5, 30, 3
+
+
 def filesystem(endpoint: str | None = None) -> Any:
-    """An s3fs filesystem on the store, with no listing cache (a rebuild sees new files)."""
+    """An s3fs filesystem on the store, with no listing cache (a rebuild sees new files) and
+    bounded timeouts and retries (a dead endpoint fails in seconds, not minutes)."""
     import s3fs
 
     url = endpoint_url(endpoint)
-    return s3fs.S3FileSystem(
+    fs = s3fs.S3FileSystem(
         client_kwargs={"endpoint_url": url} if url else {},
+        config_kwargs={
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "read_timeout": READ_TIMEOUT_S,
+            "retries": {"total_max_attempts": ATTEMPTS},
+        },
         skip_instance_cache=True,
         use_listings_cache=False,
     )
+    fs.retries = 2  # s3fs's own retry loop (a class attribute, 5 by default)
+    return fs
 
 
 def glob(fs: Any, pattern: str) -> list[str]:
-    """The objects matching an `s3://` glob, as `s3://` URLs (fsspec drops the scheme)."""
+    """The objects matching an `s3://` glob, as `s3://` URLs (fsspec drops the scheme). A store
+    that cannot be listed raises OSError naming the endpoint and what to check."""
     scheme = pattern.split("://", 1)[0]
-    return [f"{scheme}://{p}" for p in fs.glob(pattern)]
+    try:
+        found = fs.glob(pattern)
+    except Exception as e:  # botocore, aiohttp and fsspec each raise their own kinds
+        where = (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url") or "AWS S3"
+        raise OSError(
+            f"cannot list {pattern} at {where}: {type(e).__name__}: {e} (check the endpoint, the "
+            f"bucket and the credentials: SAEV_OBJECT_STORE=s3://<bucket> saev doctor)"
+        ) from e
+    return [f"{scheme}://{p}" for p in found]
 
 
 @dataclass(frozen=True)
@@ -117,7 +138,10 @@ def probe(url: str, endpoint: str | None = None, timeout: float = 3.0) -> Probe:
         "s3",
         endpoint_url=endpoint,
         region_name=session.region_name or "us-east-1",
-        config=Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1}),
+        # total_max_attempts 1: one attempt, no retry ("max_attempts" counts retries)
+        config=Config(
+            connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": 1}
+        ),
     )
     try:
         client.head_bucket(Bucket=bucket)
@@ -125,6 +149,12 @@ def probe(url: str, endpoint: str | None = None, timeout: float = 3.0) -> Probe:
         code = str(e.response.get("Error", {}).get("Code", ""))
         if code in ("404", "NoSuchBucket", "NotFound"):
             return result(True, problem=f"bucket {bucket!r} does not exist at {where}")
+        if code in ("301", "PermanentRedirect"):
+            return result(
+                True,
+                problem=f"bucket {bucket!r} lives in another region than {where} "
+                "(set AWS_DEFAULT_REGION or the endpoint of its region)",
+            )
         if code in ("403", "AccessDenied", "Forbidden"):
             return result(True, problem=f"bucket {bucket!r} at {where}: access denied ({code})")
         return result(True, problem=f"bucket {bucket!r} at {where}: {code or e}")
