@@ -3,7 +3,9 @@
 `dvc repro` runs the same stage flows one process per stage and skips the ones whose inputs did
 not change; this flow is what a Prefect deployment runs on a schedule (see `deploy.py`), with
 `version=True`: the run is tagged with the git commit and data version, and every output is
-committed to DVC and pushed to the configured remote.
+committed to DVC and pushed to the configured remote. With `distributed`, each of the
+extraction's `partitions` is a flow run of its own, taken by any worker of the pool
+(`flows/distributed.py`, docs/scale-out.md): the flow then needs a Prefect server, checked first.
 """
 
 from __future__ import annotations
@@ -55,12 +57,19 @@ def pipeline_flow(
     skip: list[str] | None = None,
     version: bool = False,
     partitions: int = 1,
+    distributed: bool = False,
 ) -> None:
-    """Every stage in order; with `version`, tag the run and commit + push what it wrote."""
+    """Every stage in order; with `version`, tag the run and commit + push what it wrote.
+
+    `distributed`: the extraction's partitions are flow runs on the work pool (see `extract`)."""
     from flows.common import placement, provenance, tag_flow_run, version_outputs_task
     from saev_core.config import read_params
 
     ran = [name for name in STAGES if not (skip and name in skip)]
+    if distributed and "extract" in ran:
+        from flows.distributed import require_server
+
+        require_server("saev pipeline --distributed")  # before the backbone trains for minutes
     print(placement(needs_gpu=any(s in GPU_STAGES for s in ran)))
     if version:
         print(f"provenance: {tag_flow_run(provenance())}")
@@ -68,7 +77,8 @@ def pipeline_flow(
         if name not in ran:
             print(f"skipping {name}")
         elif name == "extract":
-            stage(params=params, partitions=partitions)  # versions its shards itself
+            # versions its shards itself
+            stage(params=params, partitions=partitions, distributed=distributed)
         else:
             stage(params=params)
     if version:
@@ -92,9 +102,23 @@ def main(argv: list[str] | None = None) -> int:
         "and push it to the remote (what scheduled runs do)",
     )
     p.add_argument("--partitions", type=int, default=1, help="extraction partitions")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="each extraction partition its own flow run, taken by any worker of the work pool "
+        "(needs PREFECT_API_URL and `saev worker`s; paths on storage every worker shares)",
+    )
     args = p.parse_args(argv)
+    if args.distributed and "extract" not in args.skip:
+        from flows.distributed import require_server
+
+        require_server("saev pipeline --distributed")  # before a temporary server starts
     pipeline_flow(
-        params=args.params, skip=args.skip, version=args.version, partitions=args.partitions
+        params=args.params,
+        skip=args.skip,
+        version=args.version,
+        partitions=args.partitions,
+        distributed=args.distributed,
     )
     return 0
 

@@ -5,7 +5,9 @@ The watched folder is `extract.data` of the params file. The `saev-refresh` depl
 set lacks, it stops after a cheap listing. Otherwise it extracts only the new images (the shard
 set grows incrementally, see `saev_core/extract.py`), validates the grown set, recomputes the
 SAE's statistics and rebuilds the warehouse, then versions what it wrote with DVC and records
-the run in MLflow (experiment `service`).
+the run in MLflow (experiment `service`). With `distributed`, the new images' partitions are flow
+runs of their own on the work pool (`flows/distributed.py`, docs/scale-out.md); the flow then
+checks for a Prefect server first, even on a run that finds nothing new.
 """
 
 from __future__ import annotations
@@ -68,8 +70,20 @@ def tracked_input(path: str | Path) -> Path | None:
 
 
 @flow(name="refresh", log_prints=True)
-def refresh_flow(params: str = "params.yaml", partitions: int = 1, version: bool = True) -> dict:
-    """Bring shards, stats and warehouse up to date with the images in `extract.data`."""
+def refresh_flow(
+    params: str = "params.yaml",
+    partitions: int = 1,
+    version: bool = True,
+    distributed: bool = False,
+) -> dict:
+    """Bring shards, stats and warehouse up to date with the images in `extract.data`.
+
+    `distributed`: the extraction's partitions are flow runs on the work pool (see `extract`)."""
+    if distributed:
+        from flows.distributed import require_server
+
+        # said on the first run, not on the day new images arrive
+        require_server("saev refresh --distributed")
     started = time.time()
     print(placement(needs_gpu=True))
     p = read_params(params)
@@ -80,7 +94,9 @@ def refresh_flow(params: str = "params.yaml", partitions: int = 1, version: bool
         print(f"no new images in {cfg.data}: shards, stats and warehouse are up to date")
         return {"new_images": 0}
     print(f"{n_new} new images in {cfg.data}")
-    manifest = extract_flow(params=params, version=False, partitions=partitions)
+    manifest = extract_flow(
+        params=params, version=False, partitions=partitions, distributed=distributed
+    )
     validate_flow(params=params)
     stats_flow(params=params)
     warehouse_flow(params=params)
@@ -118,8 +134,26 @@ def _record(tags: dict, summary: dict, p: dict, versioned: list, seconds: float)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("refresh", argv)
-    refresh_flow(params=args.params)
+    def options(p) -> None:
+        p.add_argument(
+            "--partitions",
+            type=int,
+            default=1,
+            help="fan the new images out over this many partitions (default: %(default)s)",
+        )
+        p.add_argument(
+            "--distributed",
+            action="store_true",
+            help="each partition its own flow run, taken by any worker of the work pool "
+            "(needs PREFECT_API_URL and `saev worker`s; paths on storage every worker shares)",
+        )
+
+    args = parse_args("refresh", argv, extra=options)
+    if args.distributed:
+        from flows.distributed import require_server
+
+        require_server("saev refresh --distributed")  # before a temporary server starts
+    refresh_flow(params=args.params, partitions=args.partitions, distributed=args.distributed)
     return 0
 
 

@@ -283,3 +283,28 @@ def test_a_run_with_overrides_leaves_the_dvc_metrics_alone(tmp_path, capsys):
     assert "left as it is" in capsys.readouterr().out
     write_metrics(path, {"fvu": 0.06}, {})
     assert json.loads(path.read_text()) == {"fvu": 0.06}
+
+
+@pytest.mark.parametrize("name", ["pipeline", "refresh"])
+def test_pipeline_and_refresh_take_distributed(name, tmp_path, monkeypatch, capsys):
+    """`distributed` is a flow parameter of both scheduled flows (a deployment run may set it),
+    off by default; with it and no Prefect server, the flow and the command refuse at once,
+    before any stage runs (tests/test_distributed.py runs the fan-out on real workers)."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import pipeline_flow
+    from flows.refresh import refresh_flow
+    from saev_core.cli import main
+
+    flow = {"pipeline": pipeline_flow, "refresh": refresh_flow}[name]
+    schema = parameter_schema(flow.fn).model_dump()
+    assert schema["properties"]["distributed"]["default"] is False
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))  # no profile with an API url either
+    missing = str(tmp_path / "no-such-params.yaml")  # refused before the params are read
+    with pytest.raises(ValueError, match="needs a Prefect server and workers"):
+        flow.fn(params=missing, partitions=2, distributed=True)
+    assert main([name, "--params", missing, "--partitions", "2", "--distributed"]) == 1
+    err = capsys.readouterr().err
+    assert f"saev {name} --distributed needs a Prefect server" in err and "saev worker" in err
