@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             "--partitions",
             type=int,
             default=1,
-            help="fan the images out over this many mapped tasks, merged into one shard set "
-            "identical to a single-worker run (default: %(default)s)",
+            help="fan the images out over this many mapped tasks (flow runs with --distributed), "
+            "merged into one shard set identical to a single-worker run (default: %(default)s)",
         )
         p.add_argument(
             "--distributed",
