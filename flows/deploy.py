@@ -26,7 +26,15 @@ registers them itself before submitting (`ensure_fanout`), on the GPU pool when 
 runs, tagged `saev-fan-out`, send a heartbeat every 30 s (Prefect's minimum; other runs keep
 Prefect's 180 s), and the automation `ZOMBIE_AUTOMATION` marks such a run Crashed once none came
 for `$SAEV_ZOMBIE_AFTER_S` s (90): Prefect's zombie-run detection, which lets the fanned-out stage
-submit again a piece whose machine died.
+submit again a piece whose machine died. (A run still Pending after as long, which never sent a
+heartbeat, is crashed by the waiting stage itself: flows/distributed.py.)
+
+The automation is one object on the server, global to it: it watches every `saev-fan-out` run,
+whoever submitted it, and every caller of `saev deploy` or of a fanned-out stage rewrites it with
+its own `$SAEV_ZOMBIE_AFTER_S` (the last writer wins, for all runs in flight). Set the variable to
+one value for the whole team (in the environment of every machine that submits) rather than per
+run; a value close to the 30 s between heartbeats crashes live runs whose beat comes late (a
+loaded machine).
 """
 
 from __future__ import annotations

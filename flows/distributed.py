@@ -17,16 +17,31 @@ there; a chunk counts as done once its record is written (saev_core/extract.py).
 
 **A machine that dies.** Each piece's flow run sends a heartbeat every 30 s; Prefect's zombie
 automation (flows/deploy.py, `ZOMBIE_AUTOMATION`) marks a run without one for
-`$SAEV_ZOMBIE_AFTER_S` s (90) Crashed, and `fan_out` then submits that piece again for any live
+`$SAEV_ZOMBIE_AFTER_S` s (90) Crashed, and `FanOut.wait` then submits that piece again for any live
 worker to take. A partition's retry keeps the chunks the dead run finished and redoes the rest
-with the same plan, so the merged set is byte-identical to a single-worker run. A piece that
-fails (an exception, after its own retries) fails the stage; nothing is published.
+with the same plan, so the merged set is byte-identical to a single-worker run (the dead run's
+half-written `*.tmp` files are deleted before the merge). A worker that dies after claiming a
+run but before starting it leaves the run Pending with no heartbeat at all: after the same
+`$SAEV_ZOMBIE_AFTER_S` Pending, `FanOut.wait` marks it Crashed itself and submits it again. A piece
+that fails (an exception, after its own retries) fails the stage; nothing is published.
+
+**Never a silent hang.** A piece that no worker takes (Scheduled or Late) for a minute gets a
+warning in the log naming its work pool; one reason is a flow that submits pieces while itself
+running on a `--limit 1` worker of the same pool, which then holds the only slot. The wait as a
+whole gives up after `$SAEV_FANOUT_TIMEOUT_S` (a day). Whenever the stage stops early (a failed
+piece, the timeout, an interrupt, the main SAE's training raising), every piece not finished
+is set Cancelling, so that no worker keeps training or extracting for nobody.
+
+**Tracking.** A distributed sweep's members log MLflow runs on the machines that train them, and
+the submitting flow looks them up afterwards: `MLFLOW_TRACKING_URI` must name a store they all
+reach (a tracking server), not the local sqlite default; the stage refuses to start otherwise.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +50,7 @@ from typing import Any
 from prefect import flow
 
 from flows.common import placement
-from flows.deploy import FANOUT_TAG, ensure_fanout
+from flows.deploy import FANOUT_TAG, ensure_fanout, zombie_after_s
 from saev_core.config import from_dict, to_dict
 from saev_core.extract import ExtractConfig, extract_partition
 from saev_core.stages import TrainStage
@@ -45,7 +60,14 @@ POLL_S = 1.0
 RESUBMIT = 2
 """Times a crashed piece is submitted again before the stage gives up."""
 UNCLAIMED_S = 60.0
-"""A piece no worker has taken after this long gets a hint in the log."""
+"""A piece still Scheduled (or Late) after this long, which no worker has taken, gets a warning."""
+TIMEOUT_ENV = "SAEV_FANOUT_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 24 * 3600
+"""`wait` gives up (and cancels what is left) when the pieces are not all done in this long:
+a day, far above a partition's or a member's run on a GPU, so only a stage that is stuck (no
+worker, a piece that never ends) meets it; `$SAEV_FANOUT_TIMEOUT_S` overrides it."""
+LOCAL_TRACKING = ("", "file", "sqlite")
+"""MLflow URI schemes that name a store on this machine's disk."""
 
 
 def require_server(what: str) -> None:
@@ -60,10 +82,50 @@ def require_server(what: str) -> None:
         )
 
 
+def require_shared_tracking(what: str) -> str:
+    """Refuse to fan out MLflow runs to other machines while the tracking store is a local one
+    (unset: `mlruns/mlflow.db`; a sqlite or file URI): each worker would log its runs to its own
+    disk, and the submitting flow would find none of them. Returns the URI."""
+    from urllib.parse import urlparse
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    scheme = urlparse(uri).scheme.lower()
+    if scheme in LOCAL_TRACKING or len(scheme) == 1:  # one letter: a Windows drive, a path
+        raise ValueError(
+            f"{what} needs an MLflow tracking store every worker reaches, but "
+            f"MLFLOW_TRACKING_URI is {repr(uri) if uri else 'unset (mlruns/mlflow.db here)'}: "
+            "start a tracking server (`mlflow server --backend-store-uri postgresql://... "
+            "--artifacts-destination s3://bucket/mlflow`), export "
+            "MLFLOW_TRACKING_URI=http://HOST:5000, then run it again"
+        )
+    return uri
+
+
+def fanout_timeout_s() -> float:
+    return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+
+
+def _warn(message: str) -> None:
+    """A warning in the flow run's log (the UI marks it as one), or on stderr outside a run."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        get_run_logger().warning(message)
+    except MissingContextError:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 class FanOut:
     """One flow run of `deployment` per piece (`{label: parameters}`): `submit()` creates them
     (they run side by side on the pool's workers), `wait()` blocks until all are completed and
-    submits a crashed one again, up to `resubmit` times; a piece that fails otherwise raises."""
+    submits a crashed one again, up to `resubmit` times; a piece that fails otherwise raises.
+
+    A run that stays Pending for `pending_after_s` (default `$SAEV_ZOMBIE_AFTER_S`, 90) is marked
+    Crashed and submitted again: the worker that claimed it died before the run started, so it
+    never sent the heartbeat the zombie automation watches. Used as a context manager, every
+    piece not finished yet is set Cancelling when the block raises (a failed piece, the
+    timeout, an interrupt or anything else the stage does meanwhile)."""
 
     def __init__(
         self,
@@ -72,13 +134,28 @@ class FanOut:
         workdir: str | Path = ".",
         resubmit: int = RESUBMIT,
         poll_s: float = POLL_S,
+        pending_after_s: float | None = None,
+        unclaimed_s: float = UNCLAIMED_S,
     ):
         self.deployment, self.pieces = deployment, pieces
         self.workdir = str(Path(workdir).resolve())
         self.resubmit, self.poll_s = resubmit, poll_s
+        self.pending_after_s = pending_after_s or zombie_after_s()
+        self.unclaimed_s = unclaimed_s
         self.tries = dict.fromkeys(pieces, 0)
         self.runs: dict[str, Any] = {}
-        self.submitted: dict[str, float] = {}
+        self.done: dict[str, Any] = {}
+        # label -> (state type, when this process first saw the run in it)
+        self._since: dict[str, tuple[Any, float]] = {}
+        self._warned: set[str] = set()
+
+    def __enter__(self) -> FanOut:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if kind is not None:
+            self.cancel(f"the stage that submitted it stopped: {kind.__name__}: {error}")
+        return False
 
     def _submit(self, label: str) -> None:
         from prefect.deployments import run_deployment
@@ -92,7 +169,8 @@ class FanOut:
             job_variables={"working_dir": self.workdir},
             tags=["saev", FANOUT_TAG],
         )
-        self.submitted[label] = time.time()
+        self._since.pop(label, None)
+        self._warned.discard(label)
 
     def submit(self) -> FanOut:
         for label in self.pieces:
@@ -103,42 +181,78 @@ class FanOut:
         return self
 
     def wait(self, timeout_s: float | None = None) -> dict[str, Any]:
-        """`{label: completed flow run}` once every piece is done."""
+        """`{label: completed flow run}` once every piece is done; TimeoutError after
+        `timeout_s` (default `$SAEV_FANOUT_TIMEOUT_S`, a day)."""
         from prefect.client.orchestration import get_client
 
-        done: dict[str, Any] = {}
-        hinted: set[str] = set()
+        timeout_s = fanout_timeout_s() if timeout_s is None else timeout_s
         start = time.time()
         with get_client(sync_client=True) as client:
             while True:
-                for label in [p for p in self.pieces if p not in done]:
+                states = {}
+                for label in [p for p in self.pieces if p not in self.done]:
                     run = client.read_flow_run(self.runs[label].id)
+                    states[label] = run.state.name if run.state else "not started"
                     if run.state is not None and run.state.is_final():
-                        self._final(label, run, done)
-                    elif label not in hinted and self._unclaimed(label, run):
-                        print(
-                            f"{label}: no worker has taken flow run {run.name!r} in "
-                            f"{UNCLAIMED_S:.0f} s; is a `saev worker` running on work pool "
-                            f"{run.work_pool_name!r}?"
-                        )
-                        hinted.add(label)
-                if len(done) == len(self.pieces):
-                    return done
-                if timeout_s is not None and time.time() - start > timeout_s:
+                        self._final(label, run)
+                    else:
+                        self._watch(client, label, run)
+                if len(self.done) == len(self.pieces):
+                    return dict(self.done)
+                if time.time() - start > timeout_s:
+                    left = ", ".join(f"{k} ({v})" for k, v in states.items() if k not in self.done)
                     raise TimeoutError(
-                        f"{self.deployment}: flow runs of {sorted(set(self.pieces) - set(done))} "
-                        f"not done after {timeout_s} s"
+                        f"{self.deployment}: flow runs not done after {timeout_s:.0f} s: {left} "
+                        f"(${TIMEOUT_ENV} sets the limit); cancelling them"
                     )
                 time.sleep(self.poll_s)
 
-    def _unclaimed(self, label: str, run: Any) -> bool:
-        waiting = run.state is None or run.state.is_scheduled() or run.state.is_pending()
-        return waiting and time.time() - self.submitted[label] > UNCLAIMED_S
+    def _watch(self, client: Any, label: str, run: Any) -> None:
+        """Crash a run stuck Pending; warn about one no worker takes."""
+        from prefect.states import Crashed
 
-    def _final(self, label: str, run: Any, done: dict[str, Any]) -> None:
+        state = run.state
+        kind = state.type if state is not None else None
+        if label not in self._since or self._since[label][0] != kind:
+            self._since[label] = (kind, time.time())
+        waited = time.time() - self._since[label][1]
+        if state is not None and state.is_pending() and waited > self.pending_after_s:
+            message = (
+                f"Pending for {waited:.0f} s without starting: the worker that took it is gone"
+            )
+            print(f"{label}: flow run {run.name!r} {message}; marking it Crashed")
+            client.set_flow_run_state(run.id, Crashed(message=message))
+            # the next look sees it Crashed and submits it again (or finds it started after all)
+        elif (
+            (state is None or state.is_scheduled())  # Late is a Scheduled state; Pending is not
+            and waited > self.unclaimed_s
+            and label not in self._warned
+        ):
+            self._warned.add(label)
+            _warn(
+                f"{label}: flow run {run.name!r} has waited {waited:.0f} s "
+                f"{state.name if state else 'unscheduled'}: no worker of work pool "
+                f"{run.work_pool_name!r} has taken it. Start a `saev worker` on that pool, or "
+                f"raise a worker's --limit: {self._holder(client, run.work_pool_name)}"
+            )
+
+    def _holder(self, client: Any, pool: str | None) -> str:
+        """Why a pool's slots may all be taken: this flow run itself may hold one."""
+        from prefect.runtime import flow_run
+
+        own = flow_run.get_id()
+        mine = client.read_flow_run(own).work_pool_name if own else None
+        if mine and mine == pool:
+            return (
+                f"this flow run runs on {pool!r} too and holds one of its workers' slots while "
+                "it waits (a worker started with --limit 1 can then take no piece)"
+            )
+        return "a flow that submits pieces and runs on the same pool holds a slot while it waits"
+
+    def _final(self, label: str, run: Any) -> None:
         state = run.state
         if state.is_completed():
-            done[label] = run
+            self.done[label] = run
             print(f"{label}: flow run {run.name!r} completed")
         elif state.is_crashed() and self.tries[label] < self.resubmit:
             self.tries[label] += 1
@@ -152,6 +266,32 @@ class FanOut:
                 f"{label}: flow run {run.name!r} of {self.deployment} ended {state.name}: "
                 f"{state.message}"
             )
+
+    def cancel(self, reason: str) -> list[str]:
+        """Set every submitted piece that is not done Cancelling (its worker stops it); the
+        labels cancelled. Never raises: it runs while another error is on its way out."""
+        from prefect.client.orchestration import get_client
+        from prefect.states import Cancelling
+
+        cancelled = []
+        try:
+            with get_client(sync_client=True) as client:
+                for label, submitted in self.runs.items():
+                    if label in self.done:
+                        continue
+                    try:
+                        run = client.read_flow_run(submitted.id)
+                        if run.state is not None and run.state.is_final():
+                            continue
+                        client.set_flow_run_state(run.id, Cancelling(message=reason))
+                        cancelled.append(label)
+                    except Exception as e:  # the others still get their cancel
+                        print(f"{label}: could not cancel flow run {submitted.name!r}: {e}")
+        except Exception as e:
+            print(f"{self.deployment}: could not reach the Prefect API to cancel: {e}")
+        if cancelled:
+            print(f"{self.deployment}: cancelled {', '.join(cancelled)} ({reason})")
+        return cancelled
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,14 +309,39 @@ def extract_partition_flow(cfg: dict, chunks: list[str]) -> list[str]:
 
 
 def run_partitions(cfg: ExtractConfig, partitions: list[list[str]]) -> dict[str, Any]:
-    """Each partition its own flow run of `saev-extract-partition`; returns when all are done."""
+    """Each partition its own flow run of `saev-extract-partition`; returns when all are done,
+    with the staging directory ready for `merge_partitions` (no temporary file left in it).
+    Should the stage fail or be interrupted meanwhile, the partitions still running are
+    cancelled."""
     require_server("saev extract --distributed")
     deployment = ensure_fanout("extract", ".")
     pieces = {
         f"partition-{i}": {"cfg": to_dict(cfg), "chunks": chunks}
         for i, chunks in enumerate(partitions)
     }
-    return FanOut(deployment, pieces).submit().wait() if pieces else {}
+    if not pieces:
+        return {}
+    with FanOut(deployment, pieces) as fan:
+        done = fan.submit().wait()
+    drop_temporaries(cfg)
+    return done
+
+
+def drop_temporaries(cfg: ExtractConfig) -> list[Path]:
+    """Delete the half-written shard files (`<name>.<pid>.tmp`, saev_core/shards.py) that a
+    killed partition left in the staging directory; the paths removed.
+
+    Only once every partition's run is final: then no writer is alive, and a file not renamed
+    yet never will be (the retry wrote that chunk through a temporary file of its own). The
+    merge publishes every file under `layer=*/`, so one left here would land in the shard set."""
+    out = Path(cfg.out_dir)
+    staging = out.parent / f".{out.name}.partial"
+    dropped = [p for d in staging.glob("layer=*") for p in d.rglob("*.tmp") if p.is_file()]
+    for path in dropped:
+        path.unlink()
+    if dropped:
+        print(f"{staging}: removed {len(dropped)} temporary file(s) of killed partitions")
+    return dropped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,14 +385,19 @@ def train_member_flow(section: dict, member: str, sweep_id: str = "") -> dict:
 def run_members(io: TrainStage, sweep_id: str) -> _Members:
     """Submit every sweep member as its own flow run (into `member_staging`); `.wait()` on the
     result blocks until all are done and moves them into `<out_dir>/sweep/<name>/`, where the
-    one-pass sweep puts them."""
+    one-pass sweep puts them. Use the result as a context manager around whatever the stage
+    does until then: should that raise, the members still running are cancelled."""
     require_server("train.sweep.distribute")
+    require_shared_tracking("train.sweep.distribute")
     deployment = ensure_fanout("train", ".")
     section = to_dict(replace(io, distribute_sweep=False))
     pieces = {name: {"section": section, "member": name, "sweep_id": sweep_id} for name in io.sweep}
     staging = member_staging(io)
     shutil.rmtree(staging, ignore_errors=True)
-    return _Members(FanOut(deployment, pieces).submit(), io, staging)
+    fan = FanOut(deployment, pieces)
+    with fan:  # a submission failing half-way cancels the members already submitted
+        fan.submit()
+    return _Members(fan, io, staging)
 
 
 class _Members:
@@ -235,6 +405,12 @@ class _Members:
 
     def __init__(self, fan: FanOut, io: TrainStage, staging: Path):
         self.fan, self.io, self.staging = fan, io, staging
+
+    def __enter__(self) -> _Members:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        return self.fan.__exit__(kind, error, traceback)
 
     def wait(self) -> dict[str, dict]:
         """Block until every member is done; move them into place; `{name: cfg.json}`."""

@@ -5,6 +5,9 @@ a flow would meet it: the Prefect API and its work pools, the MLflow tracking st
 remote, the object store (`SAEV_OBJECT_STORE`, and a DVC remote on S3: endpoint, bucket, reachable,
 writable), the GPU, and the free disk next to the shards. Services are probed over HTTP, the
 `dvc` command line and boto3, with short timeouts, so a dead server costs seconds, not minutes.
+An S3 DVC remote whose credentials or region live in DVC's own config (`dvc remote modify
+--local NAME access_key_id ...`) is reported as not probed, never as failing: the probe meets
+the store with the environment's AWS settings, which are not the ones DVC would use.
 Exit status 1 when something configured does not work, else 0.
 """
 
@@ -143,32 +146,71 @@ def _dvc(args: list[str], root: Path) -> subprocess.CompletedProcess:
     )
 
 
+# An S3 remote's own credentials and region (`dvc remote modify [--local] NAME KEY VALUE`).
+DVC_S3_CREDENTIALS = (
+    "access_key_id",
+    "secret_access_key",
+    "session_token",
+    "profile",
+    "credentialpath",
+    "configpath",
+    "region",
+)
+
+
+def dvc_config(root: Path) -> dict[str, str]:
+    """Every DVC setting in effect in `root`: system, global, `.dvc/config` and
+    `.dvc/config.local` merged, the later winning, as `dvc config --list` prints them ({} when
+    it fails). One call: each `dvc` start costs most of a second."""
+    found = _dvc(["config", "--list"], root)
+    if found.returncode != 0:
+        return {}
+    config = {}
+    for line in found.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            config[key.strip()] = value.strip()
+    return config
+
+
 def check_dvc(cfg: settings.Settings) -> list[Check]:
     root = Path(cfg.root)
     if not (root / ".dvc").is_dir():
         return [Check("DVC", "fail", f"{root} is not a DVC repository (`dvc init`)")]
-    name = cfg.dvc_remote
+    config = dvc_config(root)
+    name = cfg.dvc_remote or config.get("core.remote", "")
     if not name:
-        default = _dvc(["remote", "default"], root)
-        name = default.stdout.strip() if default.returncode == 0 else ""
-        if not name:
+        return [
+            Check(
+                "DVC remote",
+                "info",
+                "none configured: outputs are versioned in the local cache only; add one "
+                "with `dvc remote add -d shared /path/or/s3://bucket/saev`",
+            )
+        ]
+    remote = {
+        key.removeprefix(f"remote.{name}."): value
+        for key, value in config.items()
+        if key.startswith(f"remote.{name}.")
+    }
+    url = remote.get("url", "")
+    if not url:
+        return [Check("DVC remote", "fail", f"remote {name!r} is not defined (`dvc remote list`)")]
+    if object_store.is_url(url):
+        given = [key for key in DVC_S3_CREDENTIALS if remote.get(key)]
+        if given:
+            # object_store.probe reaches the store with the environment's AWS settings only:
+            # probing with those would judge credentials DVC does not use.
             return [
                 Check(
                     "DVC remote",
                     "info",
-                    "none configured: outputs are versioned in the local cache only; add one "
-                    "with `dvc remote add -d shared /path/or/s3://bucket/saev`",
+                    f"{name!r} = {url}: not probed (credentials in DVC config: "
+                    f"{', '.join(given)}; the doctor probes with the environment's AWS "
+                    "settings only); `dvc status -c` checks it",
                 )
             ]
-    # `dvc config` prints the bare value (`dvc remote list` wraps long lines).
-    found = _dvc(["config", f"remote.{name}.url"], root)
-    url = found.stdout.strip() if found.returncode == 0 else ""
-    if not url:
-        return [Check("DVC remote", "fail", f"remote {name!r} is not defined (`dvc remote list`)")]
-    if object_store.is_url(url):
-        found = _dvc(["config", f"remote.{name}.endpointurl"], root)
-        endpoint = found.stdout.strip() if found.returncode == 0 else ""
-        return [_probe_check("DVC remote", url, endpoint or None, f"{name!r} = ")]
+        return [_probe_check("DVC remote", url, remote.get("endpointurl") or None, f"{name!r} = ")]
     if "://" in url and not url.startswith("file://"):
         return [
             Check(

@@ -10,7 +10,10 @@ The sweep runs inside this one flow (members share the data pass), so `saev depl
 one; run here, it trains in this process. With `train.sweep.distribute: true` each member is
 instead its own flow run on the GPU pool (flows/distributed.py), trained while this flow trains
 the main SAE; the members then land in `<out_dir>/sweep/<name>/` as the one-pass sweep's do, and
-their MLflow runs carry the tags `sweep_id` (this flow run) and `member`.
+their MLflow runs carry the tags `sweep_id` (this flow run) and `member`. That needs a tracking
+server every worker reaches (`MLFLOW_TRACKING_URI=http://...`): with the local sqlite default the
+stage refuses to start. Should the main SAE's training fail, the members still running are
+cancelled.
 """
 
 from __future__ import annotations
@@ -125,7 +128,6 @@ def distributed_sweep(io: TrainStage) -> tuple[dict, list[dict]]:
     pool's workers (flows/distributed.py); the same outputs as `train_task` gives a sweep."""
     import uuid
 
-    import mlflow
     from prefect.runtime import flow_run
 
     from flows.distributed import run_members
@@ -133,21 +135,35 @@ def distributed_sweep(io: TrainStage) -> tuple[dict, list[dict]]:
     sweep_id = str(flow_run.get_id() or uuid.uuid4())
     members = run_members(io, sweep_id)  # submitted: they train while the main SAE does
     main = replace(io, sweep={}, distribute_sweep=False, register_as="")
-    metrics, rows = train_task(
-        main, tags={"sweep_members": ",".join(io.sweep), "sweep_id": sweep_id}
-    )
-    for name, cfg in members.wait().items():
+    with members:  # the main SAE's training raising, or the wait failing, cancels the members
+        metrics, rows = train_task(
+            main, tags={"sweep_members": ",".join(io.sweep), "sweep_id": sweep_id}
+        )
+        cfgs = members.wait()
+    for name, cfg in cfgs.items():
         rows.append(sweep_row(name, cfg["extra"]["train"], cfg["extra"]["metrics"]))
     rows = sorted(rows, key=lambda r: r["l0"])
     if io.register_as:
-        found = mlflow.search_runs(
-            experiment_names=["train"],
-            filter_string=f"tags.sweep_id = '{sweep_id}'",
-            output_format="list",
-        )
-        run_ids = {r.data.tags.get("member", "main"): r.info.run_id for r in found}
-        register_best(io, rows, run_ids)
+        register_best(io, rows, sweep_run_ids(sweep_id))
     return metrics, rows
+
+
+def sweep_run_ids(sweep_id: str) -> dict[str, str]:
+    """`{member or "main": MLflow run id}` of a distributed sweep's runs in experiment `train`:
+    finished runs only (a member whose machine died left its run RUNNING, with the same tags),
+    and the newest of a member that ran more than once (its resubmitted flow run)."""
+    import mlflow
+
+    found = mlflow.search_runs(
+        experiment_names=["train"],
+        filter_string=f"tags.sweep_id = '{sweep_id}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    run_ids: dict[str, str] = {}
+    for run in found:  # newest first: the first of each member is the one to keep
+        run_ids.setdefault(run.data.tags.get("member", "main"), run.info.run_id)
+    return run_ids
 
 
 def best_sae(rows: list[dict], max_l0: float) -> dict | None:
@@ -165,6 +181,11 @@ def register_best(io: TrainStage, rows: list[dict], run_ids: dict[str, str]) -> 
     if best is None:
         print(f"no SAE with L0 <= {io.register_max_l0} and < 10% dead: nothing registered")
         return
+    if best["name"] not in run_ids:
+        raise RuntimeError(
+            f"best SAE {best['name']!r} has no finished MLflow run (runs found: "
+            f"{sorted(run_ids)}): nothing registered as {io.register_as}"
+        )
     client = MlflowClient()
     try:
         client.create_registered_model(io.register_as)
@@ -203,6 +224,12 @@ def train_flow(params: str = "params.yaml", overrides: dict | None = None) -> di
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args("train", argv, overrides=True)
+    io = load_section(args.params, "train", TrainStage, args.overrides)
+    if io.distribute_sweep and io.sweep:  # before a temporary server starts: fail in a second
+        from flows.distributed import require_server, require_shared_tracking
+
+        require_server("train.sweep.distribute")
+        require_shared_tracking("train.sweep.distribute")
     train_flow(params=args.params, overrides=args.overrides)
     return 0
 

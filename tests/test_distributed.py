@@ -22,12 +22,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from servers import BIN, Proc, base_env, start_prefect_server, wait_http
+from servers import BIN, Proc, base_env, start_mlflow_server, start_prefect_server, wait_http
 from test_extract_safety import digest
 
 from saev_core.extract import ExtractConfig, extract
 
-ZOMBIE_AFTER_S = 40  # the automation's wait past the last heartbeat (heartbeats every 30 s)
+# The automation's wait past the last heartbeat: heartbeats come every 30 s, so 75 s leaves a
+# late beat 45 s of margin on a loaded machine (and is the Pending bound of the waiting flow).
+ZOMBIE_AFTER_S = 75
+WORKER_MARK = "SAEV_TEST_WORKER"
+"""Environment variable naming the worker a process belongs to (its flow runs inherit it)."""
 EXTRACT = dict(
     model="model",
     data="data",
@@ -73,9 +77,12 @@ def environ(pid: int) -> dict[str, str]:
 def kill_tree(pid: int) -> None:
     """SIGKILL `pid`, every descendant and their process groups, all at once."""
     victims = [pid, *children_of(pid)]
+    own_group = os.getpgid(0)
     for p in victims:
         try:
-            os.killpg(os.getpgid(p), signal.SIGKILL)
+            group = os.getpgid(p)
+            if group != own_group:  # never pytest's own group
+                os.killpg(group, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         try:
@@ -96,6 +103,7 @@ class Worker:
             "SAEV_CACHE_DIR": str(self.dir / "cache"),
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+            WORKER_MARK: str(self.dir),
         }
         self.name = name
         self.proc = Proc(
@@ -108,11 +116,23 @@ class Worker:
         pids = children_of(self.proc.pid)
         return any(environ(p).get("PREFECT__FLOW_RUN_ID") == flow_run_id for p in pids)
 
+    def processes(self) -> list[int]:
+        """Every live process of this worker: itself and its flow runs, found by the mark in
+        their environment, so also those a stopped worker left behind (no longer its children)."""
+        me = os.getpid()
+        pids = [int(p.name) for p in Path("/proc").glob("[0-9]*") if int(p.name) != me]
+        return [p for p in pids if environ(p).get(WORKER_MARK) == str(self.dir)]
+
     def stop(self) -> None:
-        kids = children_of(self.proc.pid)
+        """SIGTERM the worker (its grace period), then SIGKILL whatever of it is left, looking
+        again after each round until nothing is: a flow run it started meanwhile included."""
         self.proc.stop()
-        for p in kids:  # flow runs left by a failed test
-            kill_tree(p)
+        deadline = time.time() + 30
+        while left := self.processes():
+            assert time.time() < deadline, f"{self.name}: {left} outlive SIGKILL"
+            for p in left:
+                kill_tree(p)
+            time.sleep(0.2)
 
 
 def mkdir(path: Path) -> Path:
@@ -208,7 +228,7 @@ def test_a_killed_workers_partition_finishes_on_the_other(server, tiny_vit, tmp_
             return {r.name: r for r in c.read_flow_runs(flow_filter=partition_flow)}
 
         # Partition 0 running under one of the workers, which is then the victim.
-        deadline = time.time() + 120
+        deadline = time.time() + 240  # the server, two workers and a flow start on 2 cores
         victim = None
         while victim is None:
             assert orchestrator.popen.poll() is None, orchestrator.tail()
@@ -219,21 +239,39 @@ def test_a_killed_workers_partition_finishes_on_the_other(server, tiny_vit, tmp_
             time.sleep(0.2)
         survivor = next(w for w in workers if w is not victim)
         chunks = run.parameters["chunks"]
-        records = shared / ".acts.partial" / "chunks"
+        staging = shared / ".acts.partial"
 
         def finished() -> list[str]:
-            return [n for n in chunks if (records / f"{n}.json").exists()]
+            return [n for n in chunks if (staging / "chunks" / f"{n}.json").exists()]
 
-        while not finished():
-            assert time.time() < deadline, f"no chunk finished\n{orchestrator.tail()}"
-            time.sleep(0.005)
+        def half_written(pids: set[int]) -> list[Path]:
+            """The victim's shard files not renamed yet (`<name>.<pid>.tmp`, per process)."""
+            owners = {str(p) for p in pids}
+            return [t for t in staging.glob("layer=*/*.tmp") if t.name.split(".")[-2] in owners]
+
+        # The machine dies mid-partition, mid-file: once a chunk is done, the victim is frozen
+        # (SIGSTOP) at a moment it has a shard file half-written, then killed with SIGKILL.
+        deadline = time.time() + 240
+        while True:
+            assert time.time() < deadline, f"no kill point\n{orchestrator.tail()}"
+            pids = {victim.proc.pid, *children_of(victim.proc.pid)}
+            if finished() and half_written(pids):
+                for p in pids:
+                    os.kill(p, signal.SIGSTOP)
+                if half_written(pids):
+                    break
+                for p in pids:  # it renamed the file meanwhile: let it go on, try again
+                    os.kill(p, signal.SIGCONT)
+            time.sleep(0.002)
+        left_behind = half_written(pids)
         kill_tree(victim.proc.pid)
         killed_at = time.time()
         done_at_kill = len(finished())
         assert done_at_kill < len(chunks), "the partition finished before the kill"
         assert victim.proc.popen.wait(10) == -signal.SIGKILL
+        assert all(t.exists() for t in left_behind)  # what a real crash leaves
 
-        assert orchestrator.popen.wait(240) == 0, orchestrator.tail()
+        assert orchestrator.popen.wait(360) == 0, orchestrator.tail()
         timings["distributed_extract_s"] = time.time() - started
         runs = partitions()
 
@@ -260,13 +298,17 @@ def test_a_killed_workers_partition_finishes_on_the_other(server, tiny_vit, tmp_
         timings["kill_to_retry_done_s"] = retry.end_time.timestamp() - killed_at
 
     # One manifest over both partitions' chunks: the very bytes of the single-worker run.
+    # The killed run's half-written files are gone, not published: no `.tmp` in the set.
     manifest = json.loads((shared / "acts" / "manifest.json").read_text())
     assert manifest["n_images"] == 200
-    assert digest(shared / "acts") == digest(reference)
+    assert not [p for p in (shared / "acts").rglob("*") if p.name.endswith(".tmp")]
+    assert digest(shared / "acts") == digest(reference)  # every file, by sha256
     assert not (shared / ".acts.partial").exists()
     log = orchestrator.tail(20000)
     assert "partition-0: flow run 'partition-0' crashed" in log
+    assert f"removed {len(left_behind)} temporary file(s) of killed partitions" in log
     timings["chunks_done_when_killed"] = f"{done_at_kill} of {len(chunks)}"
+    timings["half_written_files_left_by_the_kill"] = len(left_behind)
     timings["total_s"] = time.time() - t0
     print(f"timings: {json.dumps(timings)}")
 
@@ -303,7 +345,9 @@ def test_distributed_sweep_members_are_flow_runs(server, tiny_world, tiny_vit, t
     )
     assert set(one_pass["sweep"]) == set(members)
 
-    tracking = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    # A tracking server every worker reaches: a distributed sweep refuses a local store.
+    tracking, mlflow_proc = start_mlflow_server(mkdir(tmp_path / "mlflow"), request)
+    wait_http(f"{tracking}/health", mlflow_proc)
     env = {**base_env(mkdir(tmp_path / "orchestrator")), "PREFECT_API_URL": api}
     env["MLFLOW_TRACKING_URI"] = tracking
     with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as c:
@@ -364,3 +408,134 @@ def test_distributed_without_a_server_says_what_is_missing(monkeypatch, capsys, 
     assert main(["extract", "--partitions", "2", "--distributed"]) == 1
     err = capsys.readouterr().err
     assert "needs a Prefect server and workers" in err and "saev worker" in err
+
+
+@pytest.mark.slow
+def test_a_run_stuck_pending_is_crashed_and_unclaimed_pieces_are_cancelled(
+    server, tmp_path, monkeypatch, capsys
+):
+    """A worker that dies after claiming a run, before starting it, leaves the run Pending with
+    no heartbeat ever: the waiting flow marks it Crashed and submits it again. A piece that no
+    worker takes gets a warning (Scheduled or Late, never Pending); the wait's overall timeout
+    raises a clear error, and every piece not finished is then set Cancelling."""
+    from dataclasses import replace
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Pending
+
+    from flows.deploy import FANOUT, ensure_pool, to_deployment
+    from flows.distributed import FanOut
+
+    monkeypatch.setenv("PREFECT_API_URL", server)
+    pieces = {f"idle-{i}": {"cfg": {}, "chunks": []} for i in range(2)}
+    with temporary_settings(updates={PREFECT_API_URL: server}), get_client(sync_client=True) as c:
+        ensure_pool("idle")  # a pool that no worker polls
+        to_deployment(
+            replace(FANOUT["extract"], name="no-worker"), "idle", "p.yaml", tmp_path
+        ).apply()
+        fan = FanOut(
+            "extract-partition/no-worker",
+            pieces,
+            resubmit=1,
+            poll_s=0.2,
+            pending_after_s=3,
+            unclaimed_s=1.5,
+        )
+        with pytest.raises(TimeoutError, match=r"not done after 12 s: idle-0 \((Scheduled|Late)\)"):
+            with fan:
+                fan.submit()
+                first = fan.runs["idle-0"]
+                c.set_flow_run_state(first.id, Pending())  # taken by a worker that then died
+                fan.wait(timeout_s=12)
+        crashed = c.read_flow_run(first.id)
+        assert crashed.state.is_crashed(), crashed.state
+        assert "Pending for" in crashed.state.message
+        assert fan.runs["idle-0"].name == "idle-0-try2" and fan.tries["idle-0"] == 1
+        # The retry and the piece never taken: both cancelled (Prefect turns Cancelling into
+        # Cancelled at once for a Scheduled run, which has no process to stop).
+        for label in pieces:
+            state = c.read_flow_run(fan.runs[label].id).state
+            assert state.type == StateType.CANCELLED, (label, state)
+    said = capsys.readouterr()
+    assert "idle-0: flow run 'idle-0' Pending for" in said.out and "marking it Crashed" in said.out
+    assert "cancelled idle-0, idle-1" in said.out
+    for label, name in (("idle-0", "idle-0-try2"), ("idle-1", "idle-1")):
+        assert f"warning: {label}: flow run {name!r} has waited" in said.err
+    assert "flow run 'idle-0' has waited" not in said.err  # Pending is not unclaimed
+    assert "work pool 'idle'" in said.err and "--limit" in said.err
+
+
+def test_a_distributed_sweep_refuses_a_local_tracking_store(monkeypatch, tmp_path, capsys):
+    from flows.distributed import require_shared_tracking
+    from saev_core.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ValueError, match="unset"):
+        require_shared_tracking("train.sweep.distribute")
+    for local in ("sqlite:////shared/mlruns/mlflow.db", "file:///shared/mlruns", "/shared/mlruns"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", local)
+        with pytest.raises(ValueError, match="an MLflow tracking store every worker reaches"):
+            require_shared_tracking("train.sweep.distribute")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.lab:5000")
+    assert require_shared_tracking("x") == "http://mlflow.lab:5000"
+
+    # `saev train` says so before anything starts (no temporary server, no training).
+    sae = {"arch": "topk", "expansion": 2, "k": 4}
+    sweep = {"distribute": True, "k2": {"k": 2}}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": {"out_dir": "saes/t", "sae": sae, "sweep": sweep}}))
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["train", "--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert "train.sweep.distribute needs an MLflow tracking store" in err
+    assert "MLFLOW_TRACKING_URI=http://HOST:5000" in err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "saes").exists()
+
+
+def test_register_uses_the_newest_finished_run_of_each_member(monkeypatch, tmp_path):
+    """A member whose machine died left an MLflow run RUNNING with the sweep's tags; its
+    resubmitted flow run finished another. Only finished runs count, the newest of each."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.train import sweep_run_ids
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.create_experiment("train")
+
+    def run(member: str | None, start_ms: int, status: str | None, sweep: str = "s1") -> str:
+        tags = {"sweep_id": sweep, **({"member": member} if member else {})}
+        made = client.create_run(experiment, start_time=start_ms, tags=tags)
+        if status:
+            client.set_terminated(made.info.run_id, status=status)
+        return made.info.run_id
+
+    main = run(None, 1_000, "FINISHED")
+    run("k2", 2_000, "FINISHED")  # an older finished run of k2 (a rerun of the sweep's member)
+    k2 = run("k2", 3_000, "FINISHED")
+    run("k2", 4_000, None)  # the crashed try: newest, but still RUNNING
+    run("k8", 5_000, None)  # k8 crashed and never finished
+    k8 = run("k8", 1_500, "FINISHED")
+    run("k2", 9_000, "FINISHED", sweep="s2")  # another sweep
+    assert sweep_run_ids("s1") == {"main": main, "k2": k2, "k8": k8}
+
+
+def test_temporaries_of_a_killed_partition_are_dropped_before_the_merge(tmp_path):
+    from flows.distributed import drop_temporaries
+
+    staging = tmp_path / ".acts.partial"
+    kept = [staging / "layer=0" / "train-00000.parquet", staging / "plan.json"]
+    dropped = [
+        staging / "layer=0" / "train-00001.parquet.4242.tmp",
+        staging / "layer=11" / "val-00000.parquet.77.tmp",
+    ]
+    for path in kept + dropped:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    cfg = ExtractConfig(model="m", data="d", out_dir=str(tmp_path / "acts"))
+    assert sorted(drop_temporaries(cfg)) == sorted(dropped)
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in dropped)
+    assert drop_temporaries(cfg) == []
