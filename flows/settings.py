@@ -11,6 +11,8 @@ Every setting is an environment variable with a default that works offline on on
 | `SAEV_GPU_POOL` | `gpu` | work pool for tasks that need a GPU (training, extraction) |
 | `SAEV_CPU_POOL` | `local` | process work pool for everything else, and the GPU work when no GPU pool exists |
 | `SAEV_OBJECT_STORE` | unset | `s3://bucket/prefix`: the bucket `saev doctor` checks (reachable, writable), with `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_ENDPOINT_URL` for a non-AWS store |
+| `SAEV_ZOMBIE_AFTER_S` | `90` | seconds without a heartbeat before a distributed piece's flow run is marked Crashed (`flows/deploy.py`, `flows/distributed.py`) |
+| `SAEV_FANOUT_TIMEOUT_S` | `86400` | how long a distributed stage waits for its pieces (`flows/distributed.py`) |
 | `SAEV_MIN_FREE_GB` | `10` | free disk below which `saev doctor` warns about the shard directory |
 | `SAEV_CACHE_DIR` | `$XDG_CACHE_HOME/saev-flow` or `~/.cache/saev-flow` | the weights' sha256 cache; read by `saev_core/hashing.py` itself |
 
