@@ -89,8 +89,21 @@ def caption_tokenizer(captions: list[str]) -> Any:
     backend.train_from_iterator(sorted(captions), trainer)
     with tempfile.TemporaryDirectory() as tmp:
         backend.model.save(tmp)
+        # BpeTrainer numbers the word-final symbols ("a</w>") in the order it meets them in a
+        # hash map, new on every call (huggingface/tokenizers#1794); the merges and the tokens
+        # are the same every time. Number them here: the specials, the base symbols sorted, then
+        # each merge's result in merge order.
+        vocab_path = Path(tmp, "vocab.json")
+        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+        lines = Path(tmp, "merges.txt").read_text(encoding="utf-8").splitlines()
+        merged = ["".join(line.split(" ")) for line in lines if line and not line.startswith("#")]
+        symbols = sorted(set(vocab) - set(specials) - set(merged))
+        order = dict.fromkeys(specials + symbols + merged)
+        if set(order) != set(vocab):  # pragma: no cover - a tokenizers release saving otherwise
+            raise RuntimeError(f"caption_tokenizer: merges.txt and vocab.json disagree in {tmp}")
+        vocab_path.write_text(json.dumps({t: i for i, t in enumerate(order)}), encoding="utf-8")
         tok = CLIPTokenizer(
-            vocab=os.path.join(tmp, "vocab.json"),
+            vocab=str(vocab_path),
             merges=os.path.join(tmp, "merges.txt"),
             model_max_length=MAX_TEXT_TOKENS,
         )
