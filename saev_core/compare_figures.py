@@ -529,7 +529,7 @@ def fig_pca_vs_sae_intervention(rows: Rows, **_: Any):
             control = m.startswith("random")
             ax.errorbar(xs, v, yerr=err, fmt="x" if control else "o", ms=4, capsize=2, lw=1,
                         color="0.5" if control else colour.get(m, "black"),
-                        label=f"{m} (mean {_mean(v):+.2f})")  # fmt: skip
+                        label=f"{m if m != 'random' else 'random_sae'} (mean {_mean(v):+.2f})")  # fmt: skip
             if not control:
                 answer.append(f"{m} {_mean(v):+.2f}")
         ax.axhline(0, color="grey", lw=0.6)
@@ -684,6 +684,20 @@ def fetch(db: str | Path, name: str, cfg: FiguresConfig, query_dir: Path) -> Row
     return json.loads(run_query(db, name, params, fmt="json", root=cfg.root, sql_dir=cfg.sql_dir))
 
 
+def _fit_title(fig: Any) -> None:
+    """Wrap the figure's title to its width (a long answer line would be cut at the edges)."""
+    import textwrap
+
+    st = getattr(fig, "_suptitle", None)
+    if st is None:
+        return
+    # a character is about 0.6 of the font size wide; keep a tenth of the width as margin
+    width = max(40, int(0.9 * fig.get_figwidth() * 72 / (0.6 * max(st.get_fontsize(), 1))))
+    lines = st.get_text().split("\n")
+    st.set_text("\n".join(textwrap.fill(line, width) for line in lines))
+    fig.tight_layout()
+
+
 def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -732,6 +746,7 @@ def make_figures(
         fetched[name] = rows
         extra = {"sae_rows": fetched.get("compare_backbones")}
         fig, title = DRAW[name](rows, cfg=cfg, **extra)
+        _fit_title(fig)
         try:
             _atomic_write(png, lambda p, f=fig: f.savefig(p, format="png", dpi=cfg.dpi))
         finally:
