@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import glob
 import json
@@ -276,8 +277,13 @@ def build_warehouse(
                     n_files = len(glob.glob(str(root / src.path), recursive=True))
                 if not n_files:
                     empty.append(src.name)
-                present = _columns_present(con, src) if n_files else None
-                sql = _source_sql(src, n_files > 0, present)
+                read = src
+                if materialize and not object_store.is_url(src.path):
+                    # read from the root itself: DuckDB looks in the working directory before
+                    # file_search_path, so a relative glob could read another project's files
+                    read = dataclasses.replace(src, path=f"{root}/{src.path}")
+                present = _columns_present(con, read) if n_files else None
+                sql = _source_sql(read, n_files > 0, present)
                 _create_relation(con, f"src_{src.name}", sql, "sources.yaml", materialize)
                 seconds[f"src_{src.name}"] = round(time.perf_counter() - t, 3)
                 report["sources"][src.name] = {"path": src.path, "files": n_files}
