@@ -303,8 +303,13 @@ def test_pipeline_and_refresh_take_distributed(name, tmp_path, monkeypatch, caps
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))  # no profile with an API url either
     missing = str(tmp_path / "no-such-params.yaml")  # refused before the params are read
-    with pytest.raises(ValueError, match="needs a Prefect server and workers"):
-        flow.fn(params=missing, partitions=2, distributed=True)
-    assert main([name, "--params", missing, "--partitions", "2", "--distributed"]) == 1
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # an earlier flow test in this process leaves its temporary server's URL in Prefect's
+    # settings; with no server configured, that setting is unset
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(ValueError, match="needs a Prefect server and workers"):
+            flow.fn(params=missing, partitions=2, distributed=True)
+        assert main([name, "--params", missing, "--partitions", "2", "--distributed"]) == 1
     err = capsys.readouterr().err
     assert f"saev {name} --distributed needs a Prefect server" in err and "saev worker" in err
