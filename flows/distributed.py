@@ -15,15 +15,24 @@ the section names) must be the same shared path on every worker machine: an NFS 
 A partition writes its finished chunks straight into the staging directory next to `out_dir`
 there; a chunk counts as done once its record is written (saev_core/extract.py).
 
+**Or only a bucket.** With `$SAEV_STAGING_URL=s3://bucket/prefix` (`run_partitions`' `staging`)
+the workers share nothing but the Prefect server and the object store. Each partition runs in
+the directory its worker was started in: that machine's own clone of the project, with the
+images and the backbone at the same relative paths (`dvc pull`). The submitting flow plans here
+and uploads the plan to `<prefix>/<out_dir name>/`. A partition downloads it, skips the chunks
+whose record is in the bucket, extracts the rest and uploads each chunk as it finishes, its
+files first and its record last (`BucketStaging`). Once every piece is done, the submitting flow
+downloads all chunks into its staging directory and merges them as before.
+
 **A machine that dies.** Each piece's flow run sends a heartbeat every 30 s; Prefect's zombie
-automation (flows/deploy.py, `ZOMBIE_AUTOMATION`) marks a run without one for
-`$SAEV_ZOMBIE_AFTER_S` s (90) Crashed, and `FanOut.wait` then submits that piece again for any live
-worker to take. A partition's retry keeps the chunks the dead run finished and redoes the rest
-with the same plan, so the merged set is byte-identical to a single-worker run (the dead run's
-half-written `*.tmp` files are deleted before the merge). A worker that dies after claiming a
-run but before starting it leaves the run Pending with no heartbeat at all: after the same
-`$SAEV_ZOMBIE_AFTER_S` Pending, `FanOut.wait` marks it Crashed itself and submits it again. A piece
-that fails (an exception, after its own retries) fails the stage; nothing is published.
+automation (flows/deploy.py, `ZOMBIE_AUTOMATION`) marks a run without one for `$SAEV_ZOMBIE_AFTER_S`
+s (90) Crashed, and `FanOut.wait` then submits that piece again for any live worker to take. A
+partition's retry keeps the chunks the dead run finished (in the staging directory or the bucket)
+and redoes the rest with the same plan, so the merged set is byte-identical to a single-worker run
+(the dead run's half-written `*.tmp` files are deleted before the merge). A worker that dies after
+claiming a run but before starting it leaves the run Pending with no heartbeat at all: after the
+same `$SAEV_ZOMBIE_AFTER_S` Pending, `FanOut.wait` marks it Crashed itself and submits it again. A
+piece that fails (an exception, after its own retries) fails the stage; nothing is published.
 
 **Never a silent hang.** A piece that no worker takes (Scheduled or Late) for a minute gets a
 warning in the log naming its work pool; one reason is a flow that submits pieces while itself
@@ -39,9 +48,11 @@ reach (a tracking server), not the local sqlite default; the stage refuses to st
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -52,7 +63,8 @@ from prefect import flow
 from flows.common import placement
 from flows.deploy import FANOUT_TAG, ensure_fanout, zombie_after_s
 from saev_core.config import from_dict, to_dict
-from saev_core.extract import ExtractConfig, extract_partition
+from saev_core.extract import CHUNKS, PLAN, ExtractConfig, extract_partition
+from saev_core.object_store import split_url
 from saev_core.stages import TrainStage
 
 POLL_S = 1.0
@@ -66,6 +78,9 @@ DEFAULT_TIMEOUT_S = 24 * 3600
 """`wait` gives up (and cancels what is left) when the pieces are not all done in this long:
 a day, far above a partition's or a member's run on a GPU, so only a stage that is stuck (no
 worker, a piece that never ends) meets it; `$SAEV_FANOUT_TIMEOUT_S` overrides it."""
+STAGING_ENV = "SAEV_STAGING_URL"
+"""`s3://bucket/prefix`: distributed partitions exchange their chunks there (`BucketStaging`),
+and each runs in its own worker's directory; unset, they share the staging directory."""
 LOCAL_TRACKING = ("", "file", "sqlite")
 """MLflow URI schemes that name a store on this machine's disk."""
 
@@ -120,6 +135,8 @@ class FanOut:
     """One flow run of `deployment` per piece (`{label: parameters}`): `submit()` creates them
     (they run side by side on the pool's workers), `wait()` blocks until all are completed and
     submits a crashed one again, up to `resubmit` times; a piece that fails otherwise raises.
+    Each piece runs in `workdir` on whichever worker takes it (a shared path); with `workdir`
+    None, in the directory its worker was started in (its own clone of the project).
 
     A run that stays Pending for `pending_after_s` (default `$SAEV_ZOMBIE_AFTER_S`, 90) is marked
     Crashed and submitted again: the worker that claimed it died before the run started, so it
@@ -131,14 +148,15 @@ class FanOut:
         self,
         deployment: str,
         pieces: dict[str, dict[str, Any]],
-        workdir: str | Path = ".",
+        workdir: str | Path | None = ".",
         resubmit: int = RESUBMIT,
         poll_s: float = POLL_S,
         pending_after_s: float | None = None,
         unclaimed_s: float = UNCLAIMED_S,
     ):
         self.deployment, self.pieces = deployment, pieces
-        self.workdir = str(Path(workdir).resolve())
+        # None: "." unresolved, which the process worker resolves against its own directory
+        self.workdir = "." if workdir is None else str(Path(workdir).resolve())
         self.resubmit, self.poll_s = resubmit, poll_s
         self.pending_after_s = pending_after_s or zombie_after_s()
         self.unclaimed_s = unclaimed_s
@@ -299,37 +317,199 @@ class FanOut:
 
 
 @flow(name="extract-partition", log_prints=True, retries=2, retry_delay_seconds=2)
-def extract_partition_flow(cfg: dict, chunks: list[str]) -> list[str]:
+def extract_partition_flow(cfg: dict, chunks: list[str], staging_url: str = "") -> list[str]:
     """Extract the named chunks of the plan staged next to `cfg["out_dir"]` (finished ones are
-    skipped, so a retry, here or on another worker, redoes only the rest)."""
+    skipped, so a retry, here or on another worker, redoes only the rest). With `staging_url`
+    (`s3://bucket/prefix`) the plan comes from the bucket and each finished chunk goes to it
+    (`BucketStaging`); the working directory is then this worker's own."""
     print(placement(needs_gpu=True))
-    ran = extract_partition(from_dict(ExtractConfig, cfg, where="extract"), chunks)
+    config = from_dict(ExtractConfig, cfg, where="extract")
+    if staging_url:
+        ran = BucketStaging(config, staging_url).extract(chunks)
+    else:
+        ran = extract_partition(config, chunks)
     print(f"{cfg['out_dir']}: {len(ran)} of {len(chunks)} chunks extracted here ({os.uname()[1]})")
     return ran
 
 
-def run_partitions(cfg: ExtractConfig, partitions: list[list[str]]) -> dict[str, Any]:
+def staging_url(explicit: str | None = None) -> str:
+    """The bucket prefix distributed partitions stage their chunks under: `explicit`, else
+    `$SAEV_STAGING_URL`, else "" (the shared path next to `out_dir`)."""
+    url = (explicit if explicit is not None else os.environ.get(STAGING_ENV, "")).strip()
+    if url:
+        split_url(url)  # a clear error for anything but s3://bucket[/prefix]
+    return url.rstrip("/")
+
+
+def run_partitions(
+    cfg: ExtractConfig, partitions: list[list[str]], staging: str | None = None
+) -> dict[str, Any]:
     """Each partition its own flow run of `saev-extract-partition`; returns when all are done,
     with the staging directory ready for `merge_partitions` (no temporary file left in it).
     Should the stage fail or be interrupted meanwhile, the partitions still running are
-    cancelled."""
+    cancelled.
+
+    `staging` (default `$SAEV_STAGING_URL`): a bucket prefix, `s3://bucket/prefix`. The plan
+    staged here is uploaded under it, every piece runs in its worker's own directory and sends
+    its chunks there, and once all are done they are downloaded into the staging directory
+    here. Without it the pieces run in this directory, which must be a shared path."""
     require_server("saev extract --distributed")
+    url = staging_url(staging)
     deployment = ensure_fanout("extract", ".")
+    extra = {"staging_url": url} if url else {}
     pieces = {
-        f"partition-{i}": {"cfg": to_dict(cfg), "chunks": chunks}
+        f"partition-{i}": {"cfg": to_dict(cfg), "chunks": chunks, **extra}
         for i, chunks in enumerate(partitions)
     }
     if not pieces:
         return {}
-    with FanOut(deployment, pieces) as fan:
+    bucket = BucketStaging(cfg, url) if url else None
+    if bucket:
+        bucket.publish_plan()
+    with FanOut(deployment, pieces, workdir=None if url else ".") as fan:
         done = fan.submit().wait()
-    drop_temporaries(cfg)
+    if bucket:
+        bucket.fetch_chunks()
+    drop_temporaries(cfg)  # a worker may still have run here (started in this directory)
     return done
 
 
+class BucketStaging:
+    """The staging directory of one extraction mirrored under `<url>/<out_dir name>/`: the plan
+    (`plan.json`) and, per finished chunk, its shard files (`layer=*/...`), its tables and its
+    record (`chunks/<chunk>.*`), at the paths they have in the local staging directory.
+
+    A chunk is in the bucket once its record is: the files go up first, the record last, so a
+    worker killed mid-upload leaves at worst files without a record, which the retry writes
+    again. Chunk files depend only on the plan, so whichever worker writes one, the bytes are the
+    same. `fs`: an fsspec filesystem (default `saev_core.object_store.filesystem()`)."""
+
+    def __init__(self, cfg: ExtractConfig, url: str, fs: Any = None):
+        from saev_core.object_store import filesystem
+
+        self.cfg = cfg
+        out = Path(cfg.out_dir)
+        self.local = out.parent / f".{out.name}.partial"
+        bucket, prefix = split_url(url)
+        self.root = "/".join(p for p in (bucket, prefix, out.name) if p)
+        self.url = f"s3://{self.root}"
+        self.fs = fs if fs is not None else filesystem()
+
+    def _remote(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def _read_remote_plan(self) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(self._remote(PLAN)))
+        except FileNotFoundError:
+            return None
+
+    def publish_plan(self) -> None:
+        """Upload the plan staged here. A different plan in the bucket (other inputs) is
+        dropped with every chunk under it; the same plan keeps its chunks (a rerun resumes)."""
+        plan = json.loads((self.local / PLAN).read_text())
+        there = self._read_remote_plan()
+        if there is not None and there != plan:
+            print(f"{self.url}: discarding the chunks of another plan")
+            self.fs.rm(self.root, recursive=True)
+        if there != plan:
+            self.fs.pipe_file(self._remote(PLAN), (self.local / PLAN).read_bytes())
+        print(f"{self.url}: plan staged, {len(self.done())} of {len(plan['chunks'])} chunks there")
+
+    def fetch_plan(self) -> dict:
+        """The bucket's plan, staged here; a local staging directory of another plan is reset."""
+        from saev_core import shards
+
+        plan = self._read_remote_plan()
+        if plan is None:
+            raise FileNotFoundError(f"no plan under {self.url}: the orchestrator stages it first")
+        here = self.local / PLAN
+        if not here.exists() or json.loads(here.read_text()) != plan:
+            shutil.rmtree(self.local, ignore_errors=True)
+            (self.local / CHUNKS).mkdir(parents=True)
+            shards.atomic_write_json(here, plan)
+        return plan
+
+    def done(self) -> set[str]:
+        """The chunks whose record is in the bucket."""
+        try:
+            found = self.fs.ls(self._remote(CHUNKS), detail=False)
+        except FileNotFoundError:
+            return set()
+        names = (Path(p).name for p in found)
+        return {n.removesuffix(".json") for n in names if n.count(".") == 1 and n.endswith(".json")}
+
+    def _chunk_files(self, name: str) -> list[str]:
+        """A finished chunk's files, relative to the staging directory, its record last."""
+        record = json.loads((self.local / CHUNKS / f"{name}.json").read_text())
+        tables = [f"{CHUNKS}/{name}.images.parquet", f"{CHUNKS}/{name}.labels.parquet"]
+        return [f["path"] for f in record["files"]] + tables + [f"{CHUNKS}/{name}.json"]
+
+    def upload(self, name: str) -> None:
+        """Put the chunk finished here into the bucket: its files, then its record."""
+        *files, record = self._chunk_files(name)
+        self.fs.put([str(self.local / f) for f in files], [self._remote(f) for f in files])
+        self.fs.put_file(str(self.local / record), self._remote(record))
+
+    def extract(self, chunks: list[str]) -> list[str]:
+        """A worker's partition: the plan from the bucket, the chunks not there yet extracted
+        here, each uploaded as soon as it is finished; the chunks extracted here.
+
+        `extract_partition` runs once per chunk (it returns only at the end): each call loads
+        the backbone again, seconds on a large one, small beside a chunk of real size."""
+        self.fetch_plan()
+        there = self.done()
+        todo = [n for n in chunks if n not in there]
+        # Finished here but never uploaded (this machine's earlier try died in between).
+        for name in [n for n in todo if (self.local / CHUNKS / f"{n}.json").exists()]:
+            self.upload(name)
+            todo.remove(name)
+        print(f"{self.url}: {len(chunks) - len(todo)} of {len(chunks)} chunks there already")
+        ran = []
+        for name in todo:  # one at a time: each is in the bucket before the next one starts
+            ran += extract_partition(self.cfg, [name])
+            self.upload(name)
+        return ran
+
+    def fetch_chunks(self) -> list[str]:
+        """Download every chunk of the plan that the staging directory here lacks; the names.
+        A chunk's files come first and its record last, as they were written."""
+        plan = json.loads((self.local / PLAN).read_text())
+        missing = [
+            c["name"]
+            for c in plan["chunks"]
+            if not (self.local / CHUNKS / f"{c['name']}.json").exists()
+        ]
+        absent = sorted(set(missing) - self.done())
+        if absent:
+            raise RuntimeError(
+                f"{len(absent)} chunk(s) missing under {self.url} although every partition "
+                f"finished: {absent[:5]}"
+            )
+        records = [f"{CHUNKS}/{n}.json" for n in missing]
+        # Beside the staging directory (one file system, for the renames), never in it: the
+        # merge publishes whatever it holds.
+        temp = tempfile.TemporaryDirectory(dir=self.local.parent, prefix=f"{self.local.name}.")
+        with temp as tmp:
+            self.fs.get([self._remote(r) for r in records], [f"{tmp}/{r}" for r in records])
+            files = []
+            for name in missing:
+                record = json.loads(Path(tmp, CHUNKS, f"{name}.json").read_text())
+                files += [f["path"] for f in record["files"]]
+                files += [f"{CHUNKS}/{name}.images.parquet", f"{CHUNKS}/{name}.labels.parquet"]
+            for parent in {(self.local / f).parent for f in files}:
+                parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get([self._remote(f) for f in files], [str(self.local / f) for f in files])
+            for r in records:  # the markers last
+                os.replace(Path(tmp, r), self.local / r)
+        print(f"{self.url}: {len(missing)} chunks ({len(files) + len(records)} files) fetched")
+        return missing
+
+
 def drop_temporaries(cfg: ExtractConfig) -> list[Path]:
-    """Delete the half-written shard files (`<name>.<pid>.tmp`, saev_core/shards.py) that a
-    killed partition left in the staging directory; the paths removed.
+    """Delete the half-written shard files (`<name>.<host>-<random>.<pid>.tmp`,
+    saev_core/shards.py) that a killed partition left in the staging directory; the paths
+    removed.
 
     Only once every partition's run is final: then no writer is alive, and a file not renamed
     yet never will be (the retry wrote that chunk through a temporary file of its own). The

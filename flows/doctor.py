@@ -5,9 +5,9 @@ a flow would meet it: the Prefect API and its work pools, the MLflow tracking st
 remote, the object store (`SAEV_OBJECT_STORE`, and a DVC remote on S3: endpoint, bucket, reachable,
 writable), the GPU, and the free disk next to the shards. Services are probed over HTTP, the
 `dvc` command line and boto3, with short timeouts, so a dead server costs seconds, not minutes.
-An S3 DVC remote whose credentials or region live in DVC's own config (`dvc remote modify
---local NAME access_key_id ...`) is reported as not probed, never as failing: the probe meets
-the store with the environment's AWS settings, which are not the ones DVC would use.
+An S3 DVC remote whose credentials, profile or region live in DVC's own config (`dvc remote
+modify --local NAME access_key_id ...`) is probed with those, as DVC would meet the store; the
+secrets are never printed.
 Exit status 1 when something configured does not work, else 0.
 """
 
@@ -197,20 +197,13 @@ def check_dvc(cfg: settings.Settings) -> list[Check]:
     if not url:
         return [Check("DVC remote", "fail", f"remote {name!r} is not defined (`dvc remote list`)")]
     if object_store.is_url(url):
-        given = [key for key in DVC_S3_CREDENTIALS if remote.get(key)]
-        if given:
-            # object_store.probe reaches the store with the environment's AWS settings only:
-            # probing with those would judge credentials DVC does not use.
-            return [
-                Check(
-                    "DVC remote",
-                    "info",
-                    f"{name!r} = {url}: not probed (credentials in DVC config: "
-                    f"{', '.join(given)}; the doctor probes with the environment's AWS "
-                    "settings only); `dvc status -c` checks it",
-                )
-            ]
-        return [_probe_check("DVC remote", url, remote.get("endpointurl") or None, f"{name!r} = ")]
+        # The remote's own credentials, profile or region, as DVC would use them (never printed).
+        own = {key: remote[key] for key in DVC_S3_CREDENTIALS if remote.get(key)}
+        lead = f"{name!r} = "
+        check = _probe_check("DVC remote", url, remote.get("endpointurl") or None, lead, own)
+        if own:
+            check.detail += f" (with DVC config's {', '.join(own)})"
+        return [check]
     if "://" in url and not url.startswith("file://"):
         return [
             Check(
@@ -254,10 +247,13 @@ def check_object_store() -> list[Check]:
     return [_probe_check("object store", url, None)]
 
 
-def _probe_check(name: str, url: str, endpoint: str | None, lead: str = "") -> Check:
-    """One line from `object_store.probe`: endpoint, bucket, reachable, writable."""
+def _probe_check(
+    name: str, url: str, endpoint: str | None, lead: str = "", settings: dict | None = None
+) -> Check:
+    """One line from `object_store.probe`: endpoint, bucket, reachable, writable. `settings`: a
+    DVC remote's own credentials (`object_store.session`)."""
     try:
-        p = object_store.probe(url, endpoint, timeout=TIMEOUT_S)
+        p = object_store.probe(url, endpoint, timeout=TIMEOUT_S, settings=settings)
     except Exception as e:  # a malformed URL or endpoint: say it, do not crash the report
         return Check(name, "fail", f"{lead}{url}: cannot probe it: {e}")
     where = f"endpoint {p.endpoint or 'AWS S3 (AWS_ENDPOINT_URL not set)'}, bucket {p.bucket!r}"

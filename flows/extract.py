@@ -62,21 +62,27 @@ def extract_flow(
     version: bool = True,
     partitions: int = 1,
     distributed: bool = False,
+    staging_url: str | None = None,
 ) -> dict:
     """Extract (or extend) the shard set of the `extract` params section, then version it.
 
-    `distributed`: one flow run per partition on the work pool, not mapped tasks in this run."""
+    `distributed`: one flow run per partition on the work pool, not mapped tasks in this run.
+    `staging_url` (`s3://bucket/prefix`, default `$SAEV_STAGING_URL`): the partitions exchange
+    their chunks through the bucket and each runs in its worker's own clone of the project, so
+    the workers share nothing but the Prefect server and the bucket (flows/distributed.py)."""
     cfg = load_section(params, "extract", ExtractConfig, overrides)
     if distributed:
         from flows.distributed import require_server, run_partitions
+        from flows.distributed import staging_url as staging_url_of
 
         require_server("saev extract --distributed")  # before planning: fail in a second
+        staging = staging_url_of(staging_url)  # a bad URL fails before anything runs
         plan = plan_task(cfg, partitions)
         print(
             f"{cfg.out_dir}: {sum(map(len, plan['partitions']))} of {plan['n_chunks']} chunks "
             f"to extract, in {len(plan['partitions'])} flow runs"
         )
-        run_partitions(cfg, plan["partitions"])
+        run_partitions(cfg, plan["partitions"], staging=staging)
         manifest = merge_task(cfg)
     elif partitions > 1:
         plan = plan_task(cfg, partitions)
@@ -114,9 +120,20 @@ def main(argv: list[str] | None = None) -> int:
             help="each partition its own flow run, taken by any worker of the work pool "
             "(needs PREFECT_API_URL and `saev worker`s; paths on storage every worker shares)",
         )
+        p.add_argument(
+            "--staging-url",
+            default=None,
+            metavar="s3://BUCKET/PREFIX",
+            help="with --distributed: the partitions send their chunks through this bucket "
+            "prefix and each runs in its worker's own clone of the project, so workers share "
+            "only the Prefect server and the bucket (default: $SAEV_STAGING_URL; unset, the "
+            "project directory must be a path every worker shares)",
+        )
         p.add_argument("--no-version", action="store_true", help="do not hand the shard set to DVC")
 
     args = parse_args("extract", argv, overrides=True, extra=options)
+    if args.staging_url and not args.distributed:
+        raise SystemExit("saev extract: --staging-url needs --distributed")
     if args.distributed:
         from flows.distributed import require_server
 
@@ -126,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides=args.overrides,
         partitions=args.partitions,
         distributed=args.distributed,
+        staging_url=args.staging_url,
         version=not args.no_version,
     )
     return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 SCHEMES = ("s3://", "s3a://")
@@ -111,11 +112,49 @@ class Probe:
     """What is missing or wrong, in words; None when all is well."""
 
 
-def probe(url: str, endpoint: str | None = None, timeout: float = 3.0) -> Probe:
+SESSION_SETTINGS = {
+    "access_key_id": "aws_access_key_id",
+    "secret_access_key": "aws_secret_access_key",
+    "session_token": "aws_session_token",
+    "profile": "profile_name",
+    "region": "region_name",
+}
+"""DVC's names for an S3 remote's own settings (`dvc remote modify NAME KEY VALUE`) -> boto3's
+Session arguments; `credentialpath` and `configpath` are the files botocore reads instead."""
+SESSION_FILES = {"credentialpath": "credentials_file", "configpath": "config_file"}
+
+
+def session(settings: dict[str, str] | None = None) -> Any:
+    """A boto3 session from the environment's AWS settings, or from `settings` (DVC's keys:
+    `SESSION_SETTINGS`, `SESSION_FILES`) where given, as dvc-s3 builds its own."""
+    import boto3
+    import botocore.session
+
+    settings = {k: v for k, v in (settings or {}).items() if v}
+    unknown = set(settings) - set(SESSION_SETTINGS) - set(SESSION_FILES)
+    if unknown:
+        raise ValueError(
+            f"unknown S3 settings {sorted(unknown)}; known: "
+            f"{sorted(SESSION_SETTINGS) + sorted(SESSION_FILES)}"
+        )
+    core = botocore.session.Session()
+    for key, variable in SESSION_FILES.items():
+        if key in settings:
+            core.set_config_variable(variable, str(Path(settings[key]).expanduser()))
+    given = {SESSION_SETTINGS[k]: v for k, v in settings.items() if k in SESSION_SETTINGS}
+    return boto3.session.Session(botocore_session=core, **given)
+
+
+def probe(
+    url: str,
+    endpoint: str | None = None,
+    timeout: float = 3.0,
+    settings: dict[str, str] | None = None,
+) -> Probe:
     """Check the bucket of `url` the way a push would meet it: credentials, endpoint, bucket, and
     a put + delete of a tiny object under the prefix. Short timeouts and no retries, so a dead
-    endpoint costs seconds."""
-    import boto3
+    endpoint costs seconds. `settings`: a DVC remote's own credentials, profile or region
+    (`session`), used instead of the environment's."""
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -123,8 +162,8 @@ def probe(url: str, endpoint: str | None = None, timeout: float = 3.0) -> Probe:
     endpoint = endpoint_url(endpoint)
     where = endpoint or "AWS S3"
 
-    session = boto3.session.Session()
-    credentials = session.get_credentials() is not None
+    session_ = session(settings)
+    credentials = session_.get_credentials() is not None
 
     def result(reachable=False, exists=False, writable=False, problem=None) -> Probe:
         return Probe(url, endpoint, bucket, credentials, reachable, exists, writable, problem)
@@ -134,10 +173,10 @@ def probe(url: str, endpoint: str | None = None, timeout: float = 3.0) -> Probe:
             problem="no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or AWS_PROFILE)"
         )
-    client = session.client(
+    client = session_.client(
         "s3",
         endpoint_url=endpoint,
-        region_name=session.region_name or "us-east-1",
+        region_name=session_.region_name or "us-east-1",
         # total_max_attempts 1: one attempt, no retry ("max_attempts" counts retries)
         config=Config(
             connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": 1}

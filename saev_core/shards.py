@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +39,13 @@ ACT_PAGE_BYTES = 256 * 2**20  # largest data page the writer makes (Parquet allo
 
 
 def _tmp_name(path: Path) -> Path:
-    """Where `path` is written before its rename: named per process, so that two writers of
-    one file (a partition's flow run marked Crashed while still alive, and its retry on another
-    worker) never write into each other's temporary file."""
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    """Where `path` is written before its rename, `<name>.<host>-<random>.<pid>.tmp`: unique
+    per writer, so that two writers of one file (a partition's flow run marked Crashed while
+    still alive, and its retry on another worker, maybe on another machine of one NFS mount
+    with the same PID) never write into each other's temporary file. The PID stays the last
+    part before `.tmp`, for tools that look for a dead process's files."""
+    unique = f"{socket.gethostname()}-{secrets.token_hex(4)}"
+    return path.with_name(f"{path.name}.{unique}.{os.getpid()}.tmp")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -92,11 +92,15 @@ def kill_tree(pid: int) -> None:
 
 
 class Worker:
-    """`saev worker --limit 1` started in its own directory, with its own Prefect home."""
+    """`saev worker --limit 1` started in its own directory, with its own Prefect home; with
+    `clone`, that directory is a copy of the project."""
 
-    def __init__(self, name: str, root: Path, api: str, request):
+    def __init__(self, name: str, root: Path, api: str, request, clone: Path | None = None):
         self.dir = root / name
-        self.dir.mkdir()
+        if clone is None:
+            self.dir.mkdir()
+        else:  # its own copy of the project (params, images, backbone), as a `dvc pull` leaves
+            shutil.copytree(clone, self.dir)
         env = {
             **base_env(self.dir),
             "PREFECT_API_URL": api,
@@ -110,11 +114,6 @@ class Worker:
             [str(BIN / "saev"), "worker", "--limit", "1"], self.dir / "worker.log", env, self.dir
         )
         request.addfinalizer(self.stop)
-
-    def runs(self, flow_run_id: str) -> bool:
-        """Whether a process under this worker runs flow run `flow_run_id`."""
-        pids = children_of(self.proc.pid)
-        return any(environ(p).get("PREFECT__FLOW_RUN_ID") == flow_run_id for p in pids)
 
     def processes(self) -> list[int]:
         """Every live process of this worker: itself and its flow runs, found by the mark in
@@ -194,6 +193,22 @@ def wait_for_workers(client, workers: list[Worker], n: int) -> None:
 
 @pytest.mark.slow
 def test_a_killed_workers_partition_finishes_on_the_other(server, tiny_vit, tmp_path, request):
+    """On a shared path: the workers run in the project directory itself."""
+    killed_partition(server, tiny_vit, tmp_path, request)
+
+
+@pytest.mark.slow
+def test_workers_with_own_directories_share_only_the_server_and_the_bucket(
+    server, tiny_vit, tmp_path, request, s3_server
+):
+    """`SAEV_STAGING_URL=s3://saev/staging`: each worker runs in its own copy of the project,
+    the plan comes from the bucket and every finished chunk goes there; the killed partition's
+    retry takes the chunks the bucket has and extracts the rest."""
+    killed_partition(server, tiny_vit, tmp_path, request, s3=s3_server)
+
+
+def killed_partition(server, tiny_vit, tmp_path, request, s3=None) -> None:
+    """The kill -9 test; `s3`: the MotoServer the chunks go through, else a shared path."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, LogFilter
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -201,7 +216,8 @@ def test_a_killed_workers_partition_finishes_on_the_other(server, tiny_vit, tmp_
     t0 = time.time()
     api = server
     shared = project(tmp_path / "shared" / "project", tiny_vit)
-    workers = [Worker(name, tmp_path, api, request) for name in ("worker-a", "worker-b")]
+    clone = shared if s3 else None
+    workers = [Worker(n, tmp_path, api, request, clone) for n in ("worker-a", "worker-b")]
     started = time.time()
     reference = single_worker(shared, "single")  # while the workers start
     timings = {"single_process_extract_s": time.time() - started}
@@ -214,9 +230,12 @@ def test_a_killed_workers_partition_finishes_on_the_other(server, tiny_vit, tmp_
             "PREFECT_API_URL": api,
             "SAEV_ZOMBIE_AFTER_S": str(ZOMBIE_AFTER_S),
         }
+        # With the bucket, through the flag (the environment variable is the other way in).
+        staged = ["--staging-url", f"s3://{s3.bucket}/staging"] if s3 else []
         started = time.time()
         orchestrator = Proc(
-            [str(BIN / "saev"), "extract", "--partitions", "2", "--distributed", "--no-version"],
+            [str(BIN / "saev"), "extract", "--partitions", "2", "--distributed", "--no-version"]
+            + staged,
             tmp_path / "orchestrator.log",
             env,
             shared,
@@ -224,41 +243,61 @@ def test_a_killed_workers_partition_finishes_on_the_other(server, tiny_vit, tmp_
         request.addfinalizer(orchestrator.stop)
         partition_flow = FlowFilter(name=FlowFilterName(any_=["extract-partition"]))
 
-        def partitions() -> dict:
-            return {r.name: r for r in c.read_flow_runs(flow_filter=partition_flow)}
+        submitted_after = started - 1  # the server holds the runs of the earlier tests too
 
-        # Partition 0 running under one of the workers, which is then the victim.
+        def partitions() -> dict:
+            """This test's partition runs by name (the server is shared by the module's tests,
+            which give their runs the same names)."""
+            runs = c.read_flow_runs(flow_filter=partition_flow)
+            return {r.name: r for r in runs if r.created.timestamp() >= submitted_after}
+
+        # The worker that takes partition 0 is the victim: found in its log the moment it
+        # starts the run's process, seconds before the partition has even loaded its backbone
+        # (a partition of this size is done some 10 s later, too soon to watch the API for).
         deadline = time.time() + 240  # the server, two workers and a flow start on 2 cores
+        claimed = "Flow run 'partition-0' submitted to infrastructure"
         victim = None
         while victim is None:
             assert orchestrator.popen.poll() is None, orchestrator.tail()
             assert time.time() < deadline, f"{partitions()}\n{orchestrator.tail()}"
-            run = partitions().get("partition-0")
-            if run is not None and run.state.is_running():
-                victim = next((w for w in workers if w.runs(str(run.id))), None)
-            time.sleep(0.2)
+            victim = next((w for w in workers if claimed in w.proc.tail(200_000)), None)
+            time.sleep(0.1)
         survivor = next(w for w in workers if w is not victim)
+        run = partitions()["partition-0"]
         chunks = run.parameters["chunks"]
-        staging = shared / ".acts.partial"
+        # Where the victim writes: the shared staging directory, or its own clone's.
+        staging = (victim.dir if s3 else shared) / ".acts.partial"
 
-        def finished() -> list[str]:
+        def done_here() -> list[str]:
+            """The partition's chunks with their record in the victim's staging directory."""
             return [n for n in chunks if (staging / "chunks" / f"{n}.json").exists()]
 
+        def finished() -> list[str]:
+            """The partition's chunks done: their record in the bucket, or in the shared path."""
+            if s3:
+                found = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="staging/acts/")
+                there = {Path(o["Key"]).name for o in found.get("Contents", [])}
+                return [n for n in chunks if f"{n}.json" in there]
+            return done_here()
+
         def half_written(pids: set[int]) -> list[Path]:
-            """The victim's shard files not renamed yet (`<name>.<pid>.tmp`, per process)."""
+            """The victim's shard files not renamed yet (`<name>.<host>-<random>.<pid>.tmp`)."""
             owners = {str(p) for p in pids}
             return [t for t in staging.glob("layer=*/*.tmp") if t.name.split(".")[-2] in owners]
 
-        # The machine dies mid-partition, mid-file: once a chunk is done, the victim is frozen
-        # (SIGSTOP) at a moment it has a shard file half-written, then killed with SIGKILL.
+        # The machine dies mid-partition, mid-file: once a chunk is done (with the bucket, once
+        # one is uploaded: looked at while the victim is frozen, which slows it down enough on
+        # a busy machine), the victim is frozen (SIGSTOP) at a moment it has a shard file
+        # half-written, then killed with SIGKILL.
         deadline = time.time() + 240
         while True:
             assert time.time() < deadline, f"no kill point\n{orchestrator.tail()}"
+            assert len(done_here()) < len(chunks), "partition 0 finished before the kill"
             pids = {victim.proc.pid, *children_of(victim.proc.pid)}
-            if finished() and half_written(pids):
+            if done_here() and half_written(pids):
                 for p in pids:
                     os.kill(p, signal.SIGSTOP)
-                if half_written(pids):
+                if half_written(pids) and finished():
                     break
                 for p in pids:  # it renamed the file meanwhile: let it go on, try again
                     os.kill(p, signal.SIGCONT)
@@ -266,8 +305,9 @@ def test_a_killed_workers_partition_finishes_on_the_other(server, tiny_vit, tmp_
         left_behind = half_written(pids)
         kill_tree(victim.proc.pid)
         killed_at = time.time()
-        done_at_kill = len(finished())
-        assert done_at_kill < len(chunks), "the partition finished before the kill"
+        finished_at_kill = finished()
+        done_at_kill = len(finished_at_kill)
+        assert 0 < done_at_kill < len(chunks), "the partition finished before the kill"
         assert victim.proc.popen.wait(10) == -signal.SIGKILL
         assert all(t.exists() for t in left_behind)  # what a real crash leaves
 
@@ -306,11 +346,69 @@ def test_a_killed_workers_partition_finishes_on_the_other(server, tiny_vit, tmp_
     assert not (shared / ".acts.partial").exists()
     log = orchestrator.tail(20000)
     assert "partition-0: flow run 'partition-0' crashed" in log
-    assert f"removed {len(left_behind)} temporary file(s) of killed partitions" in log
+    if s3:
+        # The half-written files stayed on the dead machine; nothing of them reached the bucket,
+        # and each worker wrote in its own directory, never in the project here.
+        assert all(t.exists() for t in left_behind)
+        assert "temporary file(s) of killed partitions" not in log
+        assert f"s3://{s3.bucket}/staging/acts: 100 chunks" in log  # all fetched from the bucket
+        theirs = runs["partition-1"].parameters["chunks"]
+        mine = {p.stem for p in (survivor.dir / ".acts.partial" / "chunks").glob("*.json")}
+        assert mine == set(theirs) | (set(chunks) - set(finished_at_kill))
+        for w in workers:
+            assert not (w.dir / "acts").exists()  # the merge happened on the orchestrator only
+    else:
+        assert f"removed {len(left_behind)} temporary file(s) of killed partitions" in log
     timings["chunks_done_when_killed"] = f"{done_at_kill} of {len(chunks)}"
     timings["half_written_files_left_by_the_kill"] = len(left_behind)
     timings["total_s"] = time.time() - t0
+    timings["mode"] = "bucket, own directories" if s3 else "shared path"
     print(f"timings: {json.dumps(timings)}")
+
+
+@pytest.mark.slow
+def test_chunks_through_the_bucket_merge_to_a_single_process_run(
+    s3_server, tiny_vit, tmp_path, monkeypatch
+):
+    """`BucketStaging` without Prefect: the head plans and uploads the plan; two clones of the
+    project (same relative paths, their own disks) each extract a partition into the bucket;
+    the head fetches the chunks and merges them. A chunk already in the bucket is never
+    extracted again, one finished on a clone but not uploaded is uploaded, not redone."""
+    from flows.distributed import BucketStaging, staging_url
+    from saev_core.extract import merge_partitions, plan_partitions
+
+    head = project(tmp_path / "head", tiny_vit)
+    clones = [shutil.copytree(head, tmp_path / n) for n in ("clone-a", "clone-b")]
+    reference = single_worker(head, "single")
+    cfg = ExtractConfig(**{**EXTRACT, "layers": (0, -1)})
+    url = staging_url(f"s3://{s3_server.bucket}/runs/")
+    assert url == "s3://saev/runs"
+    monkeypatch.chdir(head)
+    parts = plan_partitions(cfg, 2)["partitions"]
+    BucketStaging(cfg, url).publish_plan()
+
+    monkeypatch.chdir(clones[0])
+    assert BucketStaging(cfg, url).extract(parts[0]) == parts[0]
+    bucket = s3_server.client()
+    key = f"runs/acts/chunks/{parts[0][0]}.json"
+    bucket.delete_object(Bucket="saev", Key=key)  # as if the upload died before the record
+    assert BucketStaging(cfg, url).extract(parts[0]) == []  # uploaded from here, not redone
+    assert bucket.head_object(Bucket="saev", Key=key)["ContentLength"] > 0
+    monkeypatch.chdir(clones[1])
+    assert BucketStaging(cfg, url).extract(parts[1] + parts[0]) == parts[1]
+    assert not (clones[1] / ".acts.partial" / "chunks" / f"{parts[0][0]}.json").exists()
+
+    monkeypatch.chdir(head)
+    staging = BucketStaging(cfg, url)
+    assert staging.done() == set(parts[0]) | set(parts[1])
+    assert sorted(staging.fetch_chunks()) == sorted(parts[0] + parts[1])
+    assert merge_partitions(cfg)["n_images"] == 200
+    assert digest(head / "acts") == digest(reference)
+    assert [p.name for p in tmp_path.glob("head/.*")] == []  # no staging or temporary left
+    for clone in clones:
+        assert not (clone / "acts").exists()
+    with pytest.raises(ValueError, match="not an object-store URL"):
+        staging_url("/shared/staging")
 
 
 @pytest.mark.slow

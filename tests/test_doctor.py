@@ -100,29 +100,51 @@ def test_doctor_on_a_broken_configuration(tmp_path):
     assert "is not a DVC repository" in by_name(json.loads(out.stdout))["DVC"]["detail"]
 
 
-def test_doctor_leaves_an_s3_remote_with_credentials_in_dvc_config_unprobed(tmp_path):
-    """Credentials in `.dvc/config.local` are DVC's, not the environment's the probe would use:
-    said as not probed (info), never as a failure, and the secret is never printed."""
+def test_doctor_probes_an_s3_remote_with_the_credentials_in_dvc_config(tmp_path, s3_server):
+    """Credentials in `.dvc/config.local` are the ones DVC uses, so the probe uses them too:
+    with none in the environment, the bucket is reached and written with DVC's, and the secret
+    is never printed. On a dead endpoint the same remote is unreachable, not "no credentials"."""
     root = make_project(tmp_path)
     secret = "s3cr3t-n0t-t0-b3-pr1nt3d"
     for args in (
         ["remote", "add", "-f", "-d", "bucket", "s3://saev/dvc"],
-        ["remote", "modify", "bucket", "endpointurl", f"http://127.0.0.1:{free_port()}"],
+        ["remote", "modify", "bucket", "endpointurl", s3_server.endpoint],
         ["remote", "modify", "--local", "bucket", "access_key_id", "AKIDVCONLY"],
         ["remote", "modify", "--local", "bucket", "secret_access_key", secret],
     ):
         subprocess.run([str(BIN / "dvc"), *args], cwd=root, check=True, capture_output=True)
     env = clean_env(tmp_path)
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
-        env.pop(var, None)  # the probe would find none: it would fail were it run
+        env.pop(var, None)  # none in the environment: only DVC's config has credentials
     env["AWS_SHARED_CREDENTIALS_FILE"] = env["AWS_CONFIG_FILE"] = str(tmp_path / "none")
     env["AWS_EC2_METADATA_DISABLED"] = "true"
     out = doctor(root, env, "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     check = by_name(json.loads(out.stdout))["DVC remote"]
-    assert check["status"] == "info", check
-    assert "'bucket' = s3://saev/dvc: not probed (credentials in DVC config" in check["detail"]
-    assert "access_key_id, secret_access_key" in check["detail"]
+    assert check["status"] == "ok", check
+    assert "'bucket' = s3://saev/dvc" in check["detail"]
+    assert "reachable, writable" in check["detail"]
+    assert "with DVC config's access_key_id, secret_access_key" in check["detail"]
+    assert secret not in out.stdout + out.stderr
+    assert s3_server.keys("dvc/") == []  # the probe object was deleted again
+    # A dead endpoint: DVC's credentials are found, the store does not answer.
+    subprocess.run(
+        [
+            str(BIN / "dvc"),
+            "remote",
+            "modify",
+            "bucket",
+            "endpointurl",
+            f"http://127.0.0.1:{free_port()}",
+        ],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    )
+    out = doctor(root, env, "--json")
+    assert out.returncode == 1
+    check = by_name(json.loads(out.stdout))["DVC remote"]
+    assert check["status"] == "fail" and "unreachable" in check["detail"], check
     assert secret not in out.stdout + out.stderr
     # The same remote with the credentials gone from DVC's config is probed, and fails.
     subprocess.run(
