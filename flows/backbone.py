@@ -6,8 +6,9 @@ import sys
 
 from prefect import flow, task
 
-from flows.common import mlflow_logger, mlflow_run, parse_args, write_metrics
-from saev_core.config import load_section, to_dict
+from flows.common import mlflow_logger, mlflow_run, stage_main, write_metrics
+from saev_core import registry
+from saev_core.config import to_dict
 from saev_core.demo_vit import BackboneConfig, tracked_metrics, train_backbone
 
 METRICS = "metrics/backbone.json"
@@ -43,7 +44,7 @@ def summary(metrics: dict) -> dict:
 
 @flow(name="backbone", log_prints=True)
 def backbone_flow(params: str = "params.yaml", overrides: dict | None = None) -> dict:
-    cfg = load_section(params, "backbone", BackboneConfig, overrides)
+    cfg = registry.load("backbone", params, overrides)
     metrics = train_backbone_task(cfg)
     write_metrics(METRICS, summary(tracked_metrics(metrics)), overrides)  # timings: MLflow only
     print(f"demo backbone saved to {cfg.out_dir}")
@@ -51,9 +52,7 @@ def backbone_flow(params: str = "params.yaml", overrides: dict | None = None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("backbone", argv, overrides=True)
-    backbone_flow(params=args.params, overrides=args.overrides)
-    return 0
+    return stage_main("backbone", argv)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,28 @@ def _parse_sets(parser: argparse.ArgumentParser, sets: list[str]) -> dict[str, A
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def stage_main(
+    stage: str,
+    argv: list[str] | None = None,
+    extra: Callable[[argparse.ArgumentParser], Any] | None = None,
+    check: Callable[[argparse.Namespace], Any] | None = None,
+    **flow_options: Callable[[argparse.Namespace], Any],
+) -> int:
+    """`saev <stage>` (and `python -m flows.<stage>`, what dvc.yaml runs): parse the command
+    line, then run the stage's flow from the registry (saev_core/registry.py) with the params
+    file and the `-S` settings. `extra` adds the stage's own options, `check` runs before the
+    flow (to fail in a second, before a temporary Prefect server starts), and each of
+    `flow_options` maps a flow keyword to a function of the parsed arguments."""
+    from saev_core.registry import stage as registered
+
+    args = parse_args(stage, argv, overrides=True, extra=extra)
+    if check is not None:
+        check(args)
+    options = {key: value(args) for key, value in flow_options.items()}
+    registered(stage).flow_function()(params=args.params, overrides=args.overrides, **options)
+    return 0
+
+
 def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:

@@ -13,9 +13,9 @@ import sys
 
 from prefect import flow, task, unmapped
 
-from flows.common import dvc_version, parse_args
+from flows.common import dvc_version, stage_main
 from flows.settings import GPU_TAG
-from saev_core.config import load_section
+from saev_core import registry
 from saev_core.extract import (
     ExtractConfig,
     extract,
@@ -70,7 +70,7 @@ def extract_flow(
     `staging_url` (`s3://bucket/prefix`, default `$SAEV_STAGING_URL`): the partitions exchange
     their chunks through the bucket and each runs in its worker's own clone of the project, so
     the workers share nothing but the Prefect server and the bucket (flows/distributed.py)."""
-    cfg = load_section(params, "extract", ExtractConfig, overrides)
+    cfg = registry.load("extract", params, overrides)
     if distributed:
         from flows.distributed import require_server, run_partitions
         from flows.distributed import staging_url as staging_url_of
@@ -131,22 +131,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         p.add_argument("--no-version", action="store_true", help="do not hand the shard set to DVC")
 
-    args = parse_args("extract", argv, overrides=True, extra=options)
-    if args.staging_url and not args.distributed:
-        raise SystemExit("saev extract: --staging-url needs --distributed")
-    if args.distributed:
-        from flows.distributed import require_server
+    def check(args) -> None:
+        if args.staging_url and not args.distributed:
+            raise SystemExit("saev extract: --staging-url needs --distributed")
+        if args.distributed:
+            from flows.distributed import require_server
 
-        require_server("saev extract --distributed")  # before a temporary server starts
-    extract_flow(
-        params=args.params,
-        overrides=args.overrides,
-        partitions=args.partitions,
-        distributed=args.distributed,
-        staging_url=args.staging_url,
-        version=not args.no_version,
+            require_server("saev extract --distributed")  # before a temporary server starts
+
+    return stage_main(
+        "extract",
+        argv,
+        extra=options,
+        check=check,
+        partitions=lambda a: a.partitions,
+        distributed=lambda a: a.distributed,
+        staging_url=lambda a: a.staging_url,
+        version=lambda a: not a.no_version,
     )
-    return 0
 
 
 if __name__ == "__main__":

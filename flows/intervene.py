@@ -22,8 +22,9 @@ import sys
 import numpy as np
 from prefect import flow, task
 
-from flows.common import mlflow_run, parse_args, runs_table_url, save_runs_view, write_metrics
-from saev_core.config import load_section, to_dict
+from flows.common import mlflow_run, runs_table_url, save_runs_view, stage_main, write_metrics
+from saev_core import registry
+from saev_core.config import to_dict
 from saev_core.intervene import InterveneConfig
 
 METRICS = "metrics/intervene.json"
@@ -154,7 +155,7 @@ def intervene_task(cfg: InterveneConfig, device: str = "cpu") -> list[dict]:
 def intervene_flow(
     params: str = "params.yaml", device: str = "cpu", overrides: dict | None = None
 ) -> list[dict]:
-    cfg = load_section(params, "intervene", InterveneConfig, overrides)
+    cfg = registry.load("intervene", params, overrides)
     rows = intervene_task(cfg, device)
     # One entry per hypothesis and strength: the dose-response, with the verdict against controls.
     summary: dict[str, dict] = {}
@@ -180,9 +181,7 @@ def _fmt(v, spec: str = "+.3f") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("intervene", argv, overrides=True)
-    intervene_flow(params=args.params, overrides=args.overrides)
-    return 0
+    return stage_main("intervene", argv)
 
 
 if __name__ == "__main__":

@@ -15,40 +15,17 @@ import sys
 
 from prefect import flow
 
-from flows.backbone import backbone_flow
-from flows.extract import extract_flow
-from flows.intervene import intervene_flow
-from flows.probe import probe_flow
-from flows.stats import stats_flow
-from flows.train import train_flow
-from flows.validate import validate_flow
-from flows.warehouse import warehouse_flow
+from saev_core.registry import STAGES as REGISTRY
 
-STAGES = {
-    "backbone": backbone_flow,
-    "extract": extract_flow,
-    "validate": validate_flow,
-    "train": train_flow,
-    "stats": stats_flow,
-    "probe": probe_flow,
-    "intervene": intervene_flow,
-    "warehouse": warehouse_flow,
-}
-
+# Every stage's flow, in order (saev_core/registry.py declares them).
+STAGES = {name: stage.flow_function() for name, stage in REGISTRY.items()}
 
 # Stages that run best on a GPU; a deployment that includes one asks for the GPU work pool.
-GPU_STAGES = ("backbone", "extract", "train", "probe", "intervene")
+GPU_STAGES = tuple(name for name, stage in REGISTRY.items() if stage.gpu)
 
 # The params key of each stage's output, versioned after a run (extract versions its own shards;
 # validate's report is a small uncached file that dvc.lock records).
-OUTPUTS = {
-    "backbone": "out_dir",
-    "train": "out_dir",
-    "stats": "out_dir",
-    "probe": "out_dir",
-    "intervene": "out_dir",
-    "warehouse": "db",
-}
+OUTPUTS = {name: stage.output for name, stage in REGISTRY.items() if stage.output}
 
 
 @flow(name="pipeline", log_prints=True)

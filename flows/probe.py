@@ -7,8 +7,9 @@ import sys
 
 from prefect import flow, task
 
-from flows.common import mlflow_run, parse_args, write_metrics
-from saev_core.config import load_section, to_dict
+from flows.common import mlflow_run, stage_main, write_metrics
+from saev_core import registry
+from saev_core.config import to_dict
 from saev_core.probes import ProbeConfig, train_probes
 
 METRICS = "metrics/probe.json"
@@ -37,7 +38,7 @@ def probe_task(cfg: ProbeConfig) -> dict:
 
 @flow(name="probe", log_prints=True)
 def probe_flow(params: str = "params.yaml", overrides: dict | None = None) -> dict:
-    cfg = load_section(params, "probe", ProbeConfig, overrides)
+    cfg = registry.load("probe", params, overrides)
     results = probe_task(cfg)
     summary = {
         t: {
@@ -51,9 +52,7 @@ def probe_flow(params: str = "params.yaml", overrides: dict | None = None) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("probe", argv, overrides=True)
-    probe_flow(params=args.params, overrides=args.overrides)
-    return 0
+    return stage_main("probe", argv)
 
 
 if __name__ == "__main__":

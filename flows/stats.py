@@ -11,8 +11,8 @@ import sys
 
 from prefect import flow, task
 
-from flows.common import file_sha256, mlflow_run, parse_args
-from saev_core.config import load_section
+from flows.common import file_sha256, mlflow_run, stage_main
+from saev_core import registry
 from saev_core.stages import StatsStage, stats_stage
 
 
@@ -39,7 +39,7 @@ def log_task(io: StatsStage, summary: dict) -> None:
 @flow(name="stats", log_prints=True)
 def stats_flow(params: str = "params.yaml", overrides: dict | None = None) -> dict:
     """Stats of the `stats` params section (`overrides` replace its keys for this run)."""
-    io = load_section(params, "stats", StatsStage, overrides)
+    io = registry.load("stats", params, overrides)
     summary = stats_task(io)
     log_task(io, summary)
     print(
@@ -51,9 +51,7 @@ def stats_flow(params: str = "params.yaml", overrides: dict | None = None) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("stats", argv, overrides=True)
-    stats_flow(params=args.params, overrides=args.overrides)
-    return 0
+    return stage_main("stats", argv)
 
 
 if __name__ == "__main__":

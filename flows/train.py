@@ -25,8 +25,8 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.common import file_sha256, mlflow_logger, mlflow_run, parse_args, write_metrics
-from saev_core.config import load_section
+from flows.common import file_sha256, mlflow_logger, mlflow_run, stage_main, write_metrics
+from saev_core import registry
 from saev_core.stages import TrainStage, scalars, train_stage
 
 METRICS = "metrics/train.json"
@@ -206,7 +206,7 @@ def register_best(io: TrainStage, rows: list[dict], run_ids: dict[str, str]) -> 
 
 @flow(name="train", log_prints=True)
 def train_flow(params: str = "params.yaml", overrides: dict | None = None) -> dict:
-    io = load_section(params, "train", TrainStage, overrides)
+    io = registry.load("train", params, overrides)
     if io.distribute_sweep and io.sweep:
         metrics, rows = distributed_sweep(io)
     else:
@@ -222,16 +222,19 @@ def train_flow(params: str = "params.yaml", overrides: dict | None = None) -> di
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args("train", argv, overrides=True)
-    io = load_section(args.params, "train", TrainStage, args.overrides)
-    if io.distribute_sweep and io.sweep:  # before a temporary server starts: fail in a second
+def require_services(args) -> None:
+    """A distributed sweep needs a Prefect server and a shared MLflow server: checked before a
+    temporary server starts, so a missing one fails in a second."""
+    io = registry.load("train", args.params, args.overrides)
+    if io.distribute_sweep and io.sweep:
         from flows.distributed import require_server, require_shared_tracking
 
         require_server("train.sweep.distribute")
         require_shared_tracking("train.sweep.distribute")
-    train_flow(params=args.params, overrides=args.overrides)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("train", argv, check=require_services)
 
 
 if __name__ == "__main__":

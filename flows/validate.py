@@ -6,8 +6,8 @@ import sys
 
 from prefect import flow, task
 
-from flows.common import parse_args
-from saev_core.config import load_section
+from flows.common import stage_main
+from saev_core import registry
 from saev_core.validate import ValidateConfig, validate_shards
 
 
@@ -18,16 +18,14 @@ def validate_task(cfg: ValidateConfig) -> dict:
 
 @flow(name="validate", log_prints=True)
 def validate_flow(params: str = "params.yaml", overrides: dict | None = None) -> dict:
-    cfg = load_section(params, "validate", ValidateConfig, overrides)
+    cfg = registry.load("validate", params, overrides)
     report = validate_task(cfg)
     print(f"{report['n_checks']} checks passed on {cfg.shard_dir}; report in {cfg.report}")
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("validate", argv, overrides=True)
-    validate_flow(params=args.params, overrides=args.overrides)
-    return 0
+    return stage_main("validate", argv)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import sys
 
 from prefect import flow, task
 
-from flows.common import parse_args
-from saev_core.config import load_section
+from flows.common import stage_main
+from saev_core import registry
 from saev_core.warehouse import WarehouseConfig, build_warehouse
 
 
@@ -20,16 +20,14 @@ def build_task(cfg: WarehouseConfig) -> dict:
 
 @flow(name="warehouse", log_prints=True)
 def warehouse_flow(params: str = "params.yaml", overrides: dict | None = None) -> dict:
-    cfg = load_section(params, "warehouse", WarehouseConfig, overrides)
+    cfg = registry.load("warehouse", params, overrides)
     report = build_task(cfg)
     print(f"warehouse {cfg.db}: {report}")
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("warehouse", argv, overrides=True)
-    warehouse_flow(params=args.params, overrides=args.overrides)
-    return 0
+    return stage_main("warehouse", argv)
 
 
 if __name__ == "__main__":

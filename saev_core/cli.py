@@ -21,17 +21,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-# name -> (module, function, one-line help)
+from saev_core.registry import STAGES
+
+# name -> (module, function, one-line help); the stages come from the registry, in order
 COMMANDS = {
     "shapes": ("saev_core.shapes", "main", "generate a built-in world (--world shapes|forms)"),
-    "backbone": ("flows.backbone", "main", "train the demo ViT on shapes"),
-    "extract": ("flows.extract", "main", "record activations as Parquet shards"),
-    "validate": ("flows.validate", "main", "Great Expectations checks on the shards"),
-    "train": ("flows.train", "main", "train the SAE"),
-    "stats": ("flows.stats", "main", "per-feature statistics"),
-    "probe": ("flows.probe", "main", "linear probes on the backbone's output"),
-    "intervene": ("flows.intervene", "main", "feature hypotheses: edits vs controls, to MLflow"),
-    "warehouse": ("flows.warehouse", "main", "rebuild warehouse/saev.duckdb"),
+    **{name: (f"flows.{name}", "main", stage.help) for name, stage in STAGES.items()},
     "pipeline": ("flows.pipeline", "main", "every stage in order, in one process"),
     "sql": ("saev_core.warehouse", "main", "query the warehouse (named query or SQL; --list)"),
     "serve": ("flows.deploy", "main", "serve the pipeline on a cron schedule"),

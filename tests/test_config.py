@@ -108,10 +108,10 @@ class Loaded(Exception):
 def run_until_loaded(monkeypatch, stage: str, argv: list[str]):
     """`saev <stage> argv` through the real CLI and flow body, stopped right after the flow
     loads its section: the flow's plain function is called (no Prefect run) and
-    `load_section` hands its result back by raising `Loaded`."""
+    the registry's `load_section` hands its result back by raising `Loaded`."""
     import importlib
 
-    from saev_core import cli, config
+    from saev_core import cli, config, registry
 
     module = importlib.import_module(f"flows.{stage}")
     flow = getattr(module, f"{stage}_flow")
@@ -120,7 +120,7 @@ def run_until_loaded(monkeypatch, stage: str, argv: list[str]):
     def load_and_stop(*args, **kwargs):
         raise Loaded(config.load_section(*args, **kwargs))
 
-    monkeypatch.setattr(module, "load_section", load_and_stop)
+    monkeypatch.setattr(registry, "load_section", load_and_stop)
     with pytest.raises(Loaded) as loaded:
         cli.main([stage, *argv])
     return loaded.value.args[0]
