@@ -10,7 +10,7 @@ Writes `--n-vectors` (at least; whole images of `--tokens` tokens) random vector
             `np.load(mmap_mode="r")` array into a reused buffer, inline (no threads): the best
             case for a raw memmap reader,
 
-both casting to float32 with the same routine (`loaders._convert`, torch in one thread) and
+both casting to float32 with the same routine (`loaders_common._convert`, torch in one thread) and
 again with no cast at all (the stored float16). A first pass checks that both yield the very same
 batches. Each measurement is repeated `--repeats` times, interleaved, and the median is reported.
 Peak RSS per pass is the kernel's high-water mark (reset through `/proc/self/clear_refs`) above
@@ -40,6 +40,8 @@ import numpy as np
 from common import write_manifest
 
 from saev_core import loaders, shards
+from saev_core.loaders import common as loaders_common
+from saev_core.loaders import shuffled as loaders_shuffled
 
 
 def write_data(root: Path, n_images: int, tokens: int, d_model: int, per_group: int) -> Path:
@@ -65,11 +67,11 @@ def memmap_batches(npy_path, shard_dir, batch_size, seed, buffer_groups, dtype):
     """The baseline: `iter_shuffled`'s order (same rng draws), each batch one memmap gather."""
     mm = np.load(npy_path, mmap_mode="r")
     m = shards.read_manifest(shard_dir)
-    groups = loaders._row_groups(m, 0, None)
+    groups = loaders_common._row_groups(m, 0, None)
     starts = np.cumsum([0] + [g.n_rows for g in groups])  # npy rows are in file order
-    piece_rows = loaders._piece_rows(m, None)
-    pieces = loaders._pieces(groups, piece_rows)
-    per_window = buffer_groups * max(1, -(-loaders._max_rows(groups) // piece_rows))
+    piece_rows = loaders_shuffled._piece_rows(m, None)
+    pieces = loaders_shuffled._pieces(groups, piece_rows)
+    per_window = buffer_groups * max(1, -(-loaders_common._max_rows(groups) // piece_rows))
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(pieces))
     carry = np.empty(0, np.int64)
@@ -93,7 +95,11 @@ def memmap_batches(npy_path, shard_dir, batch_size, seed, buffer_groups, dtype):
         for lo in range(0, n_out, batch_size):
             ids = grouped(pool, starts_w, perm[lo : lo + batch_size])
             x = np.take(mm, ids, axis=0, out=buf16[: len(ids)])
-            yield x if dtype is None else loaders._convert(x, np.dtype(dtype), buf32[: len(ids)])
+            yield (
+                x
+                if dtype is None
+                else loaders_common._convert(x, np.dtype(dtype), buf32[: len(ids)])
+            )
         carry = grouped(pool, starts_w, perm[n_out:])
 
 
@@ -150,7 +156,7 @@ def main() -> None:
         t = time.perf_counter()
         shard_dir = write_data(root, n_images, args.tokens, args.d_model, args.images_per_row_group)
         npy_path = root / "acts.npy"
-        n_groups = len(loaders._row_groups(shards.read_manifest(shard_dir), 0, None))
+        n_groups = len(loaders_common._row_groups(shards.read_manifest(shard_dir), 0, None))
         print(
             f"wrote {n_images * args.tokens:,} x {args.d_model} float16 ({n_groups} row groups) "
             f"twice in {time.perf_counter() - t:.1f} s",

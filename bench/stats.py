@@ -210,7 +210,8 @@ def bench_queries(db: Path, root: Path, reps: int) -> tuple[dict[str, float], di
     (which also opens the database read-only, checks the run names and formats JSON)."""
     import duckdb
 
-    from saev_core.warehouse import _bind, list_queries, run_query
+    from saev_core.warehouse import list_queries, run_query
+    from saev_core.warehouse.queries import _bind
 
     sql_dir = Path(__file__).resolve().parents[1] / "sql"
     specs = {q.name: q for q in list_queries(sql_dir) if q.name in QUERY_PARAMS}

@@ -13,7 +13,7 @@ the partitions into one manifest, or the move of the members into `<out_dir>/swe
 manifest records, are the same as in a one-machine run. That directory (or at least every path
 the section names) must be the same shared path on every worker machine: an NFS or similar mount.
 A partition writes its finished chunks straight into the staging directory next to `out_dir`
-there; a chunk counts as done once its record is written (saev_core/extract.py).
+there; a chunk counts as done once its record is written (saev_core/extract/).
 
 **Or only a bucket.** With `$SAEV_STAGING_URL=s3://bucket/prefix` (`run_partitions`' `staging`)
 the workers share nothing but the Prefect server and the object store. Each partition runs in

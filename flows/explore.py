@@ -1,4 +1,4 @@
-"""`saev explore`: the interactive app over one run (saev_core/explore.py), with MLflow behind
+"""`saev explore`: the interactive app over one run (saev_core/explore/), with MLflow behind
 its "log this intervention" button.
 
 Not a pipeline stage: it serves a run the stages produced. This module only adds tracking, which

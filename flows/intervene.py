@@ -25,7 +25,7 @@ from prefect import flow, task
 from flows.common import mlflow_run, runs_table_url, save_runs_view, stage_main, write_metrics
 from saev_core import registry
 from saev_core.config import to_dict
-from saev_core.intervene import InterveneConfig
+from saev_core.hypotheses import InterveneConfig
 
 METRICS = "metrics/intervene.json"
 PARAM_KEYS = ("hypothesis", "concept", "task", "features", "control_features", "edit",

@@ -3,7 +3,7 @@
 The watched folder is `extract.data` of the params file. The `saev-refresh` deployment
 (`flows/deploy.py`) runs this flow every few minutes; when the folder holds no image the shard
 set lacks, it stops after a cheap listing. Otherwise it extracts only the new images (the shard
-set grows incrementally, see `saev_core/extract.py`), validates the grown set, recomputes the
+set grows incrementally, see `saev_core/extract/`), validates the grown set, recomputes the
 SAE's statistics and rebuilds the warehouse, then versions what it wrote with DVC and records
 the run in MLflow (experiment `service`). With `distributed`, the new images' partitions are flow
 runs of their own on the work pool (`flows/distributed.py`, docs/scale-out.md); the flow then

@@ -290,8 +290,8 @@ def load_backbone(name_or_path: str, device: str | None = None, dtype: str = "au
     `device=None` picks CUDA, MPS or CPU; `dtype` is one of `DTYPES` ("auto": float16 on CUDA).
     A hub id resolves through the Hugging Face cache like any `from_pretrained` call, so with
     HF_HUB_OFFLINE=1 it only reads what is already cached. A ViTMAE checkpoint (facebook/vit-mae-*,
-    or the demo MAE of `saev_core.objectives`) loads as its encoder over every patch, in order
-    (`keep_patch_order`).
+    or the demo MAE of `saev_core.demo_vit.objectives`) loads as its encoder over every patch, in
+    order (`keep_patch_order`).
     """
     import torch
     from PIL import Image

@@ -1,6 +1,6 @@
 """A static, self-contained HTML feature browser for one stats run, and PNG exemplar grids.
 
-`build_browser` reads a stats directory (`saev_core.stats_tables.write_stats`) and the images its shard
+`build_browser` reads a stats directory (`saev_core.stats.tables.write_stats`) and the images its shard
 set lists, and writes one HTML file holding everything: the data as JSON, the exemplar thumbnails
 as JPEG data URIs, and the page's CSS and JavaScript (`browser.html` next to this module). Opening
 the file needs no server and no network. The page lists every feature with search (a feature id,
@@ -96,7 +96,7 @@ def _thumb(path: Path, px: int, geometry=None, grid: tuple[int, int] = (0, 0)):
     (resized, centre-cropped, cut to the area the patch grid covers) so heat maps line up.
     Decoded as extraction decodes it (EXIF orientation, CMYK through its ICC profile, 16-bit
     grey scaled), so it is the picture the model saw; None for a file that no longer opens."""
-    from saev_core.data import BadImage, ImageRecord, open_image
+    from saev_core.data.images import BadImage, ImageRecord, open_image
 
     try:
         im = open_image(ImageRecord(0, "", str(path), path, ()))

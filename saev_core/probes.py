@@ -254,7 +254,7 @@ def fit_probe(
 
 def evaluate_probe(probe: LinearProbe, h: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     """Held-out metrics: per-label accuracy and AUROC, or patch accuracy, IoU per class, mIoU."""
-    from saev_core.demo_vit import auroc
+    from saev_core.demo_vit.data import auroc
 
     with torch.no_grad():
         p = probe.probs(h).numpy()

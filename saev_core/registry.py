@@ -90,14 +90,14 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "train",
-            "saev_core.stages:TrainStage",
+            "saev_core.training:TrainStage",
             "flows.train:train_flow",
             "train the SAE",
             gpu=True,
         ),
         Stage(
             "stats",
-            "saev_core.stages:StatsStage",
+            "saev_core.stats.stage:StatsStage",
             "flows.stats:stats_flow",
             "per-feature statistics",
         ),
@@ -110,7 +110,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "intervene",
-            "saev_core.intervene:InterveneConfig",
+            "saev_core.hypotheses:InterveneConfig",
             "flows.intervene:intervene_flow",
             "feature hypotheses: edits vs controls, to MLflow",
             gpu=True,

@@ -25,6 +25,7 @@ from saev_core.backbone import (  # noqa: E402
     resolve_layer,
 )
 from saev_core.demo_vit import BackboneConfig, auroc  # noqa: E402
+from saev_core.demo_vit import data as dv_data  # noqa: E402
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
@@ -267,12 +268,12 @@ def test_augment_moves_pixels_and_classes_together() -> None:
     maps[:, :, 5:9, 2:6] = 1
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
-        p, m = dv._augment(pixels, maps, torch.tensor([True, False]), 4, gen)
+        p, m = dv_data._augment(pixels, maps, torch.tensor([True, False]), 4, gen)
         assert torch.equal(p[:, 0] == 200, m[:, 0] == 1)  # still aligned
         assert int(m[:, 0].sum()) == 2 * 16  # nothing cut off at the border
         cols = m[1, 0].any(0).nonzero().flatten()
         assert int(cols.min()) >= 0 and int(cols.max()) <= 9  # shift <= 4 (and >= -2 here)
-    p, m = dv._augment(pixels, maps, torch.tensor([True, False]), 0, gen)
+    p, m = dv_data._augment(pixels, maps, torch.tensor([True, False]), 0, gen)
     assert torch.equal(m[0, 0], maps[0, 0].flip(-1)) and torch.equal(p[1], pixels[1])
 
 
@@ -280,7 +281,7 @@ def test_processor_matches_training_normalisation() -> None:
     processor = dv.build_processor(32)
     ims = images(2)
     pixels = torch.from_numpy(np.stack([np.asarray(im) for im in ims])).permute(0, 3, 1, 2)
-    expected = dv._normalise(pixels)
+    expected = dv_data._normalise(pixels)
     got = processor(images=ims, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(got, expected)
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from saev_core.browser import BrowserConfig, browser_data, build_browser, exemplar_grid
 from saev_core.stats import StatsConfig, compute_stats, exemplar_heatmaps
-from saev_core.stats_tables import write_stats
+from saev_core.stats.tables import write_stats
 
 torch.set_num_threads(1)
 N_IMG, GRID, D = 12, 2, 4  # images of CLS + 2 x 2 patches; 4 features

@@ -23,6 +23,7 @@ import torch
 from scipy.stats import permutation_test
 
 from saev_core import compare_intervene as CI
+from saev_core.intervene import random_direction
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 32
@@ -62,7 +63,7 @@ def test_clamping_a_direction_the_head_reads_moves_its_logit_by_the_computed_amo
     M = 1.7
     unit = CI.ProjectionUnit(u.numpy(), mu.numpy())
     arm = CI.Arm("pca", 5, unit, 0, M)
-    dirs = [CI.random_direction(D, 10 + k) for k in range(3)]
+    dirs = [random_direction(D, 10 + k) for k in range(3)]
     all_p = (x_ntd - mu) @ u  # [n, t] signed projections
     assert (all_p < 0).any() and (all_p > 0).any()
     p = all_p[:, 0]

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 def stage_configs():
     from saev_core.demo_vit import BackboneConfig
     from saev_core.extract import ExtractConfig
-    from saev_core.intervene import InterveneConfig
+    from saev_core.hypotheses import InterveneConfig
     from saev_core.probes import ProbeConfig
     from saev_core.stages import StatsStage, TrainStage
     from saev_core.stats import StatsConfig

@@ -1,4 +1,4 @@
-"""`saev explore` in a real browser: the page (saev_core/explore.html) over the real app.
+"""`saev explore` in a real browser: the page (saev_core/explore/explore.html) over the real app.
 
 The app (saev_core.explore.create_app over `explore_fixtures.build_explore_run`: a tiny demo ViT,
 its SAE, stats and probes) is served by uvicorn on a free loopback port in a thread, and

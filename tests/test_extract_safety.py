@@ -1,6 +1,6 @@
 """Extraction under stress: killed mid-run, grown folders, mismatched sets, bad files.
 
-The contract (saev_core/extract.py): `out_dir` is only ever absent or complete; a rerun after
+The contract (saev_core/extract/): `out_dir` is only ever absent or complete; a rerun after
 `kill -9` ends with exactly the bytes an uninterrupted run writes; new images in a folder are
 appended; a differently made set is never mixed into.
 """
@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from saev_core import loaders, shards
-from saev_core.extract import ExtractConfig, ShardSetMismatch, _recover_publication, extract
+from saev_core.extract import ExtractConfig, ShardSetMismatch, extract
+from saev_core.extract.publish import _recover_publication
 from saev_core.validate import ShardValidationError, validate_shards
 
 SMALL = dict(layers=(0, -1), batch_size=2, images_per_row_group=2, images_per_file=3, n_workers=1)

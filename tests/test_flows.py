@@ -107,7 +107,7 @@ def logged_intervention(tmp_path, monkeypatch, capsys):
 
     from flows.intervene import intervene_task
     from saev_core import hypotheses
-    from saev_core.intervene import InterveneConfig
+    from saev_core.hypotheses import InterveneConfig
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

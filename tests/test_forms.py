@@ -39,6 +39,7 @@ from saev_core.shapes import (
     render_forms_image,
     whole_objects,
 )
+from saev_core.shapes import forms as shapes_forms
 
 SMALL = FormsConfig(seed=5, n_train=10, n_val=4, n_test=4)
 SMALL_TREE_SHA256 = "115714d6858d55a5565fabcc5100d5387aa9e54b758589e9a1560f6eab0f4c75"
@@ -77,7 +78,7 @@ def flat(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     generate(a, SMALL, progress=False)
-    shapes._word_glyphs.cache_clear()  # the words are rendered again, not reused from the cache
+    shapes_forms._word_glyphs.cache_clear()  # the words are rendered again, not reused from the cache
     generate(b, SMALL, progress=False)
     generate(c, FormsConfig(seed=6, n_train=10, n_val=4, n_test=4), progress=False)
     da, db, dc = tree_digest(a), tree_digest(b), tree_digest(c)

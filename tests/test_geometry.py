@@ -258,7 +258,7 @@ def test_probe_targets_use_the_crop(backbones, tmp_path):
 
 
 def test_intervention_scopes_use_the_crop(backbones, tmp_path):
-    from saev_core.hypotheses import _scope
+    from saev_core.hypotheses.readers import _scope
 
     bb = backbones["clip"]
     layout = TokenLayout.of_backbone(bb)
@@ -425,7 +425,7 @@ def test_read_geometry_checks_the_processor_itself(family):
 
 
 def test_without_a_geometry_pixels_refuse_to_map_to_patches(tmp_path):
-    from saev_core.extract import _add_patch_labels
+    from saev_core.extract.chunks import _add_patch_labels
 
     record = _record(tmp_path, np.zeros((8, 8), np.uint8))
     bb = SimpleNamespace(geometry=None, geometry_error="it mirrors", grid=(2, 2))

@@ -18,12 +18,12 @@ import yaml
 from saev_core.hypotheses import (
     Cache,
     Hypothesis,
+    InterveneConfig,
     Settings,
     batch_hypotheses,
     frequency_matched,
     run_hypothesis,
 )
-from saev_core.intervene import InterveneConfig
 from saev_core.sae import SAE, SAEConfig
 
 D = 32

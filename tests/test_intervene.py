@@ -10,7 +10,6 @@ from saev_core.intervene import (
     FeatureEdit,
     Splice,
     TokenLayout,
-    _edited_output,
     bootstrap_ci,
     bootstrap_ratio_ci,
     feature_values,
@@ -23,6 +22,7 @@ from saev_core.intervene import (
     stacked_splice,
     suppress,
 )
+from saev_core.intervene.splicing import _edited_output
 from saev_core.sae import SAE, SAEConfig
 
 
@@ -242,7 +242,7 @@ def test_feature_values_keep_the_sign_of_a_signed_topk():
 def test_stacked_output_keeps_the_block_dtype_and_equals_each_edit(dtype):
     """The stacked hook's output is in the block's dtype (a bf16 model's K-fold output is not
     held in float32 too) and equals, bit for bit, each condition's own spliced output."""
-    from saev_core.intervene import _stacked_output
+    from saev_core.intervene.splicing import _stacked_output
 
     sae = make_sae(32)
     x = (torch.randn(4, 17, 32, generator=torch.Generator().manual_seed(6)) * 2).to(dtype)

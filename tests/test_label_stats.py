@@ -1,4 +1,4 @@
-"""Exactness of the label statistics (saev_core.label_stats through compute_stats) against
+"""Exactness of the label statistics (saev_core.stats.assoc through compute_stats) against
 scikit-learn on adversarial code distributions: tightly clustered, tied, heavy-tailed, below
 hist_min and above hist_max, rare labels, at patch and image level."""
 
@@ -241,7 +241,7 @@ def test_batches_that_change_between_passes_raise():
 def test_exact_budget_overflow_falls_back_to_histograms_and_tables_carry_the_bounds(tmp_path):
     import pyarrow.parquet as pq
 
-    from saev_core.stats_tables import write_stats
+    from saev_core.stats.tables import write_stats
 
     image_id, token, acts, labels, y = adversarial_data(seed=3, n_img=120)
     # a budget the patch codes overflow mid-stream: the histogram path with refinement answers
@@ -264,7 +264,7 @@ def test_exact_budget_overflow_falls_back_to_histograms_and_tables_carry_the_bou
 def test_code_label_pairs_count_in_the_exact_budget(monkeypatch):
     """exact_level expands every code once per label of its item: a corpus whose codes, items
     and label pairs fit the budget but whose (code, label) pairs do not takes the histograms."""
-    from saev_core import label_stats
+    from saev_core.stats import exact
 
     rng = np.random.default_rng(11)
     n_img, n_tok, d, n_lab = 60, 9, 4, 8
@@ -282,13 +282,13 @@ def test_code_label_pairs_count_in_the_exact_budget(monkeypatch):
     budget = 5000
     assert n_codes + len(labels) + n < budget < n_codes + len(labels) + n + n_pairs
     calls = []
-    real = label_stats.exact_level
+    real = exact.exact_level
 
     def spy(*args):
         calls.append(args[5])  # n_items
         return real(*args)
 
-    monkeypatch.setattr(label_stats, "exact_level", spy)
+    monkeypatch.setattr(exact, "exact_level", spy)
     st = compute_stats(
         Identity(d), batches_of(image_id, token, acts, 7), labels, names, 1,
         StatsConfig(n_top=2, n_neighbors=0, exact_codes=budget), "r", False,

@@ -1,4 +1,4 @@
-"""Same machine, same bytes, for the CLIP and MAE demo backbones (saev_core.objectives), as
+"""Same machine, same bytes, for the CLIP and MAE demo backbones (saev_core.demo_vit.objectives), as
 test_determinism checks for the supervised one: training twice with the same config writes
 identical files, in one process and in two fresh interpreters (with different PYTHONHASHSEEDs,
 so that neither Python's hash seed nor anything else set up per process can pass for a seed).
@@ -108,7 +108,7 @@ def test_caption_tokenizer_learns_the_same_merges_and_tokens_on_every_call(
     forms_world: Path,
 ) -> None:
     """What the trainer does keep: the merges, in order, and the set of tokens."""
-    from saev_core.objectives import caption_tokenizer
+    from saev_core.demo_vit.clip import caption_tokenizer
 
     models = [bpe_model(caption_tokenizer(world_captions(forms_world))) for _ in range(5)]
     assert len(models[0]["merges"]) > 10 and any(t.endswith("</w>") for t in models[0]["vocab"])
@@ -119,7 +119,7 @@ def test_caption_tokenizer_learns_the_same_merges_and_tokens_on_every_call(
 def test_caption_tokenizer_numbers_its_vocabulary_the_same_on_every_call(
     forms_world: Path,
 ) -> None:
-    from saev_core.objectives import caption_tokenizer
+    from saev_core.demo_vit.clip import caption_tokenizer
 
     captions = world_captions(forms_world)
     vocabs = [bpe_model(caption_tokenizer(captions))["vocab"] for _ in range(5)]

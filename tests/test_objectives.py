@@ -1,4 +1,4 @@
-"""The demo backbones with other objectives (saev_core.objectives): CLIP and MAE.
+"""The demo backbones with other objectives (saev_core.demo_vit.objectives): CLIP and MAE.
 
 Each trains on a tiny world in seconds, is saved like a hub checkpoint, and loads by hub id out
 of a temporary Hugging Face cache (as in test_families) through `load_backbone`. The checks
@@ -300,7 +300,7 @@ def test_supervised_labels_on_the_forms_world_are_the_plain_concepts(forms_world
     targets. Checked against images.csv read here with the csv module."""
     import csv
 
-    from saev_core.demo_vit import _load_split
+    from saev_core.demo_vit.data import _load_split
     from saev_core.shapes import CONCEPTS
 
     split = _load_split(forms_world, "train", progress=False)

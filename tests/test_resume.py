@@ -175,10 +175,10 @@ def test_a_run_killed_mid_epoch_resumes_where_an_uninterrupted_run_goes(
     # killed at step 5: the last checkpoint is step 4, batch 4 of epoch 0's 6, so the rerun must
     # skip exactly those 4 batches of the loader's order (row groups of 15 rows cut into pieces
     # of 4 rows, or whole) and end with the uninterrupted run's weights
-    from saev_core import loaders
+    from saev_core.loaders import shuffled
 
-    if piece_bytes:
-        monkeypatch.setattr(loaders, "_PIECE_BYTES", piece_bytes)
+    if piece_bytes:  # read by the shuffled reader, from its own module
+        monkeypatch.setattr(shuffled, "_PIECE_BYTES", piece_bytes)
     train_stage(stage(shard_dir, tmp_path / "whole"), progress=False)
     whole = SAE.load(tmp_path / "whole")
 

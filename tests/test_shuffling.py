@@ -17,6 +17,9 @@ from PIL import Image
 
 from saev_core import loaders, shards
 from saev_core.extract import ExtractConfig, extract
+from saev_core.loaders import common as loaders_common
+from saev_core.loaders import pages as loaders_pages
+from saev_core.loaders import shuffled as loaders_shuffled
 from saev_core.sae import SAE
 from saev_core.stages import TrainStage, train_stage
 
@@ -163,12 +166,12 @@ def test_mapped_vectors_equal_pyarrows_reading(tmp_path, how, tokens):
     acts = np.random.default_rng(1).normal(size=(90, 5, 24)).astype(np.float16)
     root = write_groups(tmp_path, acts, 16, **LAYOUTS[how])
     m = shards.read_manifest(root)
-    groups = loaders._row_groups(m, 0, None)
+    groups = loaders_common._row_groups(m, 0, None)
     assert len(groups) == 6
     if how == "compressed":
         assert not any(g.direct for g in groups)  # read through pyarrow
     else:
-        runs = [loaders._act_runs(g, m) for g in groups]
+        runs = [loaders_pages._act_runs(g, m) for g in groups]
         assert all(g.direct for g in groups) and all(r is not None for r in runs)
         n_pages = [len(r) for r in runs]
         assert set(n_pages) == {1} if how == "ShardWriter" else min(n_pages) > 1
@@ -394,11 +397,11 @@ def test_a_piece_read_through_pyarrow_holds_only_its_rows(tmp_path, monkeypatch)
     # pyarrow for each of its pieces: each piece must keep only its own rows, not the group
     acts = np.random.default_rng(8).normal(size=(16, 4, 8)).astype(np.float16)
     root = write_groups(tmp_path, acts, per_group=8)
-    monkeypatch.setattr(loaders, "_parse_runs", lambda group, m: None)
+    monkeypatch.setattr(loaders_pages, "_parse_runs", lambda group, m: None)
     m = shards.read_manifest(root)
-    groups = loaders._row_groups(m, 0, None)
-    reader = loaders._PieceReader(m, groups, "all")
-    ((array, rows),) = reader.read(loaders._Piece(0, 4, 12))
+    groups = loaders_common._row_groups(m, 0, None)
+    reader = loaders_shuffled._PieceReader(m, groups, "all")
+    ((array, rows),) = reader.read(loaders_shuffled._Piece(0, 4, 12))
     assert rows is None and len(array) == 8
     assert array.base is None or array.base.nbytes == array.nbytes  # not a view of 32 rows
     got = np.concatenate(list(loaders.iter_shuffled(root, 0, 5, seed=1, piece_rows=3)))
@@ -413,15 +416,17 @@ def test_groups_read_whole_by_pyarrow_keep_the_window_bounded(tmp_path, monkeypa
     # 8 pieces of 4 rows would otherwise pool 8 x `buffer_groups` whole row groups)
     acts = np.random.default_rng(9).normal(size=(64, 4, 8)).astype(np.float16)
     root = write_groups(tmp_path, acts, 8, compression="zstd")  # 8 groups of 32 rows
-    assert not any(g.direct for g in loaders._row_groups(shards.read_manifest(root), 0, None))
+    assert not any(
+        g.direct for g in loaders_common._row_groups(shards.read_manifest(root), 0, None)
+    )
     pools = []
-    gather = loaders._gather
+    gather = loaders_shuffled._gather
 
     def spy(parts, offsets, idx, out):
         pools.append(int(offsets[-1]))
         return gather(parts, offsets, idx, out)
 
-    monkeypatch.setattr(loaders, "_gather", spy)
+    monkeypatch.setattr(loaders_shuffled, "_gather", spy)
     got = np.concatenate(
         list(loaders.iter_shuffled(root, 0, 16, seed=0, buffer_groups=2, piece_rows=4, dtype=None))
     )

@@ -21,7 +21,7 @@ from saev_core.stats import (
     decoder_neighbors,
     exemplar_heatmaps,
 )
-from saev_core.stats_tables import write_stats
+from saev_core.stats.tables import write_stats
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
@@ -328,7 +328,7 @@ def test_config_checks():
 
 
 def test_auto_splits_select_on_val_report_on_test_else_train_val():
-    from saev_core.stats_splits import resolve_splits
+    from saev_core.stats.splits import resolve_splits
 
     cfg = StatsConfig(splits=("train", "val", "test"))
     assert resolve_splits(cfg, ["train", "val", "test"]) == ("val", "test")
@@ -785,7 +785,7 @@ def test_shuffled_label_control_is_chance_and_matches_sklearn(tmp_path):
     AUROC of the best feature on the shuffled labels (each image's mask moved to another image)."""
     from sklearn.metrics import roc_auc_score
 
-    from saev_core.stats_splits import CONTROL_PREFIX, pop_controls, shuffled_labels
+    from saev_core.stats.splits import CONTROL_PREFIX, pop_controls, shuffled_labels
 
     rng = np.random.default_rng(3)
     n_img, n_patch, d = 300, 4, 4
@@ -896,7 +896,7 @@ def test_the_controls_error_bound_is_kept(tmp_path):
     label_controls.control_auroc_err (and the image one) next to control_auroc."""
     import json
 
-    from saev_core.stats_splits import CONTROL_PREFIX, pop_controls
+    from saev_core.stats.splits import CONTROL_PREFIX, pop_controls
     from saev_core.warehouse import run_query
 
     # the bound itself: features [0.60 +- 0.01, 0.58 +- 0.05] -> the exact max lies in

@@ -17,9 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from saev_core import warehouse
 from saev_core.stats import StatsConfig, compute_stats
-from saev_core.stats_tables import write_stats
+from saev_core.stats.tables import write_stats
 from saev_core.warehouse import (
     build_warehouse,
     list_queries,
@@ -27,6 +26,7 @@ from saev_core.warehouse import (
     main_build,
     parse_query,
     run_query,
+    sandbox,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -712,7 +712,7 @@ def test_features_without_counterpart(project, tmp_path):
     root = tmp_path / "p"
     shutil.copytree(project.root, root)
     ref = project.stats["relu_a"]
-    from saev_core.stats_tables import write_stats as write
+    from saev_core.stats.tables import write_stats as write
 
     image_id, token, _, _, acts = toy_data()
     st = compute_stats(
@@ -834,10 +834,10 @@ def test_user_sql_is_sandboxed(project, tmp_path, materialize, monkeypatch):
         if "{stats}" in sql:
             continue  # only the statement filter stops a write where views mode may read
         # the sandboxed connection alone, without the statement filter, refuses the rest too
-        con = duckdb.connect(str(db), read_only=True, config=warehouse._SANDBOX_CONFIG)
+        con = duckdb.connect(str(db), read_only=True, config=sandbox._SANDBOX_CONFIG)
         try:
             con.execute("set file_search_path = $root", {"root": str(project.root)})
-            warehouse._sandbox(con, project.root, SQL_DIR)
+            sandbox._sandbox(con, project.root, SQL_DIR)
             with pytest.raises(duckdb.Error, match=SANDBOXED):
                 con.execute(text).fetchall()
         finally:

@@ -1,7 +1,7 @@
 -- One row per (run, feature, label): how well the feature's code tells what carries the label,
 -- at patch level (the code on a patch vs the patch's labels) and at image level (the image's
 -- highest patch code vs the image's labels). AUROC is exact, or within the proven bound
--- `auroc_err` of exact (<= 0.002 unless refinement was cut short; see saev_core.label_stats);
+-- `auroc_err` of exact (<= 0.002 unless refinement was cut short; see saev_core.stats.assoc);
 -- precision and recall are exact at the threshold with the best F1 (within `f1_err` of the best
 -- over all thresholds), where "code >= threshold" predicts the label (threshold 0: "code > 0").
 -- On each split that threshold is the split's own best: on the report split, `precision`,

@@ -1,5 +1,5 @@
 -- One row per (run, split, label): the best AUROC any feature of the run reaches when the label
--- is shuffled across the split's images (each image's mask moving with it; saev_core.stats_splits).
+-- is shuffled across the split's images (each image's mask moving with it; saev_core.stats.splits).
 -- It is what picking the best of d_sae features reaches by chance, and grows with d_sae: a
 -- leader's AUROC means something only by its margin over this. control_auroc_err is the proven
 -- bound on that control's own error from the features' auroc_err: the exact maximum lies within

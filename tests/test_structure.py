@@ -1,0 +1,154 @@
+"""The shape of the code, checked from its source: saev_core has no import cycle (lazy imports
+inside functions and `TYPE_CHECKING` imports included), no module over ~400 lines without a
+docstring that says why, and no import of the orchestration engines (Prefect, MLflow, DVC),
+which belong to flows/.
+
+The import graph is read with `ast`, so nothing is imported to build it. A package's
+`__init__` is a node of its own: a submodule that imports its own package's `__init__` makes a
+cycle (the `__init__` re-exports from the submodule), the partial-initialisation trap the split
+into packages is meant to keep out. Code inside saev_core imports from the defining submodule.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "saev_core"
+MAX_LINES = 400
+REASON = "Over 400 lines because"
+ENGINES = ("prefect", "mlflow", "dvc")
+NOT_SPLIT_YET = {
+    "saev_core.backbone",
+    "saev_core.baselines",
+    "saev_core.sae",
+    "saev_core.sae_io",
+}
+"""Modules still over the limit, known and listed in issue 19 (to split next); the test fails
+when one of them is split or shrinks (remove it here) and for any module not listed."""
+
+
+def modules() -> dict[str, Path]:
+    """Dotted name -> file, for every module and package `__init__` of saev_core."""
+    found = {}
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def imported(name: str, path: Path, node: ast.Import | ast.ImportFrom, known: set[str]):
+    """The modules of `known` that one import statement of module `name` loads."""
+    if isinstance(node, ast.Import):
+        targets = [a.name for a in node.names]
+    else:
+        base = node.module or ""
+        if node.level:  # relative: counted from the package the module is in
+            parts = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+            parts = parts[: len(parts) - (node.level - 1)]
+            base = ".".join(parts + ([base] if base else []))
+        targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+    out = set()
+    for target in targets:
+        while target and target not in known:  # `import a.b.c` loads the deepest module known
+            target = target.rpartition(".")[0]
+        if target:
+            out.add(target)
+    return out
+
+
+def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """(saev_core edges, every top-level package each module imports)."""
+    known = modules()
+    edges, external = defaultdict(set), defaultdict(set)
+    for name, path in known.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            edges[name] |= imported(name, path, node, set(known)) - {name}
+            if isinstance(node, ast.Import):
+                external[name] |= {a.name.split(".")[0] for a in node.names}
+            elif not node.level and node.module:
+                external[name].add(node.module.split(".")[0])
+    return edges, external
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iteratively)."""
+    index, low, stack, on, found = {}, {}, [], set(), []
+    for start in sorted(edges):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(edges[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start), on.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child), on.add(child)
+                    work.append((child, iter(sorted(edges.get(child, ())))))
+                elif child in on:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_the_graph_reader_finds_a_cycle_and_a_lazy_import():
+    edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(edges) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+    known = {"saev_core", "saev_core.x", "saev_core.x.y"}
+    lazy = ast.parse("def f():\n    from saev_core.x.y import z\n").body[0].body[0]
+    assert imported("saev_core.w", Path("w.py"), lazy, known) == {"saev_core.x.y"}
+    rel = ast.parse("from .y import z").body[0]
+    assert imported("saev_core.x", Path("__init__.py"), rel, known) == {"saev_core.x.y"}
+
+
+def test_saev_core_has_no_import_cycle():
+    edges, _ = import_graph()
+    assert modules(), "no saev_core modules found"
+    found = cycles(edges)
+    detail = "\n".join(
+        " -> ".join(c) + "\n    " + "; ".join(f"{m} imports {sorted(edges[m] & set(c))}" for m in c)
+        for c in found
+    )
+    assert not found, f"import cycles in saev_core (import from the defining module):\n{detail}"
+
+
+def test_no_module_over_400_lines_without_a_reason():
+    long = {}
+    for name, path in modules().items():
+        text = path.read_text()
+        n = len(text.splitlines())
+        if n > MAX_LINES and REASON not in (ast.get_docstring(ast.parse(text)) or ""):
+            long[name] = n
+    new = {m: n for m, n in long.items() if m not in NOT_SPLIT_YET}
+    assert not new, f"split these, or say in the docstring '{REASON} ...': {new}"
+    done = sorted(NOT_SPLIT_YET - set(long))
+    assert not done, f"no longer over {MAX_LINES} lines: take them out of NOT_SPLIT_YET: {done}"
+
+
+def test_saev_core_leaves_the_engines_to_flows():
+    _, external = import_graph()
+    bad = {m: sorted(set(e) & set(ENGINES)) for m, e in external.items() if set(e) & set(ENGINES)}
+    assert not bad, f"saev_core imports an orchestration engine (belongs in flows/): {bad}"
