@@ -8,7 +8,8 @@ when a version's objects are gone). Content is compared
 where bytes differ by design:
 - JSON: keys that are timings (`*_s`, `seconds`, `per_s`, `*_time*`) dropped at every level;
 - Parquet: the `mlflow_run_id` column dropped (a new run each time), rows compared;
-- DuckDB: every table and view's rows, in sorted order (the file's bytes vary);
+- DuckDB: every table and view's rows, in sorted order, `mlflow_run_id` dropped (the file's
+  bytes vary);
 - a directory: file by file, as above.
 Both runs must be on one machine: float rounding differs between CPUs. Prints one JSON line last.
 """
@@ -67,7 +68,13 @@ def _duckdb_rows(path: Path) -> dict:
         rows = {}
         for name in sorted(names):
             try:
-                rows[name] = con.sql(f'select * from "{name}" order by all').fetchall()
+                columns = con.sql(
+                    "select column_name from information_schema.columns where table_name = ?",
+                    params=[name],
+                ).fetchall()
+                drop = [c for (c,) in columns if c in DROP_COLUMNS]
+                exclude = f" exclude ({', '.join(drop)})" if drop else ""
+                rows[name] = con.sql(f'select *{exclude} from "{name}" order by all').fetchall()
             except duckdb.Error as e:  # a view over files not here (relative paths)
                 rows[name] = f"unreadable: {type(e).__name__}"
         con.close()
