@@ -13,6 +13,7 @@ is byte-identical to a single-worker run. Every process is stopped by its PID at
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -294,6 +295,9 @@ def killed_partition(server, tiny_vit, tmp_path, request, s3=None) -> None:
             assert time.time() < deadline, f"no kill point\n{orchestrator.tail()}"
             assert len(done_here()) < len(chunks), "partition 0 finished before the kill"
             pids = {victim.proc.pid, *children_of(victim.proc.pid)}
+            for p in pids:  # the victim yields the CPU to this loop on a busy machine (CI)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.setpriority(os.PRIO_PROCESS, p, 19)
             if done_here() and half_written(pids):
                 for p in pids:
                     os.kill(p, signal.SIGSTOP)
