@@ -160,10 +160,9 @@ FANOUT = {
 
 def load_flow(ref: str):
     """The flow object named by `module:attribute`."""
-    import importlib
+    from saev_core.registry import import_ref
 
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return import_ref(ref)
 
 
 def pool_for(spec: Spec, cfg: settings.Settings, existing_pools: set[str]) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 from saev_core.config import load_section
 
 
-def _import(ref: str) -> Any:
+def import_ref(ref: str) -> Any:
     """`"package.module:Name"` -> the object."""
     module, sep, name = ref.partition(":")
     if not sep:
@@ -53,10 +53,10 @@ class Stage:
     its own output (extract) or writes only a small uncached report (validate)."""
 
     def config_class(self) -> type:
-        return _import(self.config)
+        return import_ref(self.config)
 
     def flow_function(self) -> Any:
-        return _import(self.flow)
+        return import_ref(self.flow)
 
     def load(self, params: str | Path = "params.yaml", sets: dict[str, Any] | None = None):
         """This stage's params section as its config dataclass; `sets` are `-S KEY=VALUE`."""
