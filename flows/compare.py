@@ -135,7 +135,7 @@ def step_config(params: dict[str, Any], step: str, name: str | None = None) -> A
         values["layers"] = [layer]
         return from_dict(ExtractConfig, values, where=where)
     if step == "train":
-        from saev_core.stages import TrainStage
+        from saev_core.training.stage import TrainStage
 
         train = params.get("train") or {}
         sae = _merged(train.get("sae"), cmp.get("sae"))
@@ -149,7 +149,7 @@ def step_config(params: dict[str, Any], step: str, name: str | None = None) -> A
         }
         return from_dict(TrainStage, values, where=where)
     if step == "stats":
-        from saev_core.stages import StatsStage
+        from saev_core.stats.stage import StatsStage
 
         values = _merged(
             {k: v for k, v in (params.get("stats") or {}).items() if k in ("options", "browser")},

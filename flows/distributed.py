@@ -65,7 +65,7 @@ from flows.deploy import FANOUT_TAG, ensure_fanout, zombie_after_s
 from saev_core.config import from_dict, to_dict
 from saev_core.extract import CHUNKS, PLAN, ExtractConfig, extract_partition
 from saev_core.object_store import split_url
-from saev_core.stages import TrainStage
+from saev_core.training.stage import TrainStage
 
 POLL_S = 1.0
 """Seconds between looks at the pieces' states."""

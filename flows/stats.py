@@ -13,7 +13,7 @@ from prefect import flow, task
 
 from flows.common import file_sha256, mlflow_run, stage_main
 from saev_core import registry
-from saev_core.stages import StatsStage, stats_stage
+from saev_core.stats.stage import StatsStage, stats_stage
 
 
 @task

@@ -27,7 +27,7 @@ from prefect import flow, task
 
 from flows.common import file_sha256, mlflow_logger, mlflow_run, stage_main, write_metrics
 from saev_core import registry
-from saev_core.stages import TrainStage, scalars, train_stage
+from saev_core.training.stage import TrainStage, scalars, train_stage
 
 METRICS = "metrics/train.json"
 SWEEP_METRICS = "metrics/train_sweep.json"

@@ -34,7 +34,7 @@ COMMANDS = {
     "deploy": ("flows.deploy", "deploy_main", "register the deployments with a Prefect server"),
     "worker": ("flows.deploy", "worker_main", "start a Prefect worker (--gpu on a GPU machine)"),
     "doctor": ("flows.doctor", "main", "what is configured, what answers, what does not"),
-    "baselines": ("saev_core.baselines", "main", "SAE vs neurons, PCA, ICA, NMF, random"),
+    "baselines": ("saev_core.baselines.run", "main", "SAE vs neurons, PCA, ICA, NMF, random"),
     "stability": (
         "saev_core.stability",
         "main",

@@ -36,7 +36,7 @@ import pandas as pd
 import pyarrow as pa
 
 from saev_core import shards
-from saev_core.baselines import auroc_matrix, bootstrap_auroc
+from saev_core.baselines.scores import auroc_matrix, bootstrap_auroc
 from saev_core.shapes.config import FORM_SEPARATOR, FORMS
 
 COLUMNS = (
@@ -200,7 +200,7 @@ def probe_labels(
 
     `cfg` is the probe step's `ProbeConfig`; `backbone` names the compared backbone in the rows.
     The probe must have been trained on this backbone's weights (probe.json's sha256)."""
-    from saev_core.backbone import load_backbone
+    from saev_core.backbone.load import load_backbone
     from saev_core.data.records import load_records
     from saev_core.probes import load_probe
 

@@ -175,8 +175,8 @@ def segmentation_classes(records: list, wanted: tuple[str, ...] = ()) -> list[st
 def patch_targets(record: Any, classes: list[str], grid: tuple[int, int], geometry: Any):
     """Class index per patch [n_patches] (0 = background) from the record's mask, seen through
     `geometry` (`Backbone.geometry`: the processor's resize and crop; a plain (h, w) squashes)."""
-    from saev_core.data import open_mask
-    from saev_core.extract import patch_majority
+    from saev_core.data.images import open_mask
+    from saev_core.extract.chunks import patch_majority
 
     if geometry is None:
         raise ValueError(
@@ -218,8 +218,8 @@ def miou_from_confusion(conf: np.ndarray) -> tuple[float, list[float]]:
 
 def backbone_outputs(backbone: Any, records: list, batch_size: int) -> torch.Tensor:
     """The backbone's `last_hidden_state` [n_images, n_tokens, d_model] (float32, CPU)."""
-    from saev_core.backbone import preprocess
-    from saev_core.data import open_image
+    from saev_core.backbone.hooks import preprocess
+    from saev_core.data.images import open_image
 
     out = []
     with torch.inference_mode():
@@ -277,9 +277,9 @@ def evaluate_probe(probe: LinearProbe, h: torch.Tensor, y: torch.Tensor) -> dict
 
 def train_probes(cfg: ProbeConfig) -> dict[str, dict[str, Any]]:
     """Train every probe of `cfg` on the train split, save it with its held-out metrics."""
-    from saev_core.backbone import load_backbone
+    from saev_core.backbone.load import load_backbone
     from saev_core.config import to_dict
-    from saev_core.data import load_records
+    from saev_core.data.records import load_records
 
     torch.manual_seed(cfg.seed)
     bb = load_backbone(cfg.model, device=None if cfg.device == "auto" else cfg.device)

@@ -178,7 +178,7 @@ def random_sae_like(sae: Any, seed: int) -> Any:
     with no training at all."""
     import torch
 
-    from saev_core.sae import SAE
+    from saev_core.sae.model import SAE
 
     rnd = SAE(sae.cfg, generator=torch.Generator().manual_seed(random_torch_seed(seed)))
     with torch.no_grad():
@@ -224,7 +224,7 @@ def seed_stability(
     `random_torch_seed` (a stream apart from training's), refused if one equals a checked SAE's
     recorded training seed. Refused above `MAX_D_SAE` / `MAX_CODE_BYTES` (`check_size`).
     """
-    from saev_core.sae import SAE
+    from saev_core.sae.model import SAE
 
     if len(sae_dirs) < 1:
         raise ValueError("seed_stability needs at least one SAE directory")
@@ -313,9 +313,9 @@ def stability_of(
     """`seed_stability` of SAEs trained on `shard_dir`, codes correlated on `n_tokens` patch
     tokens drawn uniformly from its `split` at the first SAE's layer; written by
     `write_stability` to `out_dir` when given."""
-    from saev_core import loaders
-    from saev_core.sae import SAE
-    from saev_core.sae_io import check_sae_matches
+    from saev_core.loaders.shuffled import sample_rows
+    from saev_core.sae.checks import check_sae_matches
+    from saev_core.sae.model import SAE
 
     if not sae_dirs:
         raise ValueError("stability: give at least one SAE directory (--sae)")
@@ -324,7 +324,7 @@ def stability_of(
     extra = SAE.load(sae_dirs[0]).extra
     if "layer" not in extra:
         raise ValueError(f"{sae_dirs[0]}/cfg.json: no extra.layer: which layer was it trained on?")
-    x = loaders.sample_rows(shard_dir, int(extra["layer"]), n_tokens, seed, [split], "patches")
+    x = sample_rows(shard_dir, int(extra["layer"]), n_tokens, seed, [split], "patches")
     if len(x) == 0:
         raise ValueError(f"{shard_dir}: no {split!r} patch tokens to correlate the codes on")
     summary, per_match = seed_stability(sae_dirs, x, n_random=n_random, seed=seed)

@@ -34,7 +34,8 @@ def build_explore_run(tmp_path: str | Path) -> dict[str, Path]:
     from saev_core.extract import ExtractConfig, extract
     from saev_core.probes import ProbeConfig, train_probes
     from saev_core.shapes import ShapesConfig, generate
-    from saev_core.stages import StatsStage, TrainStage, stats_stage, train_stage
+    from saev_core.stats.stage import StatsStage, stats_stage
+    from saev_core.training.stage import TrainStage, train_stage
 
     root = Path(tmp_path)
     root.mkdir(parents=True, exist_ok=True)
@@ -144,7 +145,8 @@ def build_folder_run(tmp_path: str | Path) -> dict[str, Path]:
 
     from saev_core.extract import ExtractConfig, extract
     from saev_core.probes import ProbeConfig, train_probes
-    from saev_core.stages import StatsStage, TrainStage, stats_stage, train_stage
+    from saev_core.stats.stage import StatsStage, stats_stage
+    from saev_core.training.stage import TrainStage, train_stage
 
     root = Path(tmp_path)
     paths = {

@@ -295,7 +295,8 @@ def pipeline(tiny_vit, tiny_world, tmp_path_factory):
 
     from saev_core.baselines import BaselinesConfig, sae_vs_baselines, write_baselines
     from saev_core.extract import ExtractConfig, extract
-    from saev_core.stages import StatsStage, TrainStage, stats_stage, train_stage
+    from saev_core.stats.stage import StatsStage, stats_stage
+    from saev_core.training.stage import TrainStage, train_stage
 
     root = tmp_path_factory.mktemp("cmpint")
     p = {"root": root, "shards": root / "acts", "sae": root / "sae", "stats": root / "stats",
@@ -433,7 +434,7 @@ def test_baselines_of_another_sae_are_refused(pipeline, tiny_vit, tiny_world):
 
     from saev_core.baselines import write_baselines
     from saev_core.sae import SAE
-    from saev_core.sae_io import sae_sha256
+    from saev_core.sae.checks import sae_sha256
 
     p, table, *_ = pipeline
     W_dec = SAE.load(p["sae"]).W_dec

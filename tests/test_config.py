@@ -16,9 +16,10 @@ def stage_configs():
     from saev_core.extract import ExtractConfig
     from saev_core.hypotheses import InterveneConfig
     from saev_core.probes import ProbeConfig
-    from saev_core.stages import StatsStage, TrainStage
     from saev_core.stats import StatsConfig
+    from saev_core.stats.stage import StatsStage
     from saev_core.training import TrainConfig
+    from saev_core.training.stage import TrainStage
     from saev_core.validate import ValidateConfig
     from saev_core.warehouse import WarehouseConfig
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from test_shards import write_set
 
 from saev_core.demo_vit import BackboneConfig, train_backbone
-from saev_core.stages import TrainStage, train_stage
+from saev_core.training.stage import TrainStage, train_stage
 
 TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                 image_size=32, patch_size=8, epochs=2, batch_size=8, num_threads=2)  # fmt: skip

@@ -424,7 +424,7 @@ def test_distributed_sweep_members_are_flow_runs(server, tiny_world, tiny_vit, t
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from saev_core.stages import TrainStage, train_stage
+    from saev_core.training.stage import TrainStage, train_stage
 
     api = server
     root = tmp_path / "shared" / "project"
@@ -491,7 +491,7 @@ def replace_cfg(cfg: ExtractConfig) -> ExtractConfig:
 
 
 def test_sweep_distribute_is_a_flag_not_a_member():
-    from saev_core.stages import TrainStage
+    from saev_core.training.stage import TrainStage
 
     sae = {"arch": "topk", "expansion": 2, "k": 4}
     io = TrainStage(sae=sae, sweep={"distribute": True, "k2": {"k": 2}})

@@ -46,6 +46,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from saev_core import registry
+
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL = ("bash", "console", "sh", "shell")
@@ -159,7 +161,7 @@ def parse_saev(argv: list[str], monkeypatch) -> None:
     with monkeypatch.context() as m:
         m.chdir(REPO)
         m.delenv("SAEV_PARAMS", raising=False)
-        if name in registry().STAGES:
+        if name in registry.STAGES:
             module = importlib.import_module(f"flows.{name}")
             flow = getattr(module, f"{name}_flow")
             m.setattr(module, f"{name}_flow", getattr(flow, "fn", flow))
@@ -168,7 +170,7 @@ def parse_saev(argv: list[str], monkeypatch) -> None:
                 config.load_section(*args, **kwargs)
                 raise Stopped
 
-            for loader in (module, registry()):
+            for loader in (module, registry):
                 if hasattr(loader, "load_section"):
                     m.setattr(loader, "load_section", load_and_stop)
             import flows.distributed
@@ -201,7 +203,7 @@ def parse_dvc(argv: list[str]) -> None:
         for item in sets:
             key, _, value = item.partition("=")
             section, _, rest = key.partition(".")
-            assert section in registry().STAGES and rest, f"-S {item}: not a stage's key"
+            assert section in registry.STAGES and rest, f"-S {item}: not a stage's key"
             cls = stage_class(section)
             config.apply_overrides(
                 dict(params.get(section) or {}), {rest: yaml.safe_load(value)}, cls, section
@@ -215,21 +217,9 @@ def parse_dvc(argv: list[str]) -> None:
         pytest.fail(f"`dvc {shlex.join(argv)}` does not parse (exit {e.code})")
 
 
-def registry():
-    """The module that declares the stages (`STAGES`) and loads their sections."""
-    for name in ("saev_core.registry", "saev_core.stages"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if isinstance(getattr(module, "STAGES", None), dict):
-            return module
-    raise AssertionError("no stage registry (saev_core.registry or saev_core.stages)")
-
-
 def stage_class(stage: str) -> type:
     """The config dataclass of `stage`'s params section, from the registry."""
-    return registry().stage(stage).config_class()
+    return registry.stage(stage).config_class()
 
 
 def make_dry(argv: list[str]) -> None:
@@ -421,7 +411,7 @@ def test_yaml_params_load(fence, tmp_path, monkeypatch):
 
     block = yaml.safe_load(fence.body)
     assert isinstance(block, dict), f"{fence.where}: not a mapping"
-    stages = [k for k in block if k in registry().STAGES]
+    stages = [k for k in block if k in registry.STAGES]
     if not stages:
         pytest.skip(f"{fence.where}: no stage section")
     params = config.read_params(REPO / "params.yaml")

@@ -16,7 +16,8 @@ from saev_core import shards
 from saev_core.browser import browser_data
 from saev_core.data import CMYK_PLAIN, GREY16, BadImage
 from saev_core.extract import ExtractConfig, ShardSetMismatch, extract
-from saev_core.stages import StatsStage, TrainStage, stats_stage, train_stage
+from saev_core.stats.stage import StatsStage, stats_stage
+from saev_core.training.stage import TrainStage, train_stage
 from saev_core.validate import validate_shards
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

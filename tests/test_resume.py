@@ -15,7 +15,7 @@ from test_train_stage import SAE_PARAMS  # the same tiny TopK recipe
 
 from saev_core import shards
 from saev_core.sae import SAE
-from saev_core.stages import TrainStage, train_stage
+from saev_core.training.stage import TrainStage, train_stage
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -153,7 +153,7 @@ def test_another_loader_order_starts_over(shard_dir, tmp_path, capsys, monkeypat
     # resuming skips the batches trained on before by their place in the shuffled order: a
     # loader whose order changed (another version of it between the kill and the rerun) would
     # skip other batches than those trained on, so the checkpoint is not resumed
-    from saev_core import loaders
+    from saev_core.loaders import common as loaders  # where the train stage reads it
 
     train_stage(stage(shard_dir, tmp_path / "fresh"), progress=False)
     fresh = SAE.load(tmp_path / "fresh")

@@ -332,7 +332,7 @@ def _trained_sae(tmp_path):
     """A real train-stage SAE on a tiny shard set (manifest weights sha256 'x'), and that set."""
     from test_shards import write_set
 
-    from saev_core.stages import TrainStage, train_stage
+    from saev_core.training.stage import TrainStage, train_stage
 
     shard_dir = tmp_path / "shards"
     write_set(shard_dir, n_images=12, n_tokens=5, d=6, n_train=9)
@@ -364,8 +364,8 @@ def test_stats_refuse_an_sae_of_another_backbone_or_kind_of_shards(tmp_path):
 
     import pyarrow.parquet as pq
 
-    from saev_core.sae_io import check_sae_matches
-    from saev_core.stages import StatsStage, stats_stage
+    from saev_core.sae.checks import check_sae_matches
+    from saev_core.stats.stage import StatsStage, stats_stage
 
     sae_dir, shard_dir = _trained_sae(tmp_path)
     extra = json.loads((sae_dir / "cfg.json").read_text())["extra"]
@@ -403,7 +403,7 @@ def test_intervene_refuses_stats_of_another_sae_and_another_model(tmp_path, tiny
     import pyarrow.parquet as pq
 
     from saev_core.hashing import sha256_file
-    from saev_core.sae_io import check_sae_model, check_stats_match
+    from saev_core.sae.checks import check_sae_model, check_stats_match
 
     sae = SAE(SAEConfig(arch="relu", d_model=D, d_sae=S))
     model_sha = sha256_file(f"{tiny_vit}/model.safetensors")

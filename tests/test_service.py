@@ -21,7 +21,7 @@ from servers import BIN, Proc, base_env, start_mlflow_server, start_prefect_serv
 from test_extract_safety import _folder, digest
 
 from saev_core.extract import ExtractConfig, extract
-from saev_core.stages import TrainStage, train_stage
+from saev_core.training.stage import TrainStage, train_stage
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from saev_core.loaders import common as loaders_common
 from saev_core.loaders import pages as loaders_pages
 from saev_core.loaders import shuffled as loaders_shuffled
 from saev_core.sae import SAE
-from saev_core.stages import TrainStage, train_stage
+from saev_core.training.stage import TrainStage, train_stage
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -545,7 +545,7 @@ def test_stats_stage_on_real_shards_writes_tables_heatmaps_and_pictures(tmp_path
 
     from saev_core import shards
     from saev_core.sae import SAE, SAEConfig
-    from saev_core.stages import StatsStage, stats_stage
+    from saev_core.stats.stage import StatsStage, stats_stage
 
     monkeypatch.chdir(tmp_path)
     n_img, n_tok, d = 8, 5, 6  # CLS + a 2 x 2 patch grid
@@ -657,7 +657,7 @@ def _identity_sae(path, d, tokens):
 
 
 def _run_stage(tmp_path, **options):
-    from saev_core.stages import StatsStage, stats_stage
+    from saev_core.stats.stage import StatsStage, stats_stage
 
     io = StatsStage(
         sae_dir=str(tmp_path / "sae"), shard_dir=str(tmp_path / "acts"),

@@ -11,7 +11,7 @@ from test_shards import write_set
 
 from saev_core import shards
 from saev_core.sae import SAE
-from saev_core.stages import TrainStage, train_stage
+from saev_core.training.stage import TrainStage, train_stage
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -34,7 +34,7 @@ def check_baselines_sae(
     sha256; and, always, every `sae` row's `direction`, which `baselines` takes from the SAE's
     decoder row of its `unit` (unit norm, times its `sign`): a digest of the weights that no mtime or path
     changes, so a retrained SAE at the same path is caught too."""
-    from saev_core.sae_io import sae_sha256
+    from saev_core.sae.checks import sae_sha256
 
     ours = sae_sha256(sae_dir)
     recorded_sha = meta.get("sae_sha256")

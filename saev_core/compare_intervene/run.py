@@ -58,10 +58,11 @@ def pca_vs_sae(
     `params` are `PcaVsSaeConfig` fields."""
     import pandas as pd
 
-    from saev_core.baselines import BaselinesConfig, best_direction, read_baselines
+    from saev_core.baselines.run import best_direction, read_baselines
+    from saev_core.baselines.units import BaselinesConfig
     from saev_core.config import from_dict
-    from saev_core.sae import SAE
-    from saev_core.sae_io import check_sae_matches, check_sae_model, check_stats_match
+    from saev_core.sae.checks import check_sae_matches, check_sae_model, check_stats_match
+    from saev_core.sae.model import SAE
 
     cfg = from_dict(PcaVsSaeConfig, dict(params), where="params: compare.intervene")
     t0 = time.perf_counter()
@@ -152,7 +153,7 @@ def pca_vs_sae(
 
 
 def _device(device: str) -> str:
-    from saev_core.backbone import pick_device
+    from saev_core.backbone.model import pick_device
 
     return pick_device(None if device == "auto" else device)
 

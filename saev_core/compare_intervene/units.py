@@ -163,7 +163,7 @@ def logit_reader(model: Any, preprocess: Any) -> Any:
     ([B, C]) instead of probabilities: `Reader.probs_stacked` then stacks edits over logits."""
     from PIL import Image
 
-    from saev_core.backbone import classifier_blocks
+    from saev_core.backbone.hooks import classifier_blocks
     from saev_core.hypotheses.readers import Reader
     from saev_core.intervene.layout import measure_layout
 
@@ -184,7 +184,7 @@ def load_logit_reader(backbone_dir: str | Path, device: str = "cpu") -> Any:
     """`logit_reader` of the classifier saved in `backbone_dir` (the demo ViT's layout)."""
     from transformers import AutoImageProcessor
 
-    from saev_core.backbone import load_classifier
+    from saev_core.backbone.load import load_classifier
 
     model, _ = load_classifier(backbone_dir, device=device)
     processor = AutoImageProcessor.from_pretrained(str(backbone_dir))

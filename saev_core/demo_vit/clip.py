@@ -144,7 +144,7 @@ def _clip_vision_init(cfg: BackboneConfig, clip: Any, pixels: torch.Tensor) -> N
     import torch
     from transformers import ViTConfig, ViTModel
 
-    from saev_core.backbone import find_blocks
+    from saev_core.backbone.hooks import find_blocks
 
     vit = ViTModel(
         ViTConfig(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from saev_core.backbone import resolve_layer
+from saev_core.backbone.hooks import resolve_layer
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from saev_core.demo_vit.config import BackboneConfig
 
-from saev_core.backbone import find_blocks
+from saev_core.backbone.hooks import find_blocks
 
 
 def sincos_position_embeddings(d_model: int, grid: int) -> torch.Tensor:

@@ -40,11 +40,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from saev_core.demo_vit.config import BackboneConfig
 
-from saev_core.backbone import (
-    noop,
-    pick_device,
-    weights_sha256,
-)
+from saev_core.backbone.model import noop, pick_device, weights_sha256
 from saev_core.demo_vit.clip import (
     MAX_TEXT_TOKENS,
     _caption_ids,

@@ -32,14 +32,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from saev_core.demo_vit.config import BackboneConfig
 
-from saev_core.backbone import (
-    classifier_blocks,
-    noop,
-    pick_device,
-    record_blocks,
-    resolve_layer,
-    weights_sha256,
-)
+from saev_core.backbone.hooks import classifier_blocks, record_blocks, resolve_layer
+from saev_core.backbone.model import noop, pick_device, weights_sha256
 from saev_core.demo_vit.config import tracked_metrics
 from saev_core.demo_vit.data import (
     _augment,

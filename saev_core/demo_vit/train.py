@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from saev_core.backbone import noop
+from saev_core.backbone.model import noop
 
 if TYPE_CHECKING:
     from saev_core.demo_vit.config import BackboneConfig

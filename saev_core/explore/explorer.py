@@ -51,7 +51,7 @@ class Explorer:
     def __init__(self, cfg: ExploreConfig):
         import pandas as pd
 
-        from saev_core.backbone import resolve_layer
+        from saev_core.backbone.hooks import resolve_layer
         from saev_core.data.images import SPLITS
         from saev_core.data.records import load_records
         from saev_core.hypotheses.config import Settings
@@ -303,7 +303,7 @@ class Explorer:
         `image`: the key's picture, already decoded)."""
         import torch
 
-        from saev_core.backbone import record_blocks
+        from saev_core.backbone.hooks import record_blocks
 
         with self.lock:
             if key in self._states:

@@ -78,7 +78,7 @@ class _ChunkExtractor:
     def _prepare(self, recs: list[ImageRecord]):
         """Decode and preprocess one batch: (kept records, pixel_values or None, skipped,
         converted)."""
-        from saev_core.backbone import preprocess
+        from saev_core.backbone.hooks import preprocess
 
         decoded = list(self.decoders.map(self._decode, recs))
         kept = [(r, im) for r, (im, _, _) in zip(recs, decoded, strict=True) if im is not None]
@@ -92,7 +92,7 @@ class _ChunkExtractor:
     def run(self, chunk: dict, recs: list[ImageRecord], bar: Any) -> None:
         import torch
 
-        from saev_core.backbone import record_blocks
+        from saev_core.backbone.hooks import record_blocks
 
         cfg, bb = self.cfg, self.bb
         id_of = dict(zip(chunk["keys"], chunk["ids"], strict=True))

@@ -29,7 +29,8 @@ def extract(cfg: ExtractConfig, progress: bool = True, backbone: Any = None) -> 
     `backbone`: an already loaded `load_backbone(cfg.model, ...)` to reuse (a notebook, a
     benchmark); by default the model is loaded here.
     """
-    from saev_core.backbone import load_backbone, resolve_layer, token_indices
+    from saev_core.backbone.hooks import resolve_layer, token_indices
+    from saev_core.backbone.load import load_backbone
 
     started = time.time()
     out_dir = Path(cfg.out_dir)
@@ -100,7 +101,8 @@ def plan_partitions(cfg: ExtractConfig, n_partitions: int) -> dict[str, Any]:
     Returns `{"out_dir", "up_to_date", "n_chunks", "partitions": [[chunk name, ...], ...]}`;
     partitions may be fewer than asked for (never empty ones), and none when up to date.
     """
-    from saev_core.backbone import load_backbone, resolve_layer, token_indices
+    from saev_core.backbone.hooks import resolve_layer, token_indices
+    from saev_core.backbone.load import load_backbone
 
     if n_partitions <= 0:
         raise ValueError(f"n_partitions must be positive, got {n_partitions}")
@@ -136,7 +138,8 @@ def extract_partition(cfg: ExtractConfig, chunks: list[str], progress: bool = Fa
     """Extract the named chunks of the staged plan (skipping finished ones); returns those run."""
     from tqdm import tqdm
 
-    from saev_core.backbone import load_backbone, resolve_layer, token_indices
+    from saev_core.backbone.hooks import resolve_layer, token_indices
+    from saev_core.backbone.load import load_backbone
 
     out_dir = Path(cfg.out_dir)
     partial = out_dir.parent / f".{out_dir.name}.partial"

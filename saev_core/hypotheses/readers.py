@@ -130,7 +130,8 @@ def load_reader(h: Hypothesis, device: str = "cpu") -> Reader:
     if h.task == "classifier":
         from transformers import AutoImageProcessor
 
-        from saev_core.backbone import classifier_blocks, load_classifier
+        from saev_core.backbone.hooks import classifier_blocks
+        from saev_core.backbone.load import load_classifier
 
         model, id2label = load_classifier(h.model, device=device)
         processor = AutoImageProcessor.from_pretrained(h.model)
@@ -152,7 +153,8 @@ def load_reader(h: Hypothesis, device: str = "cpu") -> Reader:
         kind = "multilabel" if multi else "softmax"
         return Reader(kind, labels, blocks, layout, prep, forward, model=model)
 
-    from saev_core.backbone import load_backbone, preprocess
+    from saev_core.backbone.hooks import preprocess
+    from saev_core.backbone.load import load_backbone
     from saev_core.probes import load_probe
 
     bb = load_backbone(h.model, device=device, dtype="float32")
@@ -214,8 +216,8 @@ class Cache:
 
     def sae(self, sae_dir: str, model: str | None = None, stats_dir: str | None = None):
         """The SAE, after refusing a `model` it was not trained on and `stats_dir` stats computed
-        from another SAE (`sae_io.check_sae_model` / `check_stats_match`)."""
-        from saev_core.sae_io import check_sae_model, check_stats_match
+        from another SAE (`sae.checks.check_sae_model` / `check_stats_match`)."""
+        from saev_core.sae.checks import check_sae_model, check_stats_match
 
         if model is not None and ("model", sae_dir, model) not in self.checked:
             check_sae_model(sae_dir, model)
@@ -224,7 +226,7 @@ class Cache:
             check_stats_match(stats_dir, sae_dir)
             self.checked.add(("stats", sae_dir, stats_dir))
         if sae_dir not in self.saes:
-            from saev_core.sae import SAE
+            from saev_core.sae.model import SAE
 
             self.saes[sae_dir] = SAE.load(sae_dir, device=self.settings.device).eval()
         return self.saes[sae_dir]

@@ -41,8 +41,8 @@ class Choice(NamedTuple):
 def _check_warehouse_run(h: Hypothesis, run: str) -> None:
     """Refuse a warehouse whose run of this name was built from stats of another SAE (a stale
     build: `check_stats_match` checks the stats directory, not the warehouse's copy of it)."""
-    from saev_core.sae_io import sae_sha256
-    from saev_core.warehouse import run_query
+    from saev_core.sae.checks import sae_sha256
+    from saev_core.warehouse.sandbox import run_query
 
     rows = json.loads(
         run_query(
@@ -68,7 +68,7 @@ def best_features(h: Hypothesis, label: str, n: int) -> Choice:
     label's shuffled-label control (see `Choice`)."""
     nan = float("nan")
     if h.warehouse:
-        from saev_core.warehouse import run_query
+        from saev_core.warehouse.sandbox import run_query
 
         run = stats_run(h.stats_dir)
         _check_warehouse_run(h, run)

@@ -67,7 +67,8 @@ class TokenLayout:
 def measure_layout(model: Any, blocks: Any, pixel_values: torch.Tensor) -> TokenLayout:
     """The token layout of any transformers vision model (e.g. the demo classifier) measured
     with one forward pass, as `load_backbone` does: prefix = tokens - patches, CLS from weights."""
-    from saev_core.backbone import CLS_PARAMETER_NAMES, _patch_size, record_blocks
+    from saev_core.backbone.hooks import _patch_size, record_blocks
+    from saev_core.backbone.load import CLS_PARAMETER_NAMES
 
     patch = _patch_size(model)
     h, w = pixel_values.shape[-2:]

@@ -173,7 +173,7 @@ def splice(blocks: Any, *splices: Splice) -> Iterator[list[Splice]]:
     `blocks` is an `nn.ModuleList` (`Backbone.blocks`, `classifier_blocks(model)`) or, for one
     splice, the block itself. Two splices at one layer apply in the order given.
     """
-    from saev_core.backbone import resolve_layer
+    from saev_core.backbone.hooks import resolve_layer
 
     handles = []
 
@@ -256,7 +256,7 @@ def stacked_splice(blocks: Any, conditions: Sequence[Splice]) -> Iterator[list[S
     images returns K * b outputs, condition-major. The blocks before the layer run once for all
     K conditions; only those after it (and the head) see the K-fold batch. Per-image `tokens`
     must already be narrowed to the b images of the batch."""
-    from saev_core.backbone import resolve_layer
+    from saev_core.backbone.hooks import resolve_layer
 
     if not conditions:
         raise ValueError("stacked_splice: give at least one condition")

@@ -63,8 +63,8 @@ def stats_stage(io: StatsStage, progress: bool = True) -> dict[str, Any]:
     """
     import numpy as np
 
-    from saev_core.sae import SAE
-    from saev_core.sae_io import check_sae_matches
+    from saev_core.sae.checks import check_sae_matches
+    from saev_core.sae.model import SAE
     from saev_core.stats.compute import compute_stats, exemplar_heatmaps
     from saev_core.stats.config import StatsConfig
     from saev_core.stats.splits import (
@@ -75,7 +75,7 @@ def stats_stage(io: StatsStage, progress: bool = True) -> dict[str, Any]:
         shuffled_labels,
     )
     from saev_core.stats.tables import write_stats
-    from saev_core.training import dense_fractions
+    from saev_core.training.evaluation import dense_fractions
 
     sae_sha256 = check_sae_matches(io.sae_dir, io.shard_dir)  # refuse another backbone/shards
     cfg = from_dict(StatsConfig, io.options, where="stats.options")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from saev_core.config import from_dict
-from saev_core.sae import ARCHS, K_SPARSE, SAEConfig
+from saev_core.sae.config import ARCHS, K_SPARSE, SAEConfig
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -30,7 +30,7 @@ class TrainConfig:
     """`params.yaml` section `train.sae`: one SAE's architecture and optimisation."""
 
     arch: Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"] = "topk"
-    "SAE architecture (see saev_core/sae.py): 'relu' (+L1), 'topk', 'batchtopk', 'jumprelu', 'matryoshka'."
+    "SAE architecture (see saev_core/sae/): 'relu' (+L1), 'topk', 'batchtopk', 'jumprelu', 'matryoshka'."
     expansion: int = 8
     "d_sae = expansion * d_model, unless d_sae is given."
     d_sae: int | None = None

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saev_core.sae import SAE
+from saev_core.sae.model import SAE
 from saev_core.training.schedule import _checked
 
 DENSE_FACTOR = 10.0

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saev_core.sae import SAE
+from saev_core.sae.model import SAE
 from saev_core.training.checkpoint import (
     _restore,
     _write_checkpoint,

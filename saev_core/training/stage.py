@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from saev_core import loaders, shards
+from saev_core import shards
 from saev_core.config import from_dict, to_dict
 from saev_core.files import Log, no_log, replace_dir, tmp_dir_for
+from saev_core.loaders import common as loader_common
+from saev_core.loaders.ordered import iter_ordered
+from saev_core.loaders.shuffled import iter_shuffled, sample_rows
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,7 @@ def train_stage(
     `timing`, which the checkpoint does not hold) and, under `"sweep"`, `{name: metrics}` for
     each member. `member_log(name)` gives each member's log callback.
     """
-    from saev_core.sae_io import activation_space
+    from saev_core.sae.checks import activation_space
     from saev_core.training.config import TrainConfig, check_shared, sweep_configs
     from saev_core.training.evaluation import evaluate
     from saev_core.training.loop import train_saes
@@ -143,7 +146,7 @@ def train_stage(
 
     def batches(epoch: int, split: str = io.train_split):
         # dtype=None: batches stay float16 (half the copy); the trainer casts on the device.
-        for x in loaders.iter_shuffled(
+        for x in iter_shuffled(
             io.shard_dir,
             io.layer,
             cfg.batch_size,
@@ -176,7 +179,7 @@ def train_stage(
         "tokens": io.tokens,
         "split": io.train_split,
         # resuming skips the batches trained on by their place in the loader's order
-        "shuffle_order": loaders.SHUFFLE_ORDER,
+        "shuffle_order": loader_common.SHUFFLE_ORDER,
     }
     results = train_saes(
         batches,
@@ -189,14 +192,12 @@ def train_stage(
         data=data,
         # normalisation and b_dec from rows drawn across the whole train split
         norm_sample=lambda n: torch.from_numpy(
-            loaders.sample_rows(
-                io.shard_dir, io.layer, n, cfg.seed, [io.train_split], io.tokens, "float32"
-            )
+            sample_rows(io.shard_dir, io.layer, n, cfg.seed, [io.train_split], io.tokens, "float32")
         ),
     )
 
     def eval_batches():
-        for _, _, x in loaders.iter_ordered(
+        for _, _, x in iter_ordered(
             io.shard_dir, io.layer, splits=[io.eval_split], tokens=io.tokens
         ):
             yield torch.from_numpy(x)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saev_core.sae import SAE
+from saev_core.sae.model import SAE
 from saev_core.training.config import LogFn, TrainConfig
 
 
