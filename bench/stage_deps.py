@@ -37,9 +37,12 @@ def stage_of(argv: list[str]) -> str | None:
     return f"compare-{step}" + (f"@{name}" if name else "")
 
 
+def dvc_stages() -> dict[str, dict]:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
 def deps_of(stage: str) -> list[str]:
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    spec = stages[stage.partition("@")[0]]
+    spec = dvc_stages()[stage.partition("@")[0]]
     return [str(d) for d in spec.get("do", spec).get("deps", []) if not str(d).startswith("${")]
 
 
@@ -53,13 +56,21 @@ def main(argv: list[str] | None = None) -> int:
         stage = stage_of(record["argv"])
         if stage is None:
             continue
-        loaded = {str(Path(f).resolve().relative_to(ROOT)) for f in record["files"]}
+        root = Path(record["cwd"]).resolve()  # dvc runs each stage in the project's root
+        loaded = {str(Path(f).resolve().relative_to(root)) for f in record["files"]}
         gaps = uncovered(loaded - WIRING, deps_of(stage))
         report.setdefault(stage, set()).update(gaps)
         print(f"{stage:32s} {len(loaded):3d} files loaded, not in deps: {' '.join(gaps) or '-'}")
     missing = {s: sorted(g) for s, g in report.items() if g}
-    print(json.dumps({"stages_traced": len(report), "stages_missing_deps": missing}))
-    return 1 if missing else 0
+    untraced = sorted(set(dvc_stages()) - {s.partition("@")[0] for s in report})
+    if untraced:
+        print(f"no trace of: {' '.join(untraced)} (run `dvc repro --force` with the tracer)")
+    print(
+        json.dumps(
+            {"stages_traced": len(report), "untraced": untraced, "stages_missing_deps": missing}
+        )
+    )
+    return 1 if missing or untraced else 0
 
 
 if __name__ == "__main__":

@@ -19,10 +19,13 @@ there; a chunk counts as done once its record is written (saev_core/extract/).
 the workers share nothing but the Prefect server and the object store. Each partition runs in
 the directory its worker was started in: that machine's own clone of the project, with the
 images and the backbone at the same relative paths (`dvc pull`). The submitting flow plans here
-and uploads the plan to `<prefix>/<out_dir name>/`. A partition downloads it, skips the chunks
-whose record is in the bucket, extracts the rest and uploads each chunk as it finishes, its
-files first and its record last (`BucketStaging`). Once every piece is done, the submitting flow
-downloads all chunks into its staging directory and merges them as before.
+and uploads the plan to `<prefix>/<out_dir name>/<plan key>/`, the key being the first 12 hex
+digits of the plan file's sha256, which each piece gets as a parameter: a folder holds one
+plan's chunks only. A partition downloads the plan (refusing one whose hash is not the key),
+skips the chunks whose record is in the bucket, extracts the rest and uploads each chunk as it
+finishes, its files first and its record last (`BucketStaging`). Once every piece is done, the
+submitting flow downloads all chunks into its staging directory and merges them as before;
+once the merge has published the set, `finish_bucket` empties the plan's folder.
 
 **A machine that dies.** Each piece's flow run sends a heartbeat every 30 s; Prefect's zombie
 automation (flows/deploy.py, `ZOMBIE_AUTOMATION`) marks a run without one for `$SAEV_ZOMBIE_AFTER_S`
@@ -48,9 +51,12 @@ reach (a tracking server), not the local sqlite default; the stage refuses to st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -317,15 +323,22 @@ class FanOut:
 
 
 @flow(name="extract-partition", log_prints=True, retries=2, retry_delay_seconds=2)
-def extract_partition_flow(cfg: dict, chunks: list[str], staging_url: str = "") -> list[str]:
+def extract_partition_flow(
+    cfg: dict, chunks: list[str], staging_url: str = "", plan_key: str = ""
+) -> list[str]:
     """Extract the named chunks of the plan staged next to `cfg["out_dir"]` (finished ones are
     skipped, so a retry, here or on another worker, redoes only the rest). With `staging_url`
-    (`s3://bucket/prefix`) the plan comes from the bucket and each finished chunk goes to it
-    (`BucketStaging`); the working directory is then this worker's own."""
+    (`s3://bucket/prefix`) the plan comes from the bucket folder `plan_key` names (the head's
+    `BucketStaging.key`) and each finished chunk goes to it; the working directory is then this
+    worker's own."""
     print(placement(needs_gpu=True))
     config = from_dict(ExtractConfig, cfg, where="extract")
     if staging_url:
-        ran = BucketStaging(config, staging_url).extract(chunks)
+        if not plan_key:
+            raise ValueError(
+                "extract-partition: a staging_url needs the plan_key of the head's staged plan"
+            )
+        ran = BucketStaging(config, staging_url, key=plan_key).extract(chunks)
     else:
         ran = extract_partition(config, chunks)
     print(f"{cfg['out_dir']}: {len(ran)} of {len(chunks)} chunks extracted here ({os.uname()[1]})")
@@ -341,9 +354,21 @@ def staging_url(explicit: str | None = None) -> str:
     return url.rstrip("/")
 
 
+def partition_pieces(
+    cfg: ExtractConfig, partitions: list[list[str]], bucket: BucketStaging | None = None
+) -> dict[str, dict[str, Any]]:
+    """The flow parameters of each partition's run of `extract_partition_flow`; with `bucket`,
+    its prefix and the key of the plan's folder under it."""
+    extra = {"staging_url": bucket.prefix_url, "plan_key": bucket.key} if bucket else {}
+    return {
+        f"partition-{i}": {"cfg": to_dict(cfg), "chunks": chunks, **extra}
+        for i, chunks in enumerate(partitions)
+    }
+
+
 def run_partitions(
     cfg: ExtractConfig, partitions: list[list[str]], staging: str | None = None
-) -> dict[str, Any]:
+) -> BucketStaging | None:
     """Each partition its own flow run of `saev-extract-partition`; returns when all are done,
     with the staging directory ready for `merge_partitions` (no temporary file left in it).
     Should the stage fail or be interrupted meanwhile, the partitions still running are
@@ -352,83 +377,144 @@ def run_partitions(
     `staging` (default `$SAEV_STAGING_URL`): a bucket prefix, `s3://bucket/prefix`. The plan
     staged here is uploaded under it, every piece runs in its worker's own directory and sends
     its chunks there, and once all are done they are downloaded into the staging directory
-    here. Without it the pieces run in this directory, which must be a shared path."""
+    here. Without it the pieces run in this directory, which must be a shared path. Returns the
+    bucket's `BucketStaging` (None without one): hand it to `finish_bucket` once the merge has
+    published the set."""
     require_server("saev extract --distributed")
     url = staging_url(staging)
     deployment = ensure_fanout("extract", ".")
-    extra = {"staging_url": url} if url else {}
-    pieces = {
-        f"partition-{i}": {"cfg": to_dict(cfg), "chunks": chunks, **extra}
-        for i, chunks in enumerate(partitions)
-    }
-    if not pieces:
-        return {}
     bucket = BucketStaging(cfg, url) if url else None
+    pieces = partition_pieces(cfg, partitions, bucket)
+    if not pieces:
+        return bucket  # every chunk done here already; an earlier run's folder is cleared too
     if bucket:
         bucket.publish_plan()
     with FanOut(deployment, pieces, workdir=None if url else ".") as fan:
-        done = fan.submit().wait()
+        fan.submit().wait()
     if bucket:
         bucket.fetch_chunks()
     drop_temporaries(cfg)  # a worker may still have run here (started in this directory)
-    return done
+    return bucket
+
+
+def finish_bucket(cfg: ExtractConfig, bucket: BucketStaging | None) -> None:
+    """Empty the bucket folder of a distributed extraction (`run_partitions`' result) once the
+    merge has published its set in `out_dir`; nothing without a bucket. Refuses while the
+    staging directory is still there (the merge has not run, and the chunks in the bucket are
+    the only copy a retry can resume from). A failure to delete is a warning, not an error: the
+    set is published, and a folder left over only takes space."""
+    from saev_core.shards import MANIFEST
+
+    if bucket is None:
+        return
+    if bucket.local.exists() or not (Path(cfg.out_dir) / MANIFEST).exists():
+        raise RuntimeError(
+            f"{bucket.url}: not cleared, {cfg.out_dir} is not published yet (its staging "
+            f"directory {bucket.local} is still there): merge the partitions first"
+        )
+    try:
+        bucket.clear()
+    except OSError as e:
+        _warn(f"{bucket.url}: could not delete the staged chunks ({e}); delete them by hand")
+
+
+def plan_key(plan_bytes: bytes) -> str:
+    """The bucket folder of a staged plan: the first 12 hex digits of its file's sha256."""
+    return hashlib.sha256(plan_bytes).hexdigest()[:12]
 
 
 class BucketStaging:
-    """The staging directory of one extraction mirrored under `<url>/<out_dir name>/`: the plan
-    (`plan.json`) and, per finished chunk, its shard files (`layer=*/...`), its tables and its
-    record (`chunks/<chunk>.*`), at the paths they have in the local staging directory.
+    """The staging directory of one extraction mirrored under `<url>/<out_dir name>/<key>/`,
+    `key` being `plan_key` of the plan file: the plan (`plan.json`) and, per finished chunk, its
+    shard files (`layer=*/...`), its tables and its record (`chunks/<chunk>.*`), at the paths
+    they have in the local staging directory.
+
+    The key keeps every plan's chunks apart: two extractions whose `out_dir`s share a name, or a
+    rerun with other inputs, use other folders, so no record of another plan (left, say, by a
+    deletion interrupted half-way) ever counts as done; a rerun of the same plan finds its own
+    folder and resumes. The head computes the key from the plan it staged (`key` None); a worker
+    is given it (`extract_partition_flow`'s `plan_key`) and refuses a plan there of another hash.
 
     A chunk is in the bucket once its record is: the files go up first, the record last, so a
     worker killed mid-upload leaves at worst files without a record, which the retry writes
     again. Chunk files depend only on the plan, so whichever worker writes one, the bytes are the
     same. `fs`: an fsspec filesystem (default `saev_core.object_store.filesystem()`)."""
 
-    def __init__(self, cfg: ExtractConfig, url: str, fs: Any = None):
+    def __init__(self, cfg: ExtractConfig, url: str, key: str | None = None, fs: Any = None):
         from saev_core.object_store import filesystem
 
         self.cfg = cfg
         out = Path(cfg.out_dir)
         self.local = out.parent / f".{out.name}.partial"
+        if key is None:
+            if not (self.local / PLAN).exists():
+                raise FileNotFoundError(
+                    f"no staged plan in {self.local}: plan first (plan_partitions), or pass the "
+                    "key of the head's plan"
+                )
+            key = plan_key((self.local / PLAN).read_bytes())
+        self.key = key
         bucket, prefix = split_url(url)
-        self.root = "/".join(p for p in (bucket, prefix, out.name) if p)
+        self.prefix_url = "s3://" + "/".join(p for p in (bucket, prefix) if p)
+        self.root = "/".join(p for p in (bucket, prefix, out.name, key) if p)
         self.url = f"s3://{self.root}"
         self.fs = fs if fs is not None else filesystem()
 
     def _remote(self, rel: str) -> str:
         return f"{self.root}/{rel}"
 
-    def _read_remote_plan(self) -> dict | None:
+    def _read_remote_plan(self) -> bytes | None:
+        """The plan file in the bucket folder, checked against the key; None when absent."""
         try:
-            return json.loads(self.fs.cat_file(self._remote(PLAN)))
+            raw = self.fs.cat_file(self._remote(PLAN))
         except FileNotFoundError:
             return None
+        if plan_key(raw) != self.key:
+            raise ValueError(
+                f"{self.url}/{PLAN} is not the plan this folder is keyed by (its sha256 starts "
+                f"{plan_key(raw)}, not {self.key}): the bucket was changed by hand or by another "
+                "tool; delete that folder and run the extraction again"
+            )
+        return raw
 
     def publish_plan(self) -> None:
-        """Upload the plan staged here. A different plan in the bucket (other inputs) is
-        dropped with every chunk under it; the same plan keeps its chunks (a rerun resumes)."""
-        plan = json.loads((self.local / PLAN).read_text())
-        there = self._read_remote_plan()
-        if there is not None and there != plan:
-            print(f"{self.url}: discarding the chunks of another plan")
-            self.fs.rm(self.root, recursive=True)
-        if there != plan:
-            self.fs.pipe_file(self._remote(PLAN), (self.local / PLAN).read_bytes())
-        print(f"{self.url}: plan staged, {len(self.done())} of {len(plan['chunks'])} chunks there")
+        """Upload the plan staged here into its folder. A rerun of the same plan finds the
+        folder with the chunks it had and resumes; another plan has another folder."""
+        raw = (self.local / PLAN).read_bytes()
+        if plan_key(raw) != self.key:
+            raise ValueError(f"{self.local / PLAN} changed since {self.url} was keyed by it")
+        if self._read_remote_plan() is None:
+            self.fs.pipe_file(self._remote(PLAN), raw)
+        n_chunks = len(json.loads(raw)["chunks"])
+        print(f"{self.url}: plan staged, {len(self.done())} of {n_chunks} chunks there")
 
     def fetch_plan(self) -> dict:
-        """The bucket's plan, staged here; a local staging directory of another plan is reset."""
+        """The bucket's plan, staged here (the very bytes); a local staging directory of another
+        plan is reset. Raises when the bucket has no plan of this key."""
         from saev_core import shards
 
-        plan = self._read_remote_plan()
-        if plan is None:
+        raw = self._read_remote_plan()
+        if raw is None:
             raise FileNotFoundError(f"no plan under {self.url}: the orchestrator stages it first")
+        plan = json.loads(raw)
         here = self.local / PLAN
         if not here.exists() or json.loads(here.read_text()) != plan:
             shutil.rmtree(self.local, ignore_errors=True)
             (self.local / CHUNKS).mkdir(parents=True)
-            shards.atomic_write_json(here, plan)
+            shards.atomic_write_bytes(here, raw)
         return plan
+
+    def clear(self) -> None:
+        """Delete this plan's folder from the bucket. The records go first, so a deletion cut
+        short never leaves a record whose files are gone: what is left is redone, not trusted."""
+        records = [self._remote(f"{CHUNKS}/{n}.json") for n in sorted(self.done())]
+        if records:
+            self.fs.rm(records)
+        try:
+            self.fs.rm(self.root, recursive=True)
+        except FileNotFoundError:  # nothing was ever staged under it
+            pass
+        print(f"{self.url}: cleared ({len(records)} chunks)")
 
     def done(self) -> set[str]:
         """The chunks whose record is in the bucket."""
@@ -458,6 +544,9 @@ class BucketStaging:
         `extract_partition` runs once per chunk (it returns only at the end): each call loads
         the backbone again, seconds on a large one, small beside a chunk of real size."""
         self.fetch_plan()
+        # Half-written files of this machine's earlier tries (never uploaded: only the files a
+        # record names are); those of a partition running here right now are spared.
+        drop_temporaries(self.cfg, spare_live=True)
         there = self.done()
         todo = [n for n in chunks if n not in there]
         # Finished here but never uploaded (this machine's earlier try died in between).
@@ -506,22 +595,45 @@ class BucketStaging:
         return missing
 
 
-def drop_temporaries(cfg: ExtractConfig) -> list[Path]:
+def drop_temporaries(cfg: ExtractConfig, spare_live: bool = False) -> list[Path]:
     """Delete the half-written shard files (`<name>.<host>-<random>.<pid>.tmp`,
     saev_core/shards.py) that a killed partition left in the staging directory; the paths
     removed.
 
-    Only once every partition's run is final: then no writer is alive, and a file not renamed
-    yet never will be (the retry wrote that chunk through a temporary file of its own). The
-    merge publishes every file under `layer=*/`, so one left here would land in the shard set."""
+    On the head, once every partition's run is final: then no writer is alive, and a file not
+    renamed yet never will be (the retry wrote that chunk through a temporary file of its own).
+    The merge publishes every file under `layer=*/`, so one left here would land in the shard
+    set. With `spare_live` (a worker's own staging directory, while other partitions may run on
+    the same machine), a file is deleted only when its writer is gone: named for this host (or
+    for no host) and a PID no process has."""
     out = Path(cfg.out_dir)
     staging = out.parent / f".{out.name}.partial"
-    dropped = [p for d in staging.glob("layer=*") for p in d.rglob("*.tmp") if p.is_file()]
+    found = [p for d in staging.glob("layer=*") for p in d.rglob("*.tmp") if p.is_file()]
+    dropped = [p for p in found if not (spare_live and _writer_may_live(p.name))]
     for path in dropped:
         path.unlink()
     if dropped:
         print(f"{staging}: removed {len(dropped)} temporary file(s) of killed partitions")
     return dropped
+
+
+def _writer_may_live(name: str) -> bool:
+    """Whether the process writing temporary file `name` may still be running: one of another
+    host (whose processes are not visible here), or a live PID of this one."""
+    stem, _, pid = name.removesuffix(".tmp").rpartition(".")
+    if not pid.isdigit():
+        return True  # not a name saev_core/shards.py gives: not ours to judge
+    # `<name>.<host>-<8 hex>`; older files name no host
+    named = re.fullmatch(r"(.*)-[0-9a-f]{8}", stem)
+    if named and not named.group(1).endswith(f".{socket.gethostname()}"):
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

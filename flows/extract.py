@@ -71,8 +71,10 @@ def extract_flow(
     their chunks through the bucket and each runs in its worker's own clone of the project, so
     the workers share nothing but the Prefect server and the bucket (flows/distributed.py)."""
     cfg = registry.load("extract", params, overrides)
+    if staging_url and not distributed:
+        raise ValueError("extract_flow: staging_url needs distributed=True")
     if distributed:
-        from flows.distributed import require_server, run_partitions
+        from flows.distributed import finish_bucket, require_server, run_partitions
         from flows.distributed import staging_url as staging_url_of
 
         require_server("saev extract --distributed")  # before planning: fail in a second
@@ -82,8 +84,9 @@ def extract_flow(
             f"{cfg.out_dir}: {sum(map(len, plan['partitions']))} of {plan['n_chunks']} chunks "
             f"to extract, in {len(plan['partitions'])} flow runs"
         )
-        run_partitions(cfg, plan["partitions"], staging=staging)
+        bucket = run_partitions(cfg, plan["partitions"], staging=staging)
         manifest = merge_task(cfg)
+        finish_bucket(cfg, bucket)  # the set is published: empty the plan's bucket folder
     elif partitions > 1:
         plan = plan_task(cfg, partitions)
         print(

@@ -5,7 +5,8 @@ not change; this flow is what a Prefect deployment runs on a schedule (see `depl
 `version=True`: the run is tagged with the git commit and data version, and every output is
 committed to DVC and pushed to the configured remote. With `distributed`, each of the
 extraction's `partitions` is a flow run of its own, taken by any worker of the pool
-(`flows/distributed.py`, docs/scale-out.md): the flow then needs a Prefect server, checked first.
+(`flows/distributed.py`, docs/scale-out.md): the flow then needs a Prefect server, checked first;
+`staging_url` (default `$SAEV_STAGING_URL`) sends the partitions' chunks through a bucket.
 """
 
 from __future__ import annotations
@@ -35,18 +36,23 @@ def pipeline_flow(
     version: bool = False,
     partitions: int = 1,
     distributed: bool = False,
+    staging_url: str | None = None,
 ) -> None:
     """Every stage in order; with `version`, tag the run and commit + push what it wrote.
 
-    `distributed`: the extraction's partitions are flow runs on the work pool (see `extract`)."""
+    `distributed`: the extraction's partitions are flow runs on the work pool (see `extract`);
+    `staging_url` (`s3://bucket/prefix`, default `$SAEV_STAGING_URL`): they exchange their
+    chunks through that bucket, each in its worker's own clone of the project."""
     from flows.common import placement, provenance, tag_flow_run, version_outputs_task
     from saev_core.config import read_params
 
     ran = [name for name in STAGES if not (skip and name in skip)]
     if distributed and "extract" in ran:
         from flows.distributed import require_server
+        from flows.distributed import staging_url as staging_url_of
 
         require_server("saev pipeline --distributed")  # before the backbone trains for minutes
+        staging_url_of(staging_url)  # a bad URL too
     print(placement(needs_gpu=any(s in GPU_STAGES for s in ran)))
     if version:
         print(f"provenance: {tag_flow_run(provenance())}")
@@ -55,7 +61,12 @@ def pipeline_flow(
             print(f"skipping {name}")
         elif name == "extract":
             # versions its shards itself
-            stage(params=params, partitions=partitions, distributed=distributed)
+            stage(
+                params=params,
+                partitions=partitions,
+                distributed=distributed,
+                staging_url=staging_url,
+            )
         else:
             stage(params=params)
     if version:
@@ -85,17 +96,29 @@ def main(argv: list[str] | None = None) -> int:
         help="each extraction partition its own flow run, taken by any worker of the work pool "
         "(needs PREFECT_API_URL and `saev worker`s; paths on storage every worker shares)",
     )
+    p.add_argument(
+        "--staging-url",
+        default=None,
+        metavar="s3://BUCKET/PREFIX",
+        help="with --distributed: the extraction's partitions send their chunks through this "
+        "bucket prefix and each runs in its worker's own clone of the project (default: "
+        "$SAEV_STAGING_URL; unset, the project directory must be a path every worker shares)",
+    )
     args = p.parse_args(argv)
+    if args.staging_url and not args.distributed:
+        raise SystemExit("saev pipeline: --staging-url needs --distributed")
     if args.distributed and "extract" not in args.skip:
-        from flows.distributed import require_server
+        from flows.distributed import require_server, staging_url
 
         require_server("saev pipeline --distributed")  # before a temporary server starts
+        staging_url(args.staging_url)
     pipeline_flow(
         params=args.params,
         skip=args.skip,
         version=args.version,
         partitions=args.partitions,
         distributed=args.distributed,
+        staging_url=args.staging_url,
     )
     return 0
 

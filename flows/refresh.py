@@ -7,7 +7,8 @@ set grows incrementally, see `saev_core/extract/`), validates the grown set, rec
 SAE's statistics and rebuilds the warehouse, then versions what it wrote with DVC and records
 the run in MLflow (experiment `service`). With `distributed`, the new images' partitions are flow
 runs of their own on the work pool (`flows/distributed.py`, docs/scale-out.md); the flow then
-checks for a Prefect server first, even on a run that finds nothing new.
+checks for a Prefect server first (and that `staging_url`, the bucket the chunks may go through,
+is one), even on a run that finds nothing new.
 """
 
 from __future__ import annotations
@@ -75,15 +76,20 @@ def refresh_flow(
     partitions: int = 1,
     version: bool = True,
     distributed: bool = False,
+    staging_url: str | None = None,
 ) -> dict:
     """Bring shards, stats and warehouse up to date with the images in `extract.data`.
 
-    `distributed`: the extraction's partitions are flow runs on the work pool (see `extract`)."""
+    `distributed`: the extraction's partitions are flow runs on the work pool (see `extract`);
+    `staging_url` (`s3://bucket/prefix`, default `$SAEV_STAGING_URL`): they exchange their
+    chunks through that bucket, each in its worker's own clone of the project."""
     if distributed:
         from flows.distributed import require_server
+        from flows.distributed import staging_url as staging_url_of
 
         # said on the first run, not on the day new images arrive
         require_server("saev refresh --distributed")
+        staging_url_of(staging_url)
     started = time.time()
     print(placement(needs_gpu=True))
     p = read_params(params)
@@ -95,7 +101,11 @@ def refresh_flow(
         return {"new_images": 0}
     print(f"{n_new} new images in {cfg.data}")
     manifest = extract_flow(
-        params=params, version=False, partitions=partitions, distributed=distributed
+        params=params,
+        version=False,
+        partitions=partitions,
+        distributed=distributed,
+        staging_url=staging_url,
     )
     validate_flow(params=params)
     stats_flow(params=params)
@@ -147,13 +157,29 @@ def main(argv: list[str] | None = None) -> int:
             help="each partition its own flow run, taken by any worker of the work pool "
             "(needs PREFECT_API_URL and `saev worker`s; paths on storage every worker shares)",
         )
+        p.add_argument(
+            "--staging-url",
+            default=None,
+            metavar="s3://BUCKET/PREFIX",
+            help="with --distributed: the partitions send their chunks through this bucket "
+            "prefix and each runs in its worker's own clone of the project (default: "
+            "$SAEV_STAGING_URL; unset, the project directory must be a path every worker shares)",
+        )
 
     args = parse_args("refresh", argv, extra=options)
+    if args.staging_url and not args.distributed:
+        raise SystemExit("saev refresh: --staging-url needs --distributed")
     if args.distributed:
-        from flows.distributed import require_server
+        from flows.distributed import require_server, staging_url
 
         require_server("saev refresh --distributed")  # before a temporary server starts
-    refresh_flow(params=args.params, partitions=args.partitions, distributed=args.distributed)
+        staging_url(args.staging_url)
+    refresh_flow(
+        params=args.params,
+        partitions=args.partitions,
+        distributed=args.distributed,
+        staging_url=args.staging_url,
+    )
     return 0
 
 

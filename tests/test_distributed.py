@@ -14,8 +14,10 @@ is byte-identical to a single-worker run. Every process is stopped by its PID at
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -355,7 +357,11 @@ def killed_partition(server, tiny_vit, tmp_path, request, s3=None) -> None:
         # and each worker wrote in its own directory, never in the project here.
         assert all(t.exists() for t in left_behind)
         assert "temporary file(s) of killed partitions" not in log
-        assert f"s3://{s3.bucket}/staging/acts: 100 chunks" in log  # all fetched from the bucket
+        # all fetched from the bucket, from the plan's own folder
+        assert re.search(rf"s3://{s3.bucket}/staging/acts/[0-9a-f]{{12}}: 100 chunks", log), log
+        # and once the set is published, the plan's folder is emptied
+        left = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="staging/acts/")
+        assert not left.get("Contents"), [o["Key"] for o in left["Contents"]][:5]
         theirs = runs["partition-1"].parameters["chunks"]
         mine = {p.stem for p in (survivor.dir / ".acts.partial" / "chunks").glob("*.json")}
         assert mine == set(theirs) | (set(chunks) - set(finished_at_kill))
@@ -376,9 +382,10 @@ def test_chunks_through_the_bucket_merge_to_a_single_process_run(
 ):
     """`BucketStaging` without Prefect: the head plans and uploads the plan; two clones of the
     project (same relative paths, their own disks) each extract a partition into the bucket;
-    the head fetches the chunks and merges them. A chunk already in the bucket is never
-    extracted again, one finished on a clone but not uploaded is uploaded, not redone."""
-    from flows.distributed import BucketStaging, staging_url
+    the head fetches the chunks, merges them, then empties the plan's folder in the bucket. A
+    chunk already in the bucket is never extracted again, one finished on a clone but not
+    uploaded is uploaded, not redone."""
+    from flows.distributed import BucketStaging, finish_bucket, staging_url
     from saev_core.extract import merge_partitions, plan_partitions
 
     head = project(tmp_path / "head", tiny_vit)
@@ -389,26 +396,35 @@ def test_chunks_through_the_bucket_merge_to_a_single_process_run(
     assert url == "s3://saev/runs"
     monkeypatch.chdir(head)
     parts = plan_partitions(cfg, 2)["partitions"]
-    BucketStaging(cfg, url).publish_plan()
+    published = BucketStaging(cfg, url)
+    published.publish_plan()
+    plan = published.key  # what each piece gets as its `plan_key`
+    staged = (head / ".acts.partial" / "plan.json").read_bytes()
+    assert plan == hashlib.sha256(staged).hexdigest()[:12]
 
     monkeypatch.chdir(clones[0])
-    assert BucketStaging(cfg, url).extract(parts[0]) == parts[0]
+    assert BucketStaging(cfg, url, key=plan).extract(parts[0]) == parts[0]
     bucket = s3_server.client()
-    key = f"runs/acts/chunks/{parts[0][0]}.json"
+    key = f"runs/acts/{plan}/chunks/{parts[0][0]}.json"
     bucket.delete_object(Bucket="saev", Key=key)  # as if the upload died before the record
-    assert BucketStaging(cfg, url).extract(parts[0]) == []  # uploaded from here, not redone
+    assert BucketStaging(cfg, url, key=plan).extract(parts[0]) == []  # uploaded, not redone
     assert bucket.head_object(Bucket="saev", Key=key)["ContentLength"] > 0
     monkeypatch.chdir(clones[1])
-    assert BucketStaging(cfg, url).extract(parts[1] + parts[0]) == parts[1]
+    assert BucketStaging(cfg, url, key=plan).extract(parts[1] + parts[0]) == parts[1]
     assert not (clones[1] / ".acts.partial" / "chunks" / f"{parts[0][0]}.json").exists()
 
     monkeypatch.chdir(head)
     staging = BucketStaging(cfg, url)
+    assert staging.key == plan
     assert staging.done() == set(parts[0]) | set(parts[1])
     assert sorted(staging.fetch_chunks()) == sorted(parts[0] + parts[1])
+    with pytest.raises(RuntimeError, match="not published yet"):
+        finish_bucket(cfg, staging)  # before the merge: the bucket's chunks stay
     assert merge_partitions(cfg)["n_images"] == 200
     assert digest(head / "acts") == digest(reference)
     assert [p.name for p in tmp_path.glob("head/.*")] == []  # no staging or temporary left
+    finish_bucket(cfg, staging)  # after it: the plan's folder is emptied
+    assert bucket.list_objects_v2(Bucket="saev", Prefix="runs/").get("KeyCount", 0) == 0
     for clone in clones:
         assert not (clone / "acts").exists()
     with pytest.raises(ValueError, match="not an object-store URL"):
@@ -641,3 +657,206 @@ def test_temporaries_of_a_killed_partition_are_dropped_before_the_merge(tmp_path
     assert sorted(drop_temporaries(cfg)) == sorted(dropped)
     assert all(p.exists() for p in kept) and not any(p.exists() for p in dropped)
     assert drop_temporaries(cfg) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The bucket's folders, without an extraction: plans staged by hand (a plan's chunk names are all
+# these steps read), moto's server for the bucket.
+
+
+def stage_plan(project_dir: Path, names: list[str], seed: int) -> Path:
+    """A staged plan of chunks `names` in `<project_dir>/.acts.partial/` (`seed` tells plans of
+    other inputs apart); the project directory."""
+    partial = mkdir(project_dir / ".acts.partial" / "chunks")
+    plan = {"identity": {"seed": seed}, "chunks": [{"name": n, "keys": []} for n in names]}
+    (partial.parent / "plan.json").write_text(json.dumps(plan))
+    return project_dir
+
+
+def objects(s3, prefix: str) -> set[str]:
+    found = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=prefix)
+    return {o["Key"] for o in found.get("Contents", [])}
+
+
+def test_bucket_folders_are_keyed_by_the_plan_and_workers_check_the_key(
+    s3_server, tmp_path, monkeypatch
+):
+    """Two extractions whose out_dirs share a name, with other plans, use other folders: the
+    records of one never count for the other, even with its plan file deleted (an interrupted
+    clean-up). A rerun of the same plan resumes from its folder. A worker finds the folder by
+    the key in its flow parameters and refuses a plan there whose hash is not the key."""
+    from flows.distributed import (
+        BucketStaging,
+        extract_partition_flow,
+        partition_pieces,
+        staging_url,
+    )
+    from saev_core.config import to_dict
+
+    url = staging_url(f"s3://{s3_server.bucket}/runs")
+    cfg = ExtractConfig(model="model", data="data", out_dir="acts")
+    a = stage_plan(tmp_path / "a", ["c0", "c1"], seed=1)
+    b = stage_plan(tmp_path / "b", ["c0", "c1"], seed=2)
+
+    monkeypatch.chdir(a)
+    head_a = BucketStaging(cfg, url)
+    head_a.publish_plan()
+    raw_a = (a / ".acts.partial" / "plan.json").read_bytes()
+    assert head_a.key == hashlib.sha256(raw_a).hexdigest()[:12]
+    assert head_a.url == f"s3://saev/runs/acts/{head_a.key}"
+    record = f"runs/acts/{head_a.key}/chunks/c0.json"
+    s3_server.client().put_object(Bucket="saev", Key=record, Body=b"{}")  # c0 done under a
+    assert head_a.done() == {"c0"}
+
+    monkeypatch.chdir(b)
+    head_b = BucketStaging(cfg, url)
+    assert head_b.key != head_a.key
+    head_b.publish_plan()
+    assert head_b.done() == set()  # a's record is not b's
+    assert objects(s3_server, f"runs/acts/{head_a.key}/") == {
+        f"runs/acts/{head_a.key}/plan.json",
+        record,
+    }  # and b's run left a's folder alone
+    # a's plan file gone, its record left (a deletion cut short): still nothing of it for b
+    s3_server.client().delete_object(Bucket="saev", Key=f"runs/acts/{head_a.key}/plan.json")
+    assert BucketStaging(cfg, url).done() == set()
+
+    monkeypatch.chdir(a)  # the same plan again: the same folder, its chunk still done
+    rerun = BucketStaging(cfg, url)
+    rerun.publish_plan()
+    assert rerun.key == head_a.key and rerun.done() == {"c0"}
+
+    # Each piece gets the prefix and the key; the worker, in a directory of its own, uses them.
+    pieces = partition_pieces(cfg, [["c0"], ["c1"]], rerun)
+    assert [p["chunks"] for p in pieces.values()] == [["c0"], ["c1"]]
+    assert {(p["staging_url"], p["plan_key"]) for p in pieces.values()} == {(url, head_a.key)}
+    assert "plan_key" not in partition_pieces(cfg, [["c0"]])["partition-0"]
+    monkeypatch.chdir(mkdir(tmp_path / "worker"))
+    assert extract_partition_flow.fn(**pieces["partition-0"]) == []  # c0 is in the bucket
+    assert (tmp_path / "worker" / ".acts.partial" / "plan.json").read_bytes() == raw_a
+    with pytest.raises(ValueError, match="needs the plan_key"):
+        extract_partition_flow.fn(to_dict(cfg), ["c0"], staging_url=url)
+    # Another plan's bytes under a's key: the worker refuses it, and so does a head.
+    plan_b = (b / ".acts.partial" / "plan.json").read_bytes()
+    s3_server.client().put_object(
+        Bucket="saev", Key=f"runs/acts/{head_a.key}/plan.json", Body=plan_b
+    )
+    with pytest.raises(ValueError, match="not the plan this folder is keyed by"):
+        BucketStaging(cfg, url, key=head_a.key).fetch_plan()
+    monkeypatch.chdir(a)
+    with pytest.raises(ValueError, match="not the plan this folder is keyed by"):
+        BucketStaging(cfg, url).publish_plan()
+    with pytest.raises(FileNotFoundError, match="pass the key"):
+        monkeypatch.chdir(tmp_path)  # no staged plan here, no key given
+        BucketStaging(cfg, url)
+
+
+def test_the_bucket_folder_is_cleared_once_the_set_is_published(s3_server, tmp_path, monkeypatch):
+    """`finish_bucket` refuses while the staging directory is still there (the merge has not
+    published the set); once it has, the plan's folder goes, records first, and another plan's
+    folder under the same out_dir name stays."""
+    from flows.distributed import BucketStaging, finish_bucket
+
+    url = f"s3://{s3_server.bucket}/runs"
+    cfg = ExtractConfig(model="model", data="data", out_dir="acts")
+    other = stage_plan(tmp_path / "other", ["c0"], seed=2)
+    monkeypatch.chdir(other)
+    kept = BucketStaging(cfg, url)
+    kept.publish_plan()
+
+    here = stage_plan(tmp_path / "here", ["c0", "c1"], seed=1)
+    monkeypatch.chdir(here)
+    staging = BucketStaging(cfg, url)
+    staging.publish_plan()
+    for n in ("c0", "c1"):  # a chunk's table and its record, as a worker uploads them
+        for f in (f"chunks/{n}.images.parquet", f"chunks/{n}.json"):
+            s3_server.client().put_object(Bucket="saev", Key=f"runs/acts/{staging.key}/{f}")
+    assert len(objects(s3_server, f"runs/acts/{staging.key}/")) == 5
+
+    with pytest.raises(RuntimeError, match="not published yet"):
+        finish_bucket(cfg, staging)
+    assert len(objects(s3_server, f"runs/acts/{staging.key}/")) == 5
+    # What the merge's publication does: the staging directory becomes out_dir, a manifest in it.
+    os.replace(here / ".acts.partial", here / "acts")
+    (here / "acts" / "manifest.json").write_text("{}")
+    finish_bucket(cfg, staging)
+    assert objects(s3_server, f"runs/acts/{staging.key}/") == set()
+    assert objects(s3_server, "runs/acts/") == {f"runs/acts/{kept.key}/plan.json"}
+    staging.clear()  # again, on an empty folder: nothing to do, no error
+    finish_bucket(cfg, None)  # no bucket: nothing to do
+
+
+def test_a_workers_dead_temporaries_go_before_its_partition_runs(s3_server, tmp_path, monkeypatch):
+    """In bucket mode a worker's half-written files never leave its disk: its partition drops
+    those of dead writers of this host before it starts, and spares a live writer's (another
+    partition running on the same machine) and another host's."""
+    import socket
+    import subprocess
+
+    from flows.distributed import BucketStaging, drop_temporaries
+
+    url = f"s3://{s3_server.bucket}/runs"
+    cfg = ExtractConfig(model="model", data="data", out_dir="acts")
+    monkeypatch.chdir(stage_plan(tmp_path / "head", ["c0"], seed=1))
+    head = BucketStaging(cfg, url)
+    head.publish_plan()
+    record = f"runs/acts/{head.key}/chunks/c0.json"
+    s3_server.client().put_object(Bucket="saev", Key=record, Body=b"{}")
+
+    monkeypatch.chdir(mkdir(tmp_path / "worker"))
+    worker = BucketStaging(cfg, url, key=head.key)
+    worker.fetch_plan()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a PID no process has any more
+    host, layer = socket.gethostname(), worker.local / "layer=0"
+    dead = [
+        layer / f"train-00000.parquet.{host}-0123abcd.{gone.pid}.tmp",
+        worker.local / "layer=11" / f"val-00000.parquet.{host}-ffff0000.{gone.pid}.tmp",
+        layer / f"train-00001.parquet.{gone.pid}.tmp",  # the older name, no host in it
+    ]
+    live = [
+        layer / f"train-00002.parquet.{host}-89abcdef.{os.getpid()}.tmp",
+        layer / f"train-00003.parquet.not-{host}-00112233.{gone.pid}.tmp",
+    ]
+    finished = layer / "train-00004.parquet"
+    for path in dead + live + [finished]:
+        mkdir(path.parent)
+        path.write_bytes(b"x")
+
+    assert worker.extract(["c0"]) == []  # c0 is in the bucket: nothing to extract
+    assert not any(p.exists() for p in dead)
+    assert all(p.exists() for p in live) and finished.exists()
+    assert sorted(drop_temporaries(cfg)) == sorted(live)  # the head's way: every one
+    assert finished.exists()
+
+
+def test_pipeline_and_refresh_take_a_staging_url(monkeypatch, capsys, tmp_path):
+    """`saev pipeline` and `saev refresh` take `--staging-url` like `saev extract`: only with
+    --distributed, checked (the command and the flow) before anything starts."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import pipeline_flow
+    from flows.refresh import refresh_flow
+    from saev_core.cli import main
+
+    for flow in (pipeline_flow, refresh_flow):  # a deployment run may set it
+        schema = parameter_schema(flow.fn).model_dump()
+        assert schema["properties"]["staging_url"]["default"] is None
+    for command in ("pipeline", "refresh"):
+        with pytest.raises(SystemExit, match=f"saev {command}: --staging-url needs --distributed"):
+            main([command, "--staging-url", "s3://saev/staging"])
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
+    for command in ("pipeline", "refresh"):
+        argv = [command, "--distributed", "--staging-url", "/shared/staging"]
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"saev {command}: error:" in err and "not an object-store URL" in err
+    # The flows check it too (a deployment run passes it as a parameter), and the default is
+    # $SAEV_STAGING_URL.
+    params = str(tmp_path / "params.yaml")
+    with pytest.raises(ValueError, match="not an object-store URL"):
+        pipeline_flow.fn(params=params, distributed=True, staging_url="/shared/staging")
+    monkeypatch.setenv("SAEV_STAGING_URL", "/shared/staging")
+    with pytest.raises(ValueError, match="not an object-store URL"):
+        refresh_flow.fn(params=params, distributed=True)
+    assert not (tmp_path / "params.yaml").exists()

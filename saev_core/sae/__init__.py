@@ -18,7 +18,8 @@ Architectures (`SAEConfig.arch`), which differ only in the activation and the sp
 The k-sparse ones (`topk`, `batchtopk`, `matryoshka`) get the AuxK loss for dead latents (Gao et
 al. 2024, A.2), dead meaning "no firing for `dead_after_tokens` tokens", and train through the
 sparse kernels of `saev_core/sparse_code.py` (same loss and gradients, about 4x faster at k = 32
-of 16k latents); `sparse_kernels = False` keeps the dense reference path below.
+of 16k latents); `sparse_kernels = False` keeps the dense reference path
+(`SAE.forward` in `model.py`).
 
 Shapes: `x_bd` is [batch, d_model], `f_bs` is [batch, d_sae]. The SAE owns its input
 normalisation (paper: "inputs are mean-centred and scaled so the average norm is sqrt(d)"):

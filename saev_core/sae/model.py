@@ -360,7 +360,8 @@ class SAE(nn.Module):
     # -- checkpoints ---------------------------------------------------------------------------
 
     def save(self, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write `sae.safetensors` and `cfg.json` into `out_dir` atomically; returns `out_dir`."""
+        """Write `sae.safetensors` and `cfg.json` into `out_dir` atomically; returns `out_dir`.
+        `extra` (JSON-able; e.g. shard manifest hash, layer, backbone) replaces `sae.extra`."""
         return checkpoint.save(self, out_dir, extra)
 
     def load_tensors(self, tensors: dict[str, Tensor], where: str) -> None:

@@ -56,8 +56,10 @@ spread as (
         count(*) as n_labels_spanned,
         max(label) filter (where label_rank = 1) as top_label,
         max(n) as top_label_count,
-        -- Shannon entropy (nats) of the label mentions over the exemplars
-        -sum(share_of_mentions * ln(share_of_mentions)) as label_entropy
+        -- Shannon entropy (nats) of the label mentions over the exemplars, summed in label
+        -- order: a float sum in the order the threads happen to finish differs in the last bits
+        -- from one build to the next
+        -sum(share_of_mentions * ln(share_of_mentions) order by label) as label_entropy
     from ranked
     group by all
 ),
