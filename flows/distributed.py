@@ -380,13 +380,13 @@ def run_partitions(
     here. Without it the pieces run in this directory, which must be a shared path. Returns the
     bucket's `BucketStaging` (None without one): hand it to `finish_bucket` once the merge has
     published the set."""
+    if not partitions:  # every chunk done already: no plan is staged, nothing runs
+        return None
     require_server("saev extract --distributed")
     url = staging_url(staging)
     deployment = ensure_fanout("extract", ".")
     bucket = BucketStaging(cfg, url) if url else None
     pieces = partition_pieces(cfg, partitions, bucket)
-    if not pieces:
-        return bucket  # every chunk done here already; an earlier run's folder is cleared too
     if bucket:
         bucket.publish_plan()
     with FanOut(deployment, pieces, workdir=None if url else ".") as fan:
@@ -399,23 +399,27 @@ def run_partitions(
 
 def finish_bucket(cfg: ExtractConfig, bucket: BucketStaging | None) -> None:
     """Empty the bucket folder of a distributed extraction (`run_partitions`' result) once the
-    merge has published its set in `out_dir`; nothing without a bucket. Refuses while the
-    staging directory is still there (the merge has not run, and the chunks in the bucket are
-    the only copy a retry can resume from). A failure to delete is a warning, not an error: the
-    set is published, and a folder left over only takes space."""
+    merge has published its set in `out_dir`; nothing without a bucket. Refuses unless the set
+    published there ends with this plan's chunks (before the merge, the bucket holds the only
+    copy a retry can resume from). A failure to delete is a warning, not an error: the set is
+    published, and a folder left over only takes space."""
     from saev_core.shards import MANIFEST
 
     if bucket is None:
         return
-    if bucket.local.exists() or not (Path(cfg.out_dir) / MANIFEST).exists():
+    manifest = Path(cfg.out_dir) / MANIFEST
+    if not manifest.exists():
+        raise RuntimeError(f"{bucket.url}: not cleared, {cfg.out_dir} has no {MANIFEST} yet")
+    history = json.loads(manifest.read_text()).get("history") or [{}]
+    if history[-1].get("chunks") != bucket.chunk_names():
         raise RuntimeError(
-            f"{bucket.url}: not cleared, {cfg.out_dir} is not published yet (its staging "
-            f"directory {bucket.local} is still there): merge the partitions first"
+            f"{bucket.url}: not cleared, the last extraction published in {cfg.out_dir} is not "
+            "this plan's: merge the partitions first"
         )
     try:
         bucket.clear()
-    except OSError as e:
-        _warn(f"{bucket.url}: could not delete the staged chunks ({e}); delete them by hand")
+    except Exception as e:  # s3fs passes botocore's errors through, which are no OSError
+        _warn(f"{bucket.url}: could not delete the staged chunks ({e!r}); delete them by hand")
 
 
 def plan_key(plan_bytes: bytes) -> str:
@@ -503,6 +507,13 @@ class BucketStaging:
             (self.local / CHUNKS).mkdir(parents=True)
             shards.atomic_write_bytes(here, raw)
         return plan
+
+    def chunk_names(self) -> list[str]:
+        """The plan's chunks, in its order (the order a merge records them in)."""
+        raw = self._read_remote_plan()
+        if raw is None:
+            raise FileNotFoundError(f"no plan under {self.url}")
+        return [c["name"] for c in json.loads(raw)["chunks"]]
 
     def clear(self) -> None:
         """Delete this plan's folder from the bucket. The records go first, so a deletion cut
@@ -624,9 +635,10 @@ def _writer_may_live(name: str) -> bool:
     if not pid.isdigit():
         return True  # not a name saev_core/shards.py gives: not ours to judge
     # `<name>.<host>-<8 hex>`; older files name no host
-    named = re.fullmatch(r"(.*)-[0-9a-f]{8}", stem)
-    if named and not named.group(1).endswith(f".{socket.gethostname()}"):
-        return True
+    if re.fullmatch(r".*-[0-9a-f]{8}", stem):
+        host = re.escape(socket.gethostname())
+        if not re.fullmatch(rf".+\.parquet\.{host}-[0-9a-f]{{8}}", stem):
+            return True  # another host's
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

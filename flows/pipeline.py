@@ -47,6 +47,8 @@ def pipeline_flow(
     from saev_core.config import read_params
 
     ran = [name for name in STAGES if not (skip and name in skip)]
+    if staging_url and not distributed:
+        raise ValueError("pipeline_flow: staging_url needs distributed=True")
     if distributed and "extract" in ran:
         from flows.distributed import require_server
         from flows.distributed import staging_url as staging_url_of

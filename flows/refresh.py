@@ -83,6 +83,8 @@ def refresh_flow(
     `distributed`: the extraction's partitions are flow runs on the work pool (see `extract`);
     `staging_url` (`s3://bucket/prefix`, default `$SAEV_STAGING_URL`): they exchange their
     chunks through that bucket, each in its worker's own clone of the project."""
+    if staging_url and not distributed:  # said now, not on the day new images arrive
+        raise ValueError("refresh_flow: staging_url needs distributed=True")
     if distributed:
         from flows.distributed import require_server
         from flows.distributed import staging_url as staging_url_of

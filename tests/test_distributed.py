@@ -751,11 +751,15 @@ def test_bucket_folders_are_keyed_by_the_plan_and_workers_check_the_key(
         BucketStaging(cfg, url)
 
 
-def test_the_bucket_folder_is_cleared_once_the_set_is_published(s3_server, tmp_path, monkeypatch):
-    """`finish_bucket` refuses while the staging directory is still there (the merge has not
-    published the set); once it has, the plan's folder goes, records first, and another plan's
-    folder under the same out_dir name stays."""
-    from flows.distributed import BucketStaging, finish_bucket
+def test_the_bucket_folder_is_cleared_once_the_set_is_published(
+    s3_server, tmp_path, monkeypatch, capsys
+):
+    """`finish_bucket` refuses until the set published in out_dir ends with this plan's chunks
+    (before the merge the bucket holds the only copy); then the plan's folder goes, records
+    first, and another plan's folder under the same out_dir name stays. A deletion that fails
+    (s3fs passes botocore's errors on, no OSError) is a warning: the set is published. An
+    extraction with nothing to do stages no plan and needs no bucket folder."""
+    from flows.distributed import BucketStaging, finish_bucket, run_partitions
 
     url = f"s3://{s3_server.bucket}/runs"
     cfg = ExtractConfig(model="model", data="data", out_dir="acts")
@@ -773,17 +777,38 @@ def test_the_bucket_folder_is_cleared_once_the_set_is_published(s3_server, tmp_p
             s3_server.client().put_object(Bucket="saev", Key=f"runs/acts/{staging.key}/{f}")
     assert len(objects(s3_server, f"runs/acts/{staging.key}/")) == 5
 
-    with pytest.raises(RuntimeError, match="not published yet"):
+    with pytest.raises(RuntimeError, match="has no manifest.json yet"):
         finish_bucket(cfg, staging)
     assert len(objects(s3_server, f"runs/acts/{staging.key}/")) == 5
-    # What the merge's publication does: the staging directory becomes out_dir, a manifest in it.
+    # What the merge's publication does: the staging directory becomes out_dir, a manifest in it
+    # whose history ends with the plan's chunks.
     os.replace(here / ".acts.partial", here / "acts")
-    (here / "acts" / "manifest.json").write_text("{}")
+    manifest = here / "acts" / "manifest.json"
+    manifest.write_text(json.dumps({"history": [{"chunks": ["c0", "c1"]}, {"chunks": ["c0"]}]}))
+    with pytest.raises(RuntimeError, match="is not this plan's"):
+        finish_bucket(cfg, staging)  # an earlier extraction's set, this plan's not merged yet
+    manifest.write_text(json.dumps({"history": [{"chunks": ["c0", "c1"]}]}))
+
+    class EndpointConnectionError(Exception):  # botocore's kind: no OSError
+        pass
+
+    def unreachable():
+        raise EndpointConnectionError("Could not connect to the endpoint URL")
+
+    monkeypatch.setattr(staging, "clear", unreachable)
+    finish_bucket(cfg, staging)  # a warning only
+    assert "could not delete the staged chunks" in capsys.readouterr().err
+    assert len(objects(s3_server, f"runs/acts/{staging.key}/")) == 5
+    monkeypatch.undo()
+    monkeypatch.chdir(here)
     finish_bucket(cfg, staging)
     assert objects(s3_server, f"runs/acts/{staging.key}/") == set()
     assert objects(s3_server, "runs/acts/") == {f"runs/acts/{kept.key}/plan.json"}
     staging.clear()  # again, on an empty folder: nothing to do, no error
     finish_bucket(cfg, None)  # no bucket: nothing to do
+    # Up to date: no partition, no plan staged; no server, no bucket folder needed.
+    monkeypatch.chdir(mkdir(tmp_path / "up-to-date"))
+    assert run_partitions(cfg, [], staging=url) is None
 
 
 def test_a_workers_dead_temporaries_go_before_its_partition_runs(s3_server, tmp_path, monkeypatch):
@@ -817,6 +842,7 @@ def test_a_workers_dead_temporaries_go_before_its_partition_runs(s3_server, tmp_
     live = [
         layer / f"train-00002.parquet.{host}-89abcdef.{os.getpid()}.tmp",
         layer / f"train-00003.parquet.not-{host}-00112233.{gone.pid}.tmp",
+        layer / f"train-00005.parquet.other.{host}-00112233.{gone.pid}.tmp",  # host `other.<us>`
     ]
     finished = layer / "train-00004.parquet"
     for path in dead + live + [finished]:

@@ -66,7 +66,7 @@ def module_level(tree: ast.Module):
         if isinstance(node, ast.Import | ast.ImportFrom):
             yield node
         elif isinstance(node, ast.If):  # `if TYPE_CHECKING:` never runs; its `else:` does
-            checking = "TYPE_CHECKING" in ast.unparse(node.test)
+            checking = ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
             todo += node.orelse if checking else node.body + node.orelse
         elif isinstance(node, ast.Try):
             todo += node.body + node.orelse + node.finalbody
