@@ -93,10 +93,6 @@ class Spec:
     """Flow parameters besides `params`."""
     takes_params: bool = True
     """The flow has a `params` parameter (the params file); fan-out pieces get their config."""
-    one_at_a_time: str | None = None
-    """At most one run of it at once; a run that finds one running waits for it (`"enqueue"`)
-    or is cancelled (`"cancel_new"`). Two runs of a stage in one project directory would stage
-    and publish the same files."""
 
 
 def sweep_flow_ref() -> str:
@@ -126,7 +122,6 @@ def specs(cron: str | None = None, watch_every_s: int | None = None) -> list[Spe
             description="every stage, then tag, DVC commit and push of the outputs",
             cron=cron,
             parameters={"version": True},
-            one_at_a_time="enqueue",  # a run by hand waits for the scheduled one
         ),
         Spec(
             "saev-refresh",
@@ -135,7 +130,6 @@ def specs(cron: str | None = None, watch_every_s: int | None = None) -> list[Spe
             description="new images in extract.data -> extend shards -> stats -> warehouse",
             interval_s=every,
             parameters={"version": True},
-            one_at_a_time="cancel_new",  # a long refresh: the next tick is skipped, not queued
         ),
         Spec(
             "saev-sweep",
@@ -187,14 +181,9 @@ def to_deployment(
 ):
     """A Prefect `RunnerDeployment` for a work pool (not yet registered); `heartbeat_s` sets the
     runs' `PREFECT_FLOWS_HEARTBEAT_FREQUENCY`, `tags` are added to the deployment's."""
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments.runner import EntrypointType
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    limit = None
-    if spec.one_at_a_time:
-        strategy = ConcurrencyLimitStrategy(spec.one_at_a_time.upper())
-        limit = ConcurrencyLimitConfig(limit=1, collision_strategy=strategy)
     if heartbeat_s:
         env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(heartbeat_s)
     return load_flow(spec.flow).to_deployment(
@@ -208,7 +197,6 @@ def to_deployment(
         # Imported from the installed package on the worker, not uploaded from this machine.
         entrypoint_type=EntrypointType.MODULE_PATH,
         job_variables={"working_dir": str(Path(workdir).resolve()), "env": env},
-        concurrency_limit=limit,
     )
 
 

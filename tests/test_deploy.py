@@ -42,13 +42,6 @@ def test_runner_deployment_imports_the_installed_flow(tmp_path, monkeypatch):
     assert [s.schedule.interval.total_seconds() for s in d.schedules] == [120]
     assert d.job_variables["working_dir"] == str(tmp_path.resolve())
     assert d.job_variables["env"]["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
-    # One refresh at a time: a tick that finds the last one still running is cancelled.
-    assert d.concurrency_limit == 1
-    assert d.concurrency_options.collision_strategy.value == "CANCEL_NEW"
-    pipeline = deploy.to_deployment(deploy.specs()[0], "local", "params.yaml", tmp_path)
-    assert pipeline.concurrency_options.collision_strategy.value == "ENQUEUE"
-    sweep = deploy.to_deployment(deploy.specs()[2], "local", "params.yaml", tmp_path)
-    assert sweep.concurrency_limit is None
 
 
 def test_sweep_hook_falls_back_to_train(monkeypatch):

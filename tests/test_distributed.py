@@ -418,7 +418,7 @@ def test_chunks_through_the_bucket_merge_to_a_single_process_run(
     assert staging.key == plan
     assert staging.done() == set(parts[0]) | set(parts[1])
     assert sorted(staging.fetch_chunks()) == sorted(parts[0] + parts[1])
-    with pytest.raises(RuntimeError, match="not published yet"):
+    with pytest.raises(RuntimeError, match="not cleared, acts has no manifest.json yet"):
         finish_bucket(cfg, staging)  # before the merge: the bucket's chunks stay
     assert merge_partitions(cfg)["n_images"] == 200
     assert digest(head / "acts") == digest(reference)
