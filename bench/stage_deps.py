@@ -1,8 +1,9 @@
 """Does each dvc.yaml stage list every file of ours that its run loads? Checked at run time.
 
-tests/test_structure.py checks the imports that run when a stage's modules load; imports inside
-functions (a stage's lazy imports) are only seen by running it. So run the pipeline with the
-tracer on, then read what each stage's process loaded:
+tests/test_structure.py reads the imports from the source: every import in saev_core, those
+inside functions too, but only the module-level ones in flows/ (a stage lists the flows its
+lazy imports run by hand). What a stage really loads is only seen by running it. So run the
+pipeline with the tracer on, then read what each stage's process loaded:
 
     PYTHONPATH=bench/trace SAEV_TRACE_IMPORTS=/tmp/trace dvc repro --force
     .venv/bin/python bench/stage_deps.py /tmp/trace
